@@ -1,0 +1,33 @@
+"""Test fixtures shared by the whole suite.
+
+Like Pyro's own ``tests/conftest.py``: before every test the global RNGs are seeded and
+Pyro's parameter store is cleared, so tests are independent of their order.
+"""
+
+import os
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+# Keep the default suite predictable on the 2-core CI machine.
+torch.set_num_threads(int(os.environ.get("PYROSSM_TEST_THREADS", "2")))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_clear_param_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)  # seeds torch, numpy and random
+    np.random.seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device; none is available")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
