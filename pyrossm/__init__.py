@@ -1,0 +1,1 @@
+"""pyrossm (bootstrap; full API written later)."""

@@ -1,0 +1,95 @@
+"""Input checks for the Kalman functions: clear errors instead of deep stack traces."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _fail(name, expected, got):
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _check_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+
+
+def _check_square(name, value, size, x_dim):
+    if value.dim() < 2 or value.shape[-2:] != (size, size):
+        _fail(name, f"shape (..., {size}, {size})", f"shape {tuple(value.shape)}")
+    if value.dim() > x_dim + 1:
+        _fail(name, f"at most {x_dim + 1} dims (batch dims of x, T, {size}, {size})",
+              f"shape {tuple(value.shape)}")
+
+
+def _check_finite(name, value):
+    if not bool(torch.isfinite(value).all()):
+        _fail(name, "finite values", "NaN or Inf entries")
+
+
+def _check_covariance(name, value):
+    with torch.no_grad():
+        asym = (value - value.transpose(-1, -2)).abs().max()
+        scale = value.abs().max().clamp_min(1e-30)
+        if float(asym) > 1e-6 * float(scale):
+            _fail(name, "a symmetric covariance matrix", f"max |M - Mᵀ| = {float(asym):.3g}")
+        # Positive semi-definite up to rounding: singular Q (e.g. a deterministic trend) is fine.
+        eig_min = torch.linalg.eigvalsh(value.to(torch.float64)).min()
+        tol = 1e-8 * float(scale) if value.dtype == torch.float64 else 1e-5 * float(scale)
+        if float(eig_min) < -tol:
+            _fail(name, "a positive (semi-)definite covariance matrix",
+                  f"smallest eigenvalue {float(eig_min):.4g}")
+
+
+def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
+    """Raise ``ValueError``/``TypeError`` naming the argument for any malformed input."""
+    named = dict(x=x, A=A, C=C, Q=Q, R=R, init_mean=init_mean, init_cov=init_cov)
+    for name, value in named.items():
+        _check_tensor(name, value)
+    if x.dim() < 2:
+        _fail("x", "shape (..., T, obs_dim) with time at dim -2", f"shape {tuple(x.shape)}")
+    p = x.shape[-1]
+    if init_mean.dim() < 1:
+        _fail("init_mean", "shape (..., state_dim)", f"shape {tuple(init_mean.shape)}")
+    n = init_mean.shape[-1]
+    _check_square("A", A, n, x.dim())
+    _check_square("Q", Q, n, x.dim())
+    _check_square("R", R, p, x.dim())
+    _check_square("init_cov", init_cov, n, x.dim() - 1)
+    if C.dim() < 2 or C.shape[-2:] != (p, n):
+        _fail("C", f"shape (..., {p}, {n}) (obs_dim, state_dim)", f"shape {tuple(C.shape)}")
+    if C.dim() > x.dim() + 1:
+        _fail("C", f"at most {x.dim() + 1} dims", f"shape {tuple(C.shape)}")
+    T = x.shape[-2]
+    for name in "ACQR":
+        value = named[name]
+        if value.dim() == x.dim() + 1 and value.shape[-3] not in (1, T):
+            _fail(name, f"a time dim of length {T} (time-varying parameter)",
+                  f"shape {tuple(value.shape)}")
+    for name in ("A", "C", "Q", "R", "init_mean", "init_cov"):
+        _check_finite(name, named[name])
+        if named[name].dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), "
+                            f"got {named[name].dtype}")
+    if bool(torch.isinf(x).any()):
+        _fail("x", "finite values or NaN for missing entries", "Inf entries")
+    for name in ("Q", "R", "init_cov"):
+        _check_covariance(name, named[name])
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor of shape {tuple(x.shape[:-1])}, got "
+                            f"{type(mask).__name__} {getattr(mask, 'dtype', '')}")
+        try:
+            torch.broadcast_shapes(mask.shape, x.shape[:-1])
+            ok = mask.shape[-1:] == x.shape[-2:-1]
+        except RuntimeError:
+            ok = False
+        if not ok:
+            _fail("mask", f"shape {tuple(x.shape[:-1])} (batch..., T)", f"shape {tuple(mask.shape)}")
+    try:
+        torch.broadcast_shapes(x.shape[:-2], init_mean.shape[:-1])
+    except RuntimeError:
+        _fail("init_mean", f"batch dims broadcastable with x's {tuple(x.shape[:-2])}",
+              f"shape {tuple(init_mean.shape)}")

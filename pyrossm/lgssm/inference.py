@@ -1,0 +1,449 @@
+"""Exact inference for linear-Gaussian state-space models: pure torch functions.
+
+Generative model (column vectors, the seed's notation)::
+
+    z_1 ~ N(init_mean, init_cov)
+    z_t = A_t z_{t-1} + B ε_t,   ε_t ~ N(0, I),   Q = B Bᵀ
+    x_t = C_t z_t   + D ψ_t,   ψ_t ~ N(0, I),   R = D Dᵀ
+
+Shapes: ``x`` is ``(..., T, obs_dim)`` — time at dim -2, any leading batch dims. Parameters
+``A (..., n, n)``, ``C (..., p, n)``, ``Q (..., n, n)``, ``R (..., p, p)``,
+``init_mean (..., n)``, ``init_cov (..., n, n)`` broadcast against the batch dims of ``x``.
+A parameter is *time-varying* when it carries a time dim at -3 after all of x's batch dims
+written out (size 1 to broadcast): ``param.dim() == x.dim() + 1``; ``A_t`` (index ``t``) is the
+transition into step ``t`` (``A_0`` is unused).
+
+Missing data: ``NaN`` entries of ``x`` are not observed (partially observed vectors are
+supported), and so are the steps where ``mask`` (``(..., T)`` bool, True = observed) is False.
+A missing step gets no update and contributes nothing to the log-likelihood.
+
+Two algorithms give the same numbers: the sequential Kalman filter / Rauch–Tung–Striebel
+smoother, and the parallel-in-time associative scans of Särkkä & García-Fernández (2021),
+with O(log T) depth (``parallel=True``).
+
+References: Särkkä, *Bayesian Filtering and Smoothing* (2013), ch. 4 and 8; Särkkä &
+García-Fernández, "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021.
+
+Example::
+
+    >>> import torch
+    >>> A = torch.tensor([[0.9]]); C = torch.tensor([[1.0]])
+    >>> Q = R = P0 = torch.eye(1); m0 = torch.zeros(1)
+    >>> x = torch.randn(3, 50, 1)                      # (batch, time, obs_dim)
+    >>> res = kalman_filter(x, A, C, Q, R, m0, P0)
+    >>> res.log_likelihood.shape, res.filtered_means.shape
+    (torch.Size([3]), torch.Size([3, 50, 1]))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._scan import associative_scan
+from ._validate import validate_inputs
+
+__all__ = ["FilterResult", "SmootherResult", "kalman_filter", "kalman_smoother"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class FilterResult(NamedTuple):
+    """Output of :func:`kalman_filter` (shapes for ``x`` of shape ``(..., T, p)``, state dim ``n``).
+
+    log_likelihood: ``(...)`` — log p(x_{1:T}) of each sequence.
+    step_log_likelihoods: ``(..., T)`` — log p(x_t | x_{<t}); 0 where unobserved.
+    filtered_means, filtered_covs: ``(..., T, n)``, ``(..., T, n, n)`` — moments of z_t | x_{1:t}.
+    predicted_means, predicted_covs: moments of z_t | x_{1:t-1} (``init_mean``/``init_cov`` at t=0).
+    """
+
+    log_likelihood: torch.Tensor
+    step_log_likelihoods: torch.Tensor
+    filtered_means: torch.Tensor
+    filtered_covs: torch.Tensor
+    predicted_means: torch.Tensor
+    predicted_covs: torch.Tensor
+
+
+class SmootherResult(NamedTuple):
+    """Output of :func:`kalman_smoother`.
+
+    smoothed_means ``(..., T, n)``, smoothed_covs ``(..., T, n, n)``: moments of z_t | x_{1:T};
+    smoothed_cross_covs ``(..., T-1, n, n)``: ``[t] = Cov(z_{t+1}, z_t | x_{1:T})`` (for EM).
+    """
+
+    log_likelihood: torch.Tensor
+    smoothed_means: torch.Tensor
+    smoothed_covs: torch.Tensor
+    smoothed_cross_covs: torch.Tensor
+    filtered_means: torch.Tensor
+    filtered_covs: torch.Tensor
+    step_log_likelihoods: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# small linear-algebra helpers
+
+
+def _sym(P):
+    return 0.5 * (P + P.transpose(-1, -2))
+
+
+def _mv(M, v):
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _cholesky(M):
+    # cholesky_ex skips the per-call error check (which costs milliseconds per small matrix
+    # under OpenMP); failures show up as non-finite results, checked once in _filter.
+    return torch.linalg.cholesky_ex(M)[0]
+
+
+def _at(param, t, time_varying):
+    return param[..., t, :, :] if time_varying else param
+
+
+class _Prepared(NamedTuple):
+    x: torch.Tensor  # NaNs replaced by 0
+    obs: torch.Tensor | None  # (..., T, p) bool, None when everything is observed
+    A: torch.Tensor
+    C: torch.Tensor  # (..., [T,] p, n), rows of unobserved entries zeroed when obs is given
+    Q: torch.Tensor
+    R: torch.Tensor
+    init_mean: torch.Tensor
+    init_cov: torch.Tensor
+    tv: dict
+    num_missing: torch.Tensor | None  # (..., T) number of unobserved entries
+
+
+def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate):
+    if validate:
+        validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask)
+    tv = {name: p.dim() == x.dim() + 1 for name, p in zip("ACQR", (A, C, Q, R))}
+    obs = ~torch.isnan(x)
+    if mask is not None:
+        obs = obs & mask.unsqueeze(-1)
+    if bool(obs.all()):
+        return _Prepared(x, None, A, C, Q, R, init_mean, init_cov, tv, None)
+    x = torch.where(obs, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # An unobserved entry is turned into a harmless pseudo-observation: its row of C is zeroed,
+    # its row/column of R replaced by the identity and its innovation is 0, so the update
+    # ignores it; its N(0; 0, 1) factor is removed from the log-likelihood afterwards.
+    o = obs.to(x.dtype)
+    C_tv = C if tv["C"] else C.unsqueeze(-3)
+    R_tv = R if tv["R"] else R.unsqueeze(-3)
+    C = C_tv * o.unsqueeze(-1)
+    eye = torch.eye(R.shape[-1], dtype=x.dtype, device=x.device)
+    R = R_tv * (o.unsqueeze(-1) * o.unsqueeze(-2)) + eye * (1 - o).unsqueeze(-1)
+    tv = dict(tv, C=True, R=True)
+    return _Prepared(x, obs, A, C, Q, R, init_mean, init_cov, tv, (1 - o).sum(-1))
+
+
+def _innovation_terms(P_pred, C, R):
+    """S = C P Cᵀ + R, its Cholesky factor, and the gain K = P Cᵀ S⁻¹."""
+    CP = C @ P_pred
+    S = _sym(CP @ C.transpose(-1, -2) + R)
+    L = _cholesky(S)
+    K = torch.cholesky_solve(CP, L).transpose(-1, -2)
+    return L, K
+
+
+def _update_cov(P_pred, K, C, R):
+    # Joseph form keeps the covariance symmetric positive semi-definite in float32.
+    n = P_pred.shape[-1]
+    I_KC = torch.eye(n, dtype=P_pred.dtype, device=P_pred.device) - K @ C
+    return _sym(I_KC @ P_pred @ I_KC.transpose(-1, -2) + K @ R @ K.transpose(-1, -2))
+
+
+def _gaussian_log_density(v, L):
+    """log N(v; 0, L Lᵀ) for residuals v (..., p) and Cholesky factors L (..., p, p)."""
+    w = torch.linalg.solve_triangular(L, v.unsqueeze(-1), upper=False).squeeze(-1)
+    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (w.pow(2).sum(-1) + v.shape[-1] * _LOG_2PI) - half_logdet
+
+
+def _step_log_likelihoods(prep, pred_means, pred_covs):
+    """log p(x_t | x_<t) for all t in one vectorized call, from the predicted moments."""
+    C = prep.C if prep.tv["C"] else prep.C.unsqueeze(-3)
+    R = prep.R if prep.tv["R"] else prep.R.unsqueeze(-3)
+    S = _sym(C @ pred_covs @ C.transpose(-1, -2) + R)
+    L = _cholesky(S)
+    v = prep.x - _mv(C, pred_means)
+    ll = _gaussian_log_density(v, L)
+    if prep.num_missing is not None:
+        ll = ll + 0.5 * _LOG_2PI * prep.num_missing
+    return ll
+
+
+# ----------------------------------------------------------------------------------------------
+# sequential filter
+
+
+def _sequential_covariances(prep, T, batch_shape):
+    """Predicted covariances and gains for all steps (a loop over time)."""
+    P = prep.init_cov.expand(batch_shape + prep.init_cov.shape[-2:])
+    pred_covs, filt_covs, gains = [], [], []
+    for t in range(T):
+        if t > 0:
+            At = _at(prep.A, t, prep.tv["A"])
+            P = _sym(At @ P @ At.transpose(-1, -2) + _at(prep.Q, t, prep.tv["Q"]))
+        Ct, Rt = _at(prep.C, t, prep.tv["C"]), _at(prep.R, t, prep.tv["R"])
+        _, K = _innovation_terms(P, Ct, Rt)
+        pred_covs.append(P)
+        gains.append(K)
+        P = _update_cov(P, K, Ct, Rt)
+        filt_covs.append(P)
+    return torch.stack(pred_covs, -3), torch.stack(filt_covs, -3), torch.stack(gains, -3)
+
+
+def _sequential_filter(prep):
+    x = prep.x
+    T = x.shape[-2]
+    n = prep.init_mean.shape[-1]
+    params = (prep.A, prep.C, prep.Q, prep.R)
+    param_batch = torch.broadcast_shapes(
+        prep.init_cov.shape[:-2],
+        *[p.shape[:-3] if prep.tv[k] else p.shape[:-2] for k, p in zip("ACQR", params)],
+    )
+    # The covariance recursion does not depend on the data: it runs over the parameters' batch
+    # shape only (once for the whole batch when the parameters are shared and nothing is missing).
+    pred_covs, filt_covs, gains = _sequential_covariances(prep, T, param_batch)
+    # Mean recursion m_t = F_t m_{t-1} + K_t x_t with F_t = (I - K_t C_t) A_t: the gains are
+    # known, so each step is one batched matrix product; K_t x_t is computed for all t at once.
+    C_all = prep.C if prep.tv["C"] else prep.C.unsqueeze(-3)
+    A_all = prep.A if prep.tv["A"] else prep.A.unsqueeze(-3)
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    F = (eye - gains @ C_all) @ A_all  # (..., T or 1, n, n)
+    u = _mv(gains, x)  # (..., T, n)
+    m0 = prep.init_mean
+    first = m0 + _mv(gains[..., 0, :, :], x[..., 0, :] - _mv(C_all[..., 0, :, :], m0))
+    filt_means = [first]
+    m = first
+    Ft = F.transpose(-1, -2)
+    for t in range(1, T):
+        Ft_t = Ft[..., t if Ft.shape[-3] > 1 else 0, :, :]
+        m = (m.unsqueeze(-2) @ Ft_t).squeeze(-2) + u[..., t, :]
+        filt_means.append(m)
+    filt_means = torch.stack(filt_means, -2)
+    pred_rest = _mv(A_all[..., 1:, :, :] if prep.tv["A"] else A_all, filt_means[..., :-1, :])
+    m0 = m0.expand(pred_rest.shape[:-2] + m0.shape[-1:])
+    pred_means = torch.cat([m0.unsqueeze(-2), pred_rest], -2)
+    return filt_means, filt_covs, pred_means, pred_covs
+
+
+# ----------------------------------------------------------------------------------------------
+# parallel filter (Särkkä & García-Fernández 2021, section IV)
+
+
+def _filter_elements(prep):
+    x = prep.x
+    T = x.shape[-2]
+    n = prep.init_mean.shape[-1]
+    dt, dev = x.dtype, x.device
+    eye = torch.eye(n, dtype=dt, device=dev)
+    A = prep.A if prep.tv["A"] else prep.A.unsqueeze(-3)
+    C = prep.C if prep.tv["C"] else prep.C.unsqueeze(-3)
+    Q = prep.Q if prep.tv["Q"] else prep.Q.unsqueeze(-3)
+    R = prep.R if prep.tv["R"] else prep.R.unsqueeze(-3)
+    # Generic element for t >= 2 (prior of z_t given z_{t-1} combined with x_t).
+    L, K = _innovation_terms(Q, C, R)
+    I_KC = eye - K @ C
+    Fm = I_KC @ A  # "A" of the element
+    b = _mv(K, x)
+    Cov = _update_cov(Q, K, C, R)
+    CA = C @ A
+    Sinv_CA = torch.cholesky_solve(CA, L)
+    Sinv_x = torch.cholesky_solve(x.unsqueeze(-1), L).squeeze(-1)
+    eta = _mv(CA.transpose(-1, -2), Sinv_x)
+    J = _sym(CA.transpose(-1, -2) @ Sinv_CA)
+    # First element: z_1 ~ N(m0, P0) updated with x_1; no dependence on a previous state.
+    m0, P0 = prep.init_mean, prep.init_cov
+    C1, R1 = C[..., :1, :, :], R[..., :1, :, :]
+    P0e = P0.unsqueeze(-3)
+    _, K1 = _innovation_terms(P0e, C1, R1)
+    b1 = m0.unsqueeze(-2) + _mv(K1, x[..., :1, :] - _mv(C1, m0.unsqueeze(-2)))
+    Cov1 = _update_cov(P0e, K1, C1, R1)
+    batch = torch.broadcast_shapes(
+        Fm.shape[:-3], b.shape[:-2], Cov.shape[:-3], b1.shape[:-2], Cov1.shape[:-3]
+    )
+    Fm = Fm.expand(batch + (T, n, n))
+    Fm = torch.cat([torch.zeros_like(Fm[..., :1, :, :]), Fm[..., 1:, :, :]], -3)
+    b = torch.cat([b1.expand(batch + (1, n)), b.expand(batch + (T, n))[..., 1:, :]], -2)
+    Cov = torch.cat(
+        [Cov1.expand(batch + (1, n, n)), Cov.expand(batch + (T, n, n))[..., 1:, :, :]], -3
+    )
+    eta = eta.expand(batch + (T, n)).clone()
+    J = J.expand(batch + (T, n, n)).clone()
+    eta[..., 0, :] = 0
+    J[..., 0, :, :] = 0
+    return Fm, b, Cov, eta, J
+
+
+def _filter_combine(earlier, later):
+    A1, b1, C1, e1, J1 = earlier
+    A2, b2, C2, e2, J2 = later
+    n = A1.shape[-1]
+    eye = torch.eye(n, dtype=A1.dtype, device=A1.device)
+    # M = (I + C1 J2)^{-1};  (I + J2 C1)^{-1} = Mᵀ because C1 and J2 are symmetric.
+    IpCJ = eye + C1 @ J2
+    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
+    A = A2M @ A1
+    b = _mv(A2M, b1 + _mv(C1, e2)) + b2
+    C = _sym(A2M @ C1 @ A2.transpose(-1, -2) + C2)
+    A1T_Minv = torch.linalg.solve(IpCJ, A1).transpose(-1, -2)  # A1ᵀ (I + J2 C1)^{-1}
+    e = _mv(A1T_Minv, e2 - _mv(J2, b1)) + e1
+    J = _sym(A1T_Minv @ J2 @ A1 + J1)
+    return A, b, C, e, J
+
+
+def _parallel_filter(prep):
+    Fm, b, Cov, eta, J = _filter_elements(prep)
+    _, filt_means, filt_covs, _, _ = associative_scan(_filter_combine, (Fm, b, Cov, eta, J))
+    # Predicted moments from the filtered ones, vectorized over time.
+    A_next = prep.A[..., 1:, :, :] if prep.tv["A"] else prep.A.unsqueeze(-3)
+    Q_next = prep.Q[..., 1:, :, :] if prep.tv["Q"] else prep.Q.unsqueeze(-3)
+    pm = _mv(A_next, filt_means[..., :-1, :])
+    pc = _sym(A_next @ filt_covs[..., :-1, :, :] @ A_next.transpose(-1, -2) + Q_next)
+    m0 = prep.init_mean.expand(filt_means.shape[:-2] + prep.init_mean.shape[-1:])
+    P0 = prep.init_cov.expand(filt_covs.shape[:-3] + prep.init_cov.shape[-2:])
+    pred_means = torch.cat([m0.unsqueeze(-2), pm], -2)
+    pred_covs = torch.cat([P0.unsqueeze(-3), pc], -3)
+    return filt_means, filt_covs, pred_means, pred_covs
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def kalman_filter(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=False, validate=True):
+    """Kalman filter: log-likelihood, filtered and one-step predicted moments.
+
+    Model and shapes as in the module docstring: ``x (..., T, p)`` with time at dim -2;
+    ``mask (..., T)`` True = observed; NaN entries of ``x`` are unobserved. ``parallel=True``
+    uses the O(log T)-depth associative scan (same numbers). ``validate=False`` skips the input
+    checks (shapes, finiteness, positive semi-definite covariances) on hot paths.
+
+    Returns a :class:`FilterResult`.
+
+    >>> import torch
+    >>> x = torch.randn(2, 20, 1)
+    >>> I = torch.eye(1)
+    >>> kalman_filter(x, I, I, I, I, torch.zeros(1), I).step_log_likelihoods.shape
+    torch.Size([2, 20])
+    """
+    return _expand(_filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate))
+
+
+def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate):
+    """The filter without broadcasting its outputs: covariances keep the parameters' batch."""
+    prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate)
+    if prep.x.shape[-2] == 0:
+        raise ValueError("x: expected at least one time step (shape (..., T, obs_dim), T >= 1)")
+    run = _parallel_filter if parallel else _sequential_filter
+    filt_means, filt_covs, pred_means, pred_covs = run(prep)
+    step_ll = _step_log_likelihoods(prep, pred_means, pred_covs)
+    if not torch.is_grad_enabled() or not step_ll.requires_grad:
+        bad = ~torch.isfinite(step_ll)
+    else:
+        bad = ~torch.isfinite(step_ll.detach())
+    if bool(bad.any()):
+        raise ValueError(
+            "R: the innovation covariance C P Cᵀ + R is not positive definite at some step "
+            "(is R singular, or are the parameters extreme?); the log-likelihood is not finite"
+        )
+    return FilterResult(step_ll.sum(-1), step_ll, filt_means, filt_covs, pred_means, pred_covs)
+
+
+def _expand(res):
+    """Broadcast every field of a filter/smoother result to the full batch shape."""
+    batch = torch.broadcast_shapes(res.step_log_likelihoods.shape[:-1],
+                                   res.filtered_means.shape[:-2], res.filtered_covs.shape[:-3])
+    out = {}
+    for name, value in res._asdict().items():
+        core = {"log_likelihood": 0, "step_log_likelihoods": 1}.get(
+            name, 2 if name.endswith("means") else 3)
+        out[name] = value.expand(batch + value.shape[value.dim() - core:])
+    return type(res)(**out)
+
+
+def _smoother_gains(filt_covs, pred_covs, A):
+    """G_t = P_t^f A_{t+1}ᵀ (P_{t+1}^-)^{-1} for t = 0..T-2 (Cholesky solve, no inverse)."""
+    L = _cholesky(pred_covs[..., 1:, :, :])
+    A_next = A[..., 1:, :, :]
+    APf = A_next @ filt_covs[..., :-1, :, :]
+    return torch.cholesky_solve(APf, L).transpose(-1, -2)
+
+
+def kalman_smoother(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=False, validate=True):
+    """Rauch–Tung–Striebel smoother: moments of z_t | x_{1:T} and lag-one cross-covariances.
+
+    Same arguments and shapes as :func:`kalman_filter` (``x (..., T, p)``, time at dim -2).
+    Returns a :class:`SmootherResult`; ``smoothed_cross_covs[..., t, :, :]`` is
+    ``Cov(z_{t+1}, z_t | x_{1:T})``.
+
+    >>> import torch
+    >>> I = torch.eye(2)
+    >>> res = kalman_smoother(torch.randn(30, 2), 0.5 * I, I, I, I, torch.zeros(2), I)
+    >>> torch.allclose(res.smoothed_means[-1], res.filtered_means[-1])
+    True
+    """
+    filt = _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate)
+    fm, fc, pm, pc = (
+        filt.filtered_means,
+        filt.filtered_covs,
+        filt.predicted_means,
+        filt.predicted_covs,
+    )
+    T = fm.shape[-2]
+    tv_A = A.dim() == x.dim() + 1
+    A_all = A if tv_A else A.unsqueeze(-3).expand(A.shape[:-2] + (T,) + A.shape[-2:])
+    if T == 1:
+        empty = fc[..., :0, :, :]
+        return _expand(
+            SmootherResult(filt.log_likelihood, fm, fc, empty, fm, fc, filt.step_log_likelihoods)
+        )
+    G = _smoother_gains(fc, pc, A_all)  # (..., T-1, n, n)
+    if parallel:
+        # Elements (E, g, L) of Särkkä & García-Fernández (2021), eq. (45)–(47), scanned
+        # backwards in time: (E_t, g_t, L_t) ∘ (E_{t+1}, ...) ∘ ... ∘ (0, m_T, P_T).
+        E = torch.cat([G, torch.zeros_like(fc[..., -1:, :, :])], -3)
+        A_next = torch.cat([A_all[..., 1:, :, :], torch.zeros_like(A_all[..., :1, :, :])], -3)
+        EA = E @ A_next
+        g = fm - _mv(EA, fm)
+        Lc = _sym(fc - EA @ fc)
+
+        def combine(later, earlier):
+            E2, g2, L2 = later  # "later" in scan order = earlier in time
+            E1, g1, L1 = earlier
+            return E2 @ E1, _mv(E2, g1) + g2, _sym(E2 @ L1 @ E2.transpose(-1, -2) + L2)
+
+        batch = torch.broadcast_shapes(E.shape[:-2], g.shape[:-1], Lc.shape[:-2])
+        elems = (
+            E.expand(batch + E.shape[-2:]).flip(-3),
+            g.expand(batch + g.shape[-1:]).flip(-2),
+            Lc.expand(batch + Lc.shape[-2:]).flip(-3),
+        )
+        _, sm, sc = associative_scan(lambda a, b: combine(b, a), elems)
+        sm, sc = sm.flip(-2), sc.flip(-3)
+    else:
+        # Covariances (parameters' batch only) and means (data batch) in separate loops; the
+        # mean step m_t = G_t m_{t+1} + (m_t^f - G_t m_{t+1}^-) is one product per step.
+        sc_list = [fc[..., -1, :, :]]
+        for t in range(T - 2, -1, -1):
+            Gt = G[..., t, :, :]
+            P = fc[..., t, :, :] + Gt @ (sc_list[-1] - pc[..., t + 1, :, :]) @ Gt.transpose(-1, -2)
+            sc_list.append(_sym(P))
+        sc = torch.stack(sc_list[::-1], -3)
+        offset = fm[..., :-1, :] - _mv(G, pm[..., 1:, :])
+        Gt_all = G.transpose(-1, -2)
+        sm_list = [fm[..., -1, :]]
+        for t in range(T - 2, -1, -1):
+            m = (sm_list[-1].unsqueeze(-2) @ Gt_all[..., t, :, :]).squeeze(-2) + offset[..., t, :]
+            sm_list.append(m)
+        sm = torch.stack(sm_list[::-1], -2)
+    cross = sc[..., 1:, :, :] @ G.transpose(-1, -2)
+    return _expand(
+        SmootherResult(filt.log_likelihood, sm, sc, cross, fm, fc, filt.step_log_likelihoods)
+    )

@@ -1,0 +1,337 @@
+"""``LinearGaussianSSM``: the exact linear-Gaussian state-space model as a Pyro module.
+
+Generative model (column vectors)::
+
+    z_1 ~ N(init_mean, init_cov)
+    z_t = A z_{t-1} + B ε_t,   Q = B Bᵀ
+    x_t = C z_t   + D ψ_t,   R = D Dᵀ
+
+Sequences are ``(batch, time, obs_dim)`` with time at dim -2. Methods delegate to the pure
+functions of :mod:`pyrossm.lgssm.inference`; ``model`` is the same LGSSM as a Pyro model (one
+site ``"z"`` for the latent trajectory, one observed site ``"x"``) for SVI with any guide.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pyro
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam
+
+from .distributions import LinearGaussianChain, LinearGaussianObservations
+from .inference import kalman_filter, kalman_smoother
+
+__all__ = ["Forecast", "LinearGaussianSSM"]
+
+_NAMES = ("A", "C", "Q", "R", "init_mean", "init_cov")
+# Covariances are learned through Cholesky factors, stored under these names.
+_FACTORS = {"Q": "Q_tril", "R": "R_tril", "init_cov": "init_tril"}
+
+
+class Forecast(NamedTuple):
+    """Forecast of the next ``horizon`` observations given ``x`` (batch of B sequences).
+
+    samples ``(num_samples, B, horizon, obs_dim)``, latent_samples ``(num_samples, B, horizon,
+    state_dim)``, means ``(B, horizon, obs_dim)``, covs ``(B, horizon, obs_dim, obs_dim)``.
+    """
+
+    samples: torch.Tensor
+    latent_samples: torch.Tensor
+    means: torch.Tensor
+    covs: torch.Tensor
+
+
+def _as_tensor(name, value, shape, dtype, device):
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() == 0 and len(shape) > 0:
+        t = t.expand(shape) if len(shape) == 1 else t * torch.eye(shape[0], dtype=dtype)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    return t.clone()
+
+
+def _cholesky_of(name, cov):
+    L, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0 or not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-8 * float(cov.abs().max())):
+        raise ValueError(f"{name}: expected a symmetric positive-definite matrix, got {cov.tolist()}")
+    return L
+
+
+class LinearGaussianSSM(PyroModule):
+    """Linear-Gaussian state-space model with learnable (or fixed) parameters.
+
+    Args:
+        state_dim: n, the dimension of z_t.
+        obs_dim: p, the dimension of x_t.
+        learn: names of the learnable parameters among ``A, C, Q, R, init_mean, init_cov``
+            (default all); the others are fixed buffers.
+        dtype, device: of the parameters.
+
+    Covariances are learned through lower-Cholesky factors (``constraints.lower_cholesky``),
+    so they stay positive definite. Reference: Durbin & Koopman, *Time Series Analysis by State
+    Space Methods* (2012); Särkkä (2013).
+
+    >>> import torch
+    >>> ssm = LinearGaussianSSM.from_matrices(A=[[0.9]], C=[[1.0]], Q=[[0.5]], R=[[1.0]])
+    >>> z, x = ssm.sample(50, num_samples=4)            # (4, 50, 1) each
+    >>> ssm.log_prob(x).shape
+    torch.Size([4])
+    """
+
+    def __init__(self, state_dim, obs_dim, learn=_NAMES, dtype=torch.float32, device=None):
+        super().__init__()
+        for name, value in (("state_dim", state_dim), ("obs_dim", obs_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        unknown = set(learn) - set(_NAMES)
+        if unknown:
+            raise ValueError(f"learn: expected names among {_NAMES}, got {sorted(unknown)}")
+        self.state_dim, self.obs_dim = state_dim, obs_dim
+        n, p = state_dim, obs_dim
+        kw = dict(dtype=dtype, device=device)
+        init = {
+            "A": 0.9 * torch.eye(n, **kw),
+            "C": torch.eye(p, n, **kw) + 0.1 * torch.ones(p, n, **kw),
+            "Q": torch.eye(n, **kw),
+            "R": torch.eye(p, **kw),
+            "init_mean": torch.zeros(n, **kw),
+            "init_cov": torch.eye(n, **kw),
+        }
+        self._learn = tuple(learn)
+        for name, value in init.items():
+            self._set(name, value)
+
+    def _set(self, name, value):
+        """(Re)define parameter ``name`` with ``value``, learnable or as a buffer."""
+        store = _FACTORS.get(name, name)
+        if name in _FACTORS:
+            value = _cholesky_of(name, value)
+        for attr in (store, store + "_unconstrained"):
+            if attr in self._buffers:
+                del self._buffers[attr]
+        if store in getattr(self, "_pyro_params", {}):
+            delattr(self, store)
+        if name in self._learn:
+            constraint = constraints.lower_cholesky if name in _FACTORS else constraints.real
+            setattr(self, store, PyroParam(value, constraint))
+        else:
+            self.register_buffer(store, value)
+
+    @classmethod
+    def from_matrices(cls, *, A, C, Q=None, R=None, B=None, D=None, init_mean=None,
+                      init_cov=None, learn=(), dtype=torch.float32, device=None):
+        """Build from given values; ``B=``/``D=`` (noise factors) may replace ``Q=``/``R=``.
+
+        Scalars are accepted for 1-D models. ``learn`` names the parameters that stay
+        learnable (default none: a fixed model). ``init_mean`` defaults to 0, ``init_cov`` to I.
+        """
+        A = torch.as_tensor(A, dtype=dtype, device=device)
+        if A.dim() == 0:
+            A = A.reshape(1, 1)
+        n = A.shape[-1]
+        C = torch.as_tensor(C, dtype=dtype, device=device)
+        if C.dim() == 0:
+            C = C.reshape(1, 1)
+        if C.dim() != 2 or C.shape[-1] != n:
+            raise ValueError(f"C: expected shape (obs_dim, {n}), got {tuple(C.shape)}")
+        p = C.shape[0]
+        if (Q is None) == (B is None):
+            raise ValueError("Q, B: expected exactly one of Q= (covariance) or B= (its factor)")
+        if (R is None) == (D is None):
+            raise ValueError("R, D: expected exactly one of R= (covariance) or D= (its factor)")
+        if Q is None:
+            B = torch.as_tensor(B, dtype=dtype, device=device).reshape(n, -1)
+            Q = B @ B.T
+        if R is None:
+            D = torch.as_tensor(D, dtype=dtype, device=device).reshape(p, -1)
+            R = D @ D.T
+        model = cls(n, p, learn=learn, dtype=dtype, device=device)
+        values = dict(
+            A=A, C=C, Q=Q, R=R,
+            init_mean=torch.zeros(n) if init_mean is None else init_mean,
+            init_cov=torch.eye(n) if init_cov is None else init_cov,
+        )
+        shapes = dict(A=(n, n), C=(p, n), Q=(n, n), R=(p, p), init_mean=(n,), init_cov=(n, n))
+        for name in _NAMES:
+            model._set(name, _as_tensor(name, values[name], shapes[name], dtype, device))
+        return model
+
+    # ------------------------------------------------------------------ parameter values
+    def _factor(self, name):
+        return getattr(self, _FACTORS[name])
+
+    @property
+    def Q(self):
+        L = self._factor("Q")
+        return L @ L.transpose(-1, -2)
+
+    @property
+    def R(self):
+        L = self._factor("R")
+        return L @ L.transpose(-1, -2)
+
+    @property
+    def init_cov(self):
+        L = self._factor("init_cov")
+        return L @ L.transpose(-1, -2)
+
+    def matrices(self):
+        """Current values as a dict ``A, C, Q, R, init_mean, init_cov`` (tensors)."""
+        return {name: getattr(self, name) for name in _NAMES}
+
+    def _param_device_dtype(self):
+        return self.init_mean.device, self.init_mean.dtype
+
+    def _check_x(self, x, name="x"):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape (batch, time, "
+                            f"{self.obs_dim}), got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] != self.obs_dim:
+            raise ValueError(f"{name}: expected shape (..., time, {self.obs_dim}) with time at "
+                             f"dim -2, got {tuple(x.shape)}")
+        device, dtype = self._param_device_dtype()
+        if x.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (the model's), got {x.dtype}")
+        return x
+
+    # ------------------------------------------------------------------ exact inference
+    def filter(self, x, mask=None, parallel=False):
+        """Kalman filter of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.FilterResult`."""
+        m = self.matrices()
+        return kalman_filter(self._check_x(x), m["A"], m["C"], m["Q"], m["R"], m["init_mean"],
+                             m["init_cov"], mask=mask, parallel=parallel)
+
+    def smooth(self, x, mask=None, parallel=False):
+        """RTS smoother of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.SmootherResult`."""
+        m = self.matrices()
+        return kalman_smoother(self._check_x(x), m["A"], m["C"], m["Q"], m["R"], m["init_mean"],
+                               m["init_cov"], mask=mask, parallel=parallel)
+
+    def log_prob(self, x, mask=None):
+        """Exact log p(x) of each sequence, shape ``x.shape[:-2]``."""
+        return self.filter(x, mask).log_likelihood
+
+    # ------------------------------------------------------------------ generation
+    def sample(self, num_steps, num_samples=1):
+        """Sample trajectories from the model: ``(z (num_samples, T, n), x (num_samples, T, p))``."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+        with torch.no_grad():
+            chain = LinearGaussianChain(self.A, self._factor("Q"), self.init_mean,
+                                        self._factor("init_cov"), num_steps)
+            z = chain.rsample((num_samples,))
+            x = LinearGaussianObservations(z, self.C, self._factor("R")).rsample()
+        return z, x
+
+    def forecast(self, x, horizon, num_samples=100, mask=None):
+        """Forecast ``horizon`` steps after each sequence of ``x (B, T, obs_dim)``.
+
+        The filtered state at the last step is propagated through the model: exact predictive
+        means and covariances, and sampled trajectories (latent and observed). Returns a
+        :class:`Forecast`.
+        """
+        if not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon: expected a positive int, got {horizon!r}")
+        with torch.no_grad():
+            filt = self.filter(x, mask)
+            A, C, Q, R = self.A, self.C, self.Q, self.R
+            m, P = filt.filtered_means[..., -1, :], filt.filtered_covs[..., -1, :, :]
+            means, covs = [], []
+            for _ in range(horizon):
+                m = m @ A.T
+                P = A @ P @ A.T + Q
+                means.append(m @ C.T)
+                covs.append(C @ P @ C.T + R)
+            means, covs = torch.stack(means, -2), torch.stack(covs, -3)
+            L0 = torch.linalg.cholesky(filt.filtered_covs[..., -1, :, :])
+            eps = torch.randn((num_samples,) + filt.filtered_means[..., -1, :].shape,
+                              dtype=x.dtype, device=x.device)
+            z = filt.filtered_means[..., -1, :] + (L0 @ eps.unsqueeze(-1)).squeeze(-1)
+            LQ, LR = self._factor("Q"), self._factor("R")
+            zs, xs = [], []
+            for _ in range(horizon):
+                z = z @ A.T + torch.randn_like(z) @ LQ.T
+                zs.append(z)
+                xs.append(z @ C.T + torch.randn(z.shape[:-1] + (self.obs_dim,), dtype=z.dtype,
+                                                device=z.device) @ LR.T)
+        return Forecast(torch.stack(xs, -2), torch.stack(zs, -2), means, covs)
+
+    # ------------------------------------------------------------------ Pyro model
+    def model(self, x, mask=None):
+        """The LGSSM as a Pyro model (see :mod:`pyrossm.protocol`).
+
+        ``x (batch, T, obs_dim)`` (NaN = missing entry), ``mask (batch, T)`` True for steps in
+        the sequence. Site ``"z"``: the latent trajectory, event shape ``(T, state_dim)``;
+        site ``"x"``: the observations.
+        """
+        x = self._check_x(x)
+        if x.dim() != 3:
+            raise ValueError(f"x: expected shape (batch, time, {self.obs_dim}), got "
+                             f"{tuple(x.shape)}")
+        batch, T, _ = x.shape
+        with pyro.plate("sequences", batch, dim=-1):
+            chain = LinearGaussianChain(self.A, self._factor("Q"), self.init_mean,
+                                        self._factor("init_cov"), T, mask=mask)
+            z = pyro.sample("z", chain)
+            obs = LinearGaussianObservations(z, self.C, self._factor("R"), mask=mask)
+            pyro.sample("x", obs, obs=x)
+        return z
+
+    def forward(self, x, mask=None):
+        return self.model(x, mask)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, x, mask=None, num_steps=200, lr=1.0, optimizer="lbfgs", burn=0,
+            tolerance=1e-10, parallel=False):
+        """Maximum-likelihood fit by gradient: maximises the exact Kalman log-likelihood.
+
+        ``x (batch, T, obs_dim)``. ``optimizer``: ``"lbfgs"`` (default; full-batch, converges
+        to the MLE in tens of steps) or ``"adam"`` (``lr`` then is Adam's step size).
+        ``burn`` drops the first ``burn`` steps' terms (statsmodels' ``loglikelihood_burn``,
+        e.g. 1 with an approximately diffuse initial state). Returns the loss history (negative
+        log-likelihood per observed step).
+        """
+        self._check_x(x)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("learn: the model has no learnable parameters to fit")
+        m = x.new_ones(x.shape[:-1], dtype=torch.bool) if mask is None else mask
+        observed = (m & ~torch.isnan(x).all(-1))[..., burn:].sum().clamp_min(1)
+
+        def loss_fn():
+            steps = self.filter(x, mask, parallel=parallel).step_log_likelihoods
+            return -steps[..., burn:].sum() / observed
+
+        history = []
+        if optimizer == "lbfgs":
+            opt = torch.optim.LBFGS(params, lr=lr, max_iter=50, line_search_fn="strong_wolfe",
+                                    tolerance_change=tolerance, tolerance_grad=1e-12)
+
+            def closure():
+                opt.zero_grad()
+                loss = loss_fn()
+                loss.backward()
+                return loss
+
+            for _ in range(num_steps):
+                loss = float(opt.step(closure).detach())
+                history.append(loss)
+                if len(history) > 1 and abs(history[-2] - history[-1]) < tolerance:
+                    break
+        elif optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr)
+            for _ in range(num_steps):
+                opt.zero_grad()
+                loss = loss_fn()
+                loss.backward()
+                opt.step()
+                history.append(float(loss))
+        else:
+            raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
+        return history
