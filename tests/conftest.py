@@ -11,8 +11,17 @@ import pyro
 import pytest
 import torch
 
+# No test downloads anything or writes to the user's cache: the loaders run offline and a
+# test that needs a real data file finds it through PYROSSM_DATA_DIR or skips.
+os.environ.setdefault("PYROSSM_OFFLINE", "1")
+
 # Keep the default suite predictable on the 2-core CI machine.
 torch.set_num_threads(int(os.environ.get("PYROSSM_TEST_THREADS", "2")))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PYROSSM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(autouse=True)
