@@ -181,21 +181,78 @@ def _step_log_likelihoods(prep, pred_means, pred_covs):
 # sequential filter
 
 
+def _steady_state_possible(prep):
+    return prep.obs is None and not any(prep.tv.values())
+
+
 def _sequential_covariances(prep, T, batch_shape):
-    """Predicted covariances and gains for all steps (a loop over time)."""
+    """Predicted and filtered covariances and gains for all steps (a loop over time).
+
+    Also returns ``t_steady``: with time-invariant parameters and no missing data the Riccati
+    recursion converges; once the predicted covariance stops changing (to a few ulps), all
+    later steps equal the current one and are filled in without iterating (the steady-state
+    Kalman filter; exact to rounding). ``t_steady`` is None when it did not converge.
+    """
     P = prep.init_cov.expand(batch_shape + prep.init_cov.shape[-2:])
     pred_covs, filt_covs, gains = [], [], []
+    check = _steady_state_possible(prep)
+    eps = 8 * torch.finfo(P.dtype).eps
+    t_steady = None
     for t in range(T):
         if t > 0:
             At = _at(prep.A, t, prep.tv["A"])
             P = _sym(At @ P @ At.transpose(-1, -2) + _at(prep.Q, t, prep.tv["Q"]))
+        if check and t >= 2 and t % 4 == 0:
+            change = (P - pred_covs[-1]).abs().max()
+            if bool(change <= eps * P.abs().max()):
+                t_steady = t
+                break
         Ct, Rt = _at(prep.C, t, prep.tv["C"]), _at(prep.R, t, prep.tv["R"])
         _, K = _innovation_terms(P, Ct, Rt)
         pred_covs.append(P)
         gains.append(K)
         P = _update_cov(P, K, Ct, Rt)
         filt_covs.append(P)
-    return torch.stack(pred_covs, -3), torch.stack(filt_covs, -3), torch.stack(gains, -3)
+    stacked = []
+    for seq in (pred_covs, filt_covs, gains):
+        out = torch.stack(seq, -3)
+        if t_steady is not None:
+            last = out[..., -1:, :, :]
+            out = torch.cat([out, last.expand(last.shape[:-3] + (T - t_steady,) + last.shape[-2:])], -3)
+        stacked.append(out)
+    return (*stacked, t_steady)
+
+
+def _linear_recurrence(m, F, u, block=32):
+    """Solve m_t = F m_{t-1} + u_t for all t, given m (..., n) before the first input.
+
+    ``F (n, n)`` is constant and ``u (..., L, n)``. Blocks of ``block`` steps are solved with
+    one matrix product each, using the powers of F (a lower block-Toeplitz matrix), instead of
+    one product per step.
+    """
+    n = F.shape[-1]
+    L = u.shape[-2]
+    blk = min(block, L)
+    powers = [torch.eye(n, dtype=F.dtype, device=F.device)]
+    for _ in range(blk):
+        powers.append(F @ powers[-1])
+    P = torch.stack(powers)  # (blk+1, n, n): P[k] = F^k
+    # Row-vector form: m_tᵀ = m_{t-1}ᵀ Fᵀ + u_tᵀ. W[j, i] = (F^{i-j})ᵀ for i >= j.
+    idx = torch.arange(blk, device=F.device)
+    diff = idx.unsqueeze(0) - idx.unsqueeze(1)  # [j, i] = i - j
+    W = P[diff.clamp_min(0)].transpose(-1, -2) * (diff >= 0).to(F.dtype)[..., None, None]
+    W = W.permute(0, 2, 1, 3).reshape(blk * n, blk * n)
+    V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
+    out = []
+    for start in range(0, L, blk):
+        ub = u[..., start:start + blk, :]
+        k = ub.shape[-2]
+        flat = ub.reshape(ub.shape[:-2] + (k * n,))
+        mb = flat @ W[: k * n, : k * n] + m @ V[:, : k * n]
+        mb = mb.reshape(ub.shape)
+        out.append(mb)
+        m = mb[..., -1, :]
+    return torch.cat(out, -2)
 
 
 def _sequential_filter(prep):
@@ -209,7 +266,7 @@ def _sequential_filter(prep):
     )
     # The covariance recursion does not depend on the data: it runs over the parameters' batch
     # shape only (once for the whole batch when the parameters are shared and nothing is missing).
-    pred_covs, filt_covs, gains = _sequential_covariances(prep, T, param_batch)
+    pred_covs, filt_covs, gains, t_steady = _sequential_covariances(prep, T, param_batch)
     # Mean recursion m_t = F_t m_{t-1} + K_t x_t with F_t = (I - K_t C_t) A_t: the gains are
     # known, so each step is one batched matrix product; K_t x_t is computed for all t at once.
     C_all = prep.C if prep.tv["C"] else prep.C.unsqueeze(-3)
@@ -222,11 +279,16 @@ def _sequential_filter(prep):
     filt_means = [first]
     m = first
     Ft = F.transpose(-1, -2)
-    for t in range(1, T):
+    loop_end = T if t_steady is None or F.dim() > 3 else t_steady
+    for t in range(1, loop_end):
         Ft_t = Ft[..., t if Ft.shape[-3] > 1 else 0, :, :]
         m = (m.unsqueeze(-2) @ Ft_t).squeeze(-2) + u[..., t, :]
         filt_means.append(m)
     filt_means = torch.stack(filt_means, -2)
+    if loop_end < T:
+        # Steady state: the rest is a linear recurrence with a constant F, solved in blocks.
+        rest = _linear_recurrence(m, F[..., -1, :, :], u[..., loop_end:, :])
+        filt_means = torch.cat([filt_means, rest], -2)
     pred_rest = _mv(A_all[..., 1:, :, :] if prep.tv["A"] else A_all, filt_means[..., :-1, :])
     m0 = m0.expand(pred_rest.shape[:-2] + m0.shape[-1:])
     pred_means = torch.cat([m0.unsqueeze(-2), pred_rest], -2)
