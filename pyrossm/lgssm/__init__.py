@@ -7,6 +7,5 @@ from .distributions import LinearGaussianChain, LinearGaussianObservations  # no
 from .model import Forecast, LinearGaussianSSM  # noqa: E402
 
 __all__ = sorted(
-    __all__
-    + ["Forecast", "LinearGaussianChain", "LinearGaussianObservations", "LinearGaussianSSM"]
+    __all__ + ["Forecast", "LinearGaussianChain", "LinearGaussianObservations", "LinearGaussianSSM"]
 )

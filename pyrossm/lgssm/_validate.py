@@ -20,8 +20,11 @@ def _check_square(name, value, size, x_dim):
     if value.dim() < 2 or value.shape[-2:] != (size, size):
         _fail(name, f"shape (..., {size}, {size})", f"shape {tuple(value.shape)}")
     if value.dim() > x_dim + 1:
-        _fail(name, f"at most {x_dim + 1} dims (batch dims of x, T, {size}, {size})",
-              f"shape {tuple(value.shape)}")
+        _fail(
+            name,
+            f"at most {x_dim + 1} dims (batch dims of x, T, {size}, {size})",
+            f"shape {tuple(value.shape)}",
+        )
 
 
 def _check_finite(name, value):
@@ -39,8 +42,11 @@ def _check_covariance(name, value):
         eig_min = torch.linalg.eigvalsh(value.to(torch.float64)).min()
         tol = 1e-8 * float(scale) if value.dtype == torch.float64 else 1e-5 * float(scale)
         if float(eig_min) < -tol:
-            _fail(name, "a positive (semi-)definite covariance matrix",
-                  f"smallest eigenvalue {float(eig_min):.4g}")
+            _fail(
+                name,
+                "a positive (semi-)definite covariance matrix",
+                f"smallest eigenvalue {float(eig_min):.4g}",
+            )
 
 
 def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
@@ -66,30 +72,41 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
     for name in "ACQR":
         value = named[name]
         if value.dim() == x.dim() + 1 and value.shape[-3] not in (1, T):
-            _fail(name, f"a time dim of length {T} (time-varying parameter)",
-                  f"shape {tuple(value.shape)}")
+            _fail(
+                name,
+                f"a time dim of length {T} (time-varying parameter)",
+                f"shape {tuple(value.shape)}",
+            )
     for name in ("A", "C", "Q", "R", "init_mean", "init_cov"):
         _check_finite(name, named[name])
         if named[name].dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), "
-                            f"got {named[name].dtype}")
+            raise TypeError(
+                f"{name}: expected dtype {x.dtype} (the dtype of x), got {named[name].dtype}"
+            )
     if bool(torch.isinf(x).any()):
         _fail("x", "finite values or NaN for missing entries", "Inf entries")
     for name in ("Q", "R", "init_cov"):
         _check_covariance(name, named[name])
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor of shape {tuple(x.shape[:-1])}, got "
-                            f"{type(mask).__name__} {getattr(mask, 'dtype', '')}")
+            raise TypeError(
+                f"mask: expected a bool tensor of shape {tuple(x.shape[:-1])}, got "
+                f"{type(mask).__name__} {getattr(mask, 'dtype', '')}"
+            )
         try:
             torch.broadcast_shapes(mask.shape, x.shape[:-1])
             ok = mask.shape[-1:] == x.shape[-2:-1]
         except RuntimeError:
             ok = False
         if not ok:
-            _fail("mask", f"shape {tuple(x.shape[:-1])} (batch..., T)", f"shape {tuple(mask.shape)}")
+            _fail(
+                "mask", f"shape {tuple(x.shape[:-1])} (batch..., T)", f"shape {tuple(mask.shape)}"
+            )
     try:
         torch.broadcast_shapes(x.shape[:-2], init_mean.shape[:-1])
     except RuntimeError:
-        _fail("init_mean", f"batch dims broadcastable with x's {tuple(x.shape[:-2])}",
-              f"shape {tuple(init_mean.shape)}")
+        _fail(
+            "init_mean",
+            f"batch dims broadcastable with x's {tuple(x.shape[:-2])}",
+            f"shape {tuple(init_mean.shape)}",
+        )

@@ -152,9 +152,9 @@ class LinearGaussianObservations(TorchDistribution):
             o = observed.to(resid.dtype)
             R = self.R_tril @ self.R_tril.transpose(-1, -2)
             eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
-            R_eff = R.unsqueeze(-3) * (o.unsqueeze(-1) * o.unsqueeze(-2)) + eye * (
-                1 - o
-            ).unsqueeze(-1)
+            R_eff = R.unsqueeze(-3) * (o.unsqueeze(-1) * o.unsqueeze(-2)) + eye * (1 - o).unsqueeze(
+                -1
+            )
             resid = torch.where(observed, resid, torch.zeros_like(resid))
             steps = _mvn_log_density(resid, torch.linalg.cholesky(R_eff))
             steps = steps + 0.5 * _LOG_2PI * (1 - o).sum(-1)

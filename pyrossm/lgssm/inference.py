@@ -218,7 +218,9 @@ def _sequential_covariances(prep, T, batch_shape):
         out = torch.stack(seq, -3)
         if t_steady is not None:
             last = out[..., -1:, :, :]
-            out = torch.cat([out, last.expand(last.shape[:-3] + (T - t_steady,) + last.shape[-2:])], -3)
+            out = torch.cat(
+                [out, last.expand(last.shape[:-3] + (T - t_steady,) + last.shape[-2:])], -3
+            )
         stacked.append(out)
     return (*stacked, t_steady)
 
@@ -245,7 +247,7 @@ def _linear_recurrence(m, F, u, block=32):
     V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
     out = []
     for start in range(0, L, blk):
-        ub = u[..., start:start + blk, :]
+        ub = u[..., start : start + blk, :]
         k = ub.shape[-2]
         flat = ub.reshape(ub.shape[:-2] + (k * n,))
         mb = flat @ W[: k * n, : k * n] + m @ V[:, : k * n]
@@ -327,19 +329,19 @@ def _filter_elements(prep):
     _, K1 = _innovation_terms(P0e, C1, R1)
     b1 = m0.unsqueeze(-2) + _mv(K1, x[..., :1, :] - _mv(C1, m0.unsqueeze(-2)))
     Cov1 = _update_cov(P0e, K1, C1, R1)
-    batch = torch.broadcast_shapes(
-        Fm.shape[:-3], b.shape[:-2], Cov.shape[:-3], b1.shape[:-2], Cov1.shape[:-3]
-    )
-    Fm = Fm.expand(batch + (T, n, n))
+    # Matrices keep the parameters' batch shape (data-independent), vectors the data's: the
+    # scan broadcasts them, so no covariance is computed once per sequence without need.
+    mbatch = torch.broadcast_shapes(Fm.shape[:-3], Cov.shape[:-3], Cov1.shape[:-3], J.shape[:-3])
+    vbatch = torch.broadcast_shapes(b.shape[:-2], b1.shape[:-2], eta.shape[:-2])
+    Fm = Fm.expand(mbatch + (T, n, n))
     Fm = torch.cat([torch.zeros_like(Fm[..., :1, :, :]), Fm[..., 1:, :, :]], -3)
-    b = torch.cat([b1.expand(batch + (1, n)), b.expand(batch + (T, n))[..., 1:, :]], -2)
+    b = torch.cat([b1.expand(vbatch + (1, n)), b.expand(vbatch + (T, n))[..., 1:, :]], -2)
     Cov = torch.cat(
-        [Cov1.expand(batch + (1, n, n)), Cov.expand(batch + (T, n, n))[..., 1:, :, :]], -3
+        [Cov1.expand(mbatch + (1, n, n)), Cov.expand(mbatch + (T, n, n))[..., 1:, :, :]], -3
     )
-    eta = eta.expand(batch + (T, n)).clone()
-    J = J.expand(batch + (T, n, n)).clone()
-    eta[..., 0, :] = 0
-    J[..., 0, :, :] = 0
+    eta = torch.cat([torch.zeros_like(b[..., :1, :]), eta.expand(vbatch + (T, n))[..., 1:, :]], -2)
+    J = J.expand(mbatch + (T, n, n))
+    J = torch.cat([torch.zeros_like(J[..., :1, :, :]), J[..., 1:, :, :]], -3)
     return Fm, b, Cov, eta, J
 
 
@@ -362,7 +364,9 @@ def _filter_combine(earlier, later):
 
 def _parallel_filter(prep):
     Fm, b, Cov, eta, J = _filter_elements(prep)
-    _, filt_means, filt_covs, _, _ = associative_scan(_filter_combine, (Fm, b, Cov, eta, J))
+    _, filt_means, filt_covs, _, _ = associative_scan(
+        _filter_combine, (Fm, b, Cov, eta, J), (-3, -2, -3, -2, -3)
+    )
     # Predicted moments from the filtered ones, vectorized over time.
     A_next = prep.A[..., 1:, :, :] if prep.tv["A"] else prep.A.unsqueeze(-3)
     Q_next = prep.Q[..., 1:, :, :] if prep.tv["Q"] else prep.Q.unsqueeze(-3)
@@ -420,13 +424,17 @@ def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate):
 
 def _expand(res):
     """Broadcast every field of a filter/smoother result to the full batch shape."""
-    batch = torch.broadcast_shapes(res.step_log_likelihoods.shape[:-1],
-                                   res.filtered_means.shape[:-2], res.filtered_covs.shape[:-3])
+    batch = torch.broadcast_shapes(
+        res.step_log_likelihoods.shape[:-1],
+        res.filtered_means.shape[:-2],
+        res.filtered_covs.shape[:-3],
+    )
     out = {}
     for name, value in res._asdict().items():
         core = {"log_likelihood": 0, "step_log_likelihoods": 1}.get(
-            name, 2 if name.endswith("means") else 3)
-        out[name] = value.expand(batch + value.shape[value.dim() - core:])
+            name, 2 if name.endswith("means") else 3
+        )
+        out[name] = value.expand(batch + value.shape[value.dim() - core :])
     return type(res)(**out)
 
 
@@ -481,13 +489,8 @@ def kalman_smoother(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=Fals
             E1, g1, L1 = earlier
             return E2 @ E1, _mv(E2, g1) + g2, _sym(E2 @ L1 @ E2.transpose(-1, -2) + L2)
 
-        batch = torch.broadcast_shapes(E.shape[:-2], g.shape[:-1], Lc.shape[:-2])
-        elems = (
-            E.expand(batch + E.shape[-2:]).flip(-3),
-            g.expand(batch + g.shape[-1:]).flip(-2),
-            Lc.expand(batch + Lc.shape[-2:]).flip(-3),
-        )
-        _, sm, sc = associative_scan(lambda a, b: combine(b, a), elems)
+        elems = (E.flip(-3), g.flip(-2), Lc.flip(-3))
+        _, sm, sc = associative_scan(lambda a, b: combine(b, a), elems, (-3, -2, -3))
         sm, sc = sm.flip(-2), sc.flip(-3)
     else:
         # Covariances (parameters' batch only) and means (data batch) in separate loops; the

@@ -56,8 +56,12 @@ def _as_tensor(name, value, shape, dtype, device):
 
 def _cholesky_of(name, cov):
     L, info = torch.linalg.cholesky_ex(cov)
-    if int(info) != 0 or not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-8 * float(cov.abs().max())):
-        raise ValueError(f"{name}: expected a symmetric positive-definite matrix, got {cov.tolist()}")
+    if int(info) != 0 or not torch.allclose(
+        cov, cov.transpose(-1, -2), atol=1e-8 * float(cov.abs().max())
+    ):
+        raise ValueError(
+            f"{name}: expected a symmetric positive-definite matrix, got {cov.tolist()}"
+        )
     return L
 
 
@@ -122,8 +126,21 @@ class LinearGaussianSSM(PyroModule):
             self.register_buffer(store, value)
 
     @classmethod
-    def from_matrices(cls, *, A, C, Q=None, R=None, B=None, D=None, init_mean=None,
-                      init_cov=None, learn=(), dtype=torch.float32, device=None):
+    def from_matrices(
+        cls,
+        *,
+        A,
+        C,
+        Q=None,
+        R=None,
+        B=None,
+        D=None,
+        init_mean=None,
+        init_cov=None,
+        learn=(),
+        dtype=torch.float32,
+        device=None,
+    ):
         """Build from given values; ``B=``/``D=`` (noise factors) may replace ``Q=``/``R=``.
 
         Scalars are accepted for 1-D models. ``learn`` names the parameters that stay
@@ -151,7 +168,10 @@ class LinearGaussianSSM(PyroModule):
             R = D @ D.T
         model = cls(n, p, learn=learn, dtype=dtype, device=device)
         values = dict(
-            A=A, C=C, Q=Q, R=R,
+            A=A,
+            C=C,
+            Q=Q,
+            R=R,
             init_mean=torch.zeros(n) if init_mean is None else init_mean,
             init_cov=torch.eye(n) if init_cov is None else init_cov,
         )
@@ -188,11 +208,15 @@ class LinearGaussianSSM(PyroModule):
 
     def _check_x(self, x, name="x"):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor of shape (batch, time, "
-                            f"{self.obs_dim}), got {type(x).__name__}")
+            raise TypeError(
+                f"{name}: expected a torch.Tensor of shape (batch, time, "
+                f"{self.obs_dim}), got {type(x).__name__}"
+            )
         if x.dim() < 2 or x.shape[-1] != self.obs_dim:
-            raise ValueError(f"{name}: expected shape (..., time, {self.obs_dim}) with time at "
-                             f"dim -2, got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected shape (..., time, {self.obs_dim}) with time at "
+                f"dim -2, got {tuple(x.shape)}"
+            )
         device, dtype = self._param_device_dtype()
         if x.dtype != dtype:
             raise TypeError(f"{name}: expected dtype {dtype} (the model's), got {x.dtype}")
@@ -202,14 +226,32 @@ class LinearGaussianSSM(PyroModule):
     def filter(self, x, mask=None, parallel=False):
         """Kalman filter of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.FilterResult`."""
         m = self.matrices()
-        return kalman_filter(self._check_x(x), m["A"], m["C"], m["Q"], m["R"], m["init_mean"],
-                             m["init_cov"], mask=mask, parallel=parallel)
+        return kalman_filter(
+            self._check_x(x),
+            m["A"],
+            m["C"],
+            m["Q"],
+            m["R"],
+            m["init_mean"],
+            m["init_cov"],
+            mask=mask,
+            parallel=parallel,
+        )
 
     def smooth(self, x, mask=None, parallel=False):
         """RTS smoother of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.SmootherResult`."""
         m = self.matrices()
-        return kalman_smoother(self._check_x(x), m["A"], m["C"], m["Q"], m["R"], m["init_mean"],
-                               m["init_cov"], mask=mask, parallel=parallel)
+        return kalman_smoother(
+            self._check_x(x),
+            m["A"],
+            m["C"],
+            m["Q"],
+            m["R"],
+            m["init_mean"],
+            m["init_cov"],
+            mask=mask,
+            parallel=parallel,
+        )
 
     def log_prob(self, x, mask=None):
         """Exact log p(x) of each sequence, shape ``x.shape[:-2]``."""
@@ -223,8 +265,9 @@ class LinearGaussianSSM(PyroModule):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
         with torch.no_grad():
-            chain = LinearGaussianChain(self.A, self._factor("Q"), self.init_mean,
-                                        self._factor("init_cov"), num_steps)
+            chain = LinearGaussianChain(
+                self.A, self._factor("Q"), self.init_mean, self._factor("init_cov"), num_steps
+            )
             z = chain.rsample((num_samples,))
             x = LinearGaussianObservations(z, self.C, self._factor("R")).rsample()
         return z, x
@@ -250,16 +293,22 @@ class LinearGaussianSSM(PyroModule):
                 covs.append(C @ P @ C.T + R)
             means, covs = torch.stack(means, -2), torch.stack(covs, -3)
             L0 = torch.linalg.cholesky(filt.filtered_covs[..., -1, :, :])
-            eps = torch.randn((num_samples,) + filt.filtered_means[..., -1, :].shape,
-                              dtype=x.dtype, device=x.device)
+            eps = torch.randn(
+                (num_samples,) + filt.filtered_means[..., -1, :].shape,
+                dtype=x.dtype,
+                device=x.device,
+            )
             z = filt.filtered_means[..., -1, :] + (L0 @ eps.unsqueeze(-1)).squeeze(-1)
             LQ, LR = self._factor("Q"), self._factor("R")
             zs, xs = [], []
             for _ in range(horizon):
                 z = z @ A.T + torch.randn_like(z) @ LQ.T
                 zs.append(z)
-                xs.append(z @ C.T + torch.randn(z.shape[:-1] + (self.obs_dim,), dtype=z.dtype,
-                                                device=z.device) @ LR.T)
+                xs.append(
+                    z @ C.T
+                    + torch.randn(z.shape[:-1] + (self.obs_dim,), dtype=z.dtype, device=z.device)
+                    @ LR.T
+                )
         return Forecast(torch.stack(xs, -2), torch.stack(zs, -2), means, covs)
 
     # ------------------------------------------------------------------ Pyro model
@@ -272,12 +321,14 @@ class LinearGaussianSSM(PyroModule):
         """
         x = self._check_x(x)
         if x.dim() != 3:
-            raise ValueError(f"x: expected shape (batch, time, {self.obs_dim}), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x: expected shape (batch, time, {self.obs_dim}), got {tuple(x.shape)}"
+            )
         batch, T, _ = x.shape
         with pyro.plate("sequences", batch, dim=-1):
-            chain = LinearGaussianChain(self.A, self._factor("Q"), self.init_mean,
-                                        self._factor("init_cov"), T, mask=mask)
+            chain = LinearGaussianChain(
+                self.A, self._factor("Q"), self.init_mean, self._factor("init_cov"), T, mask=mask
+            )
             z = pyro.sample("z", chain)
             obs = LinearGaussianObservations(z, self.C, self._factor("R"), mask=mask)
             pyro.sample("x", obs, obs=x)
@@ -287,8 +338,17 @@ class LinearGaussianSSM(PyroModule):
         return self.model(x, mask)
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, x, mask=None, num_steps=200, lr=1.0, optimizer="lbfgs", burn=0,
-            tolerance=1e-10, parallel=False):
+    def fit(
+        self,
+        x,
+        mask=None,
+        num_steps=200,
+        lr=1.0,
+        optimizer="lbfgs",
+        burn=0,
+        tolerance=1e-10,
+        parallel=False,
+    ):
         """Maximum-likelihood fit by gradient: maximises the exact Kalman log-likelihood.
 
         ``x (batch, T, obs_dim)``. ``optimizer``: ``"lbfgs"`` (default; full-batch, converges
@@ -310,8 +370,14 @@ class LinearGaussianSSM(PyroModule):
 
         history = []
         if optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(params, lr=lr, max_iter=50, line_search_fn="strong_wolfe",
-                                    tolerance_change=tolerance, tolerance_grad=1e-12)
+            opt = torch.optim.LBFGS(
+                params,
+                lr=lr,
+                max_iter=50,
+                line_search_fn="strong_wolfe",
+                tolerance_change=tolerance,
+                tolerance_grad=1e-12,
+            )
 
             def closure():
                 opt.zero_grad()
