@@ -143,6 +143,10 @@ class LinearGaussianSSM(PyroModule):
     ):
         """Build from given values; ``B=``/``D=`` (noise factors) may replace ``Q=``/``R=``.
 
+        Q, R and init_cov must be positive definite here (they are stored as Cholesky factors,
+        and the Pyro ``model`` needs a density); the pure functions
+        :func:`~pyrossm.lgssm.kalman_filter`/``kalman_smoother`` also accept singular ones.
+
         Scalars are accepted for 1-D models. ``learn`` names the parameters that stay
         learnable (default none: a fixed model). ``init_mean`` defaults to 0, ``init_cov`` to I.
         """
@@ -385,11 +389,13 @@ class LinearGaussianSSM(PyroModule):
                 loss.backward()
                 return loss
 
+            # opt.step returns the loss at the start of each step: record it, then the final one.
             for _ in range(num_steps):
-                loss = float(opt.step(closure).detach())
-                history.append(loss)
+                history.append(float(opt.step(closure).detach()))
                 if len(history) > 1 and abs(history[-2] - history[-1]) < tolerance:
                     break
+            with torch.no_grad():
+                history.append(float(loss_fn()))
         elif optimizer == "adam":
             opt = torch.optim.Adam(params, lr=lr)
             for _ in range(num_steps):
