@@ -263,7 +263,7 @@ class LinearGaussianSSM(PyroModule):
 
     # ------------------------------------------------------------------ generation
     def sample(self, num_steps, num_samples=1):
-        """Sample from the model: ``z (num_samples, T, state_dim)``, ``x (num_samples, T, obs_dim)``."""
+        """Sample from the model: z (num_samples, T, state_dim), x (num_samples, T, obs_dim)."""
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
         if not isinstance(num_samples, int) or num_samples < 1:
