@@ -407,3 +407,68 @@ class LinearGaussianSSM(PyroModule):
         else:
             raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
         return history
+
+    def fit_em(self, x, mask=None, num_iters=100, tolerance=1e-8):
+        """Maximum likelihood by expectation-maximisation (Shumway & Stoffer 1982).
+
+        E-step: the RTS smoother's moments (with lag-one cross-covariances); M-step: the
+        closed-form updates of the learnable parameters among A, C, Q, R, init_mean, init_cov
+        (fixed ones stay). ``x (batch, T, obs_dim)``; whole unobserved steps (``mask`` False or
+        an all-NaN vector) are supported, partially observed vectors are not (use :meth:`fit`).
+        The log-likelihood never decreases. Returns the history of the log-likelihood per
+        observed step; stops when it improves by less than ``tolerance``.
+        """
+        self._check_x(x)
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+        nan = torch.isnan(x)
+        if bool((nan.any(-1) & ~nan.all(-1)).any()):
+            raise ValueError(
+                "x: fit_em supports whole missing steps only, got partially "
+                "observed vectors (NaN in some entries of a step); use fit()"
+            )
+        obs = ~nan.all(-1) if mask is None else (mask & ~nan.all(-1))
+        w = obs.to(x.dtype)  # (N, T)
+        x0 = torch.where(obs.unsqueeze(-1), x, torch.zeros_like(x))
+        N, T, _ = x.shape
+        n_obs = w.sum().clamp_min(1)
+        history = []
+        with torch.no_grad():
+            for _ in range(num_iters):
+                sm = self.smooth(x, obs)
+                history.append(float(sm.log_likelihood.sum() / n_obs))
+                if len(history) > 1 and history[-1] - history[-2] < tolerance:
+                    break
+                m, P, cross = sm.smoothed_means, sm.smoothed_covs, sm.smoothed_cross_covs
+                Ezz = P + m.unsqueeze(-1) * m.unsqueeze(-2)  # E[z_t z_tᵀ]   (N, T, n, n)
+                Ez1z0 = cross + m[:, 1:, :, None] * m[:, :-1, None, :]  # E[z_t z_{t-1}ᵀ]
+                new = {}
+                if T > 1:
+                    S11, S00, S10 = (
+                        Ezz[:, 1:].sum((0, 1)),
+                        Ezz[:, :-1].sum((0, 1)),
+                        Ez1z0.sum((0, 1)),
+                    )
+                    A = torch.linalg.solve(S00, S10.T).T if "A" in self._learn else self.A
+                    new["A"] = A
+                    Qn = S11 - A @ S10.T - S10 @ A.T + A @ S00 @ A.T
+                    new["Q"] = 0.5 * (Qn + Qn.T) / (N * (T - 1))
+                Sxz = (w[..., None, None] * x0.unsqueeze(-1) * m.unsqueeze(-2)).sum((0, 1))
+                Szz = (w[..., None, None] * Ezz).sum((0, 1))
+                C = torch.linalg.solve(Szz, Sxz.T).T if "C" in self._learn else self.C
+                new["C"] = C
+                Sxx = (w[..., None, None] * x0.unsqueeze(-1) * x0.unsqueeze(-2)).sum((0, 1))
+                Rn = Sxx - C @ Sxz.T - Sxz @ C.T + C @ Szz @ C.T
+                new["R"] = 0.5 * (Rn + Rn.T) / n_obs
+                m1 = m[:, 0].mean(0)
+                new["init_mean"] = m1
+                P1 = Ezz[:, 0].mean(0) - m1.unsqueeze(-1) * m1.unsqueeze(-2)
+                if "init_mean" not in self._learn:
+                    d = m[:, 0] - self.init_mean
+                    P1 = (P[:, 0] + d.unsqueeze(-1) * d.unsqueeze(-2)).mean(0)
+                new["init_cov"] = 0.5 * (P1 + P1.T)
+                for name, value in new.items():
+                    if name in self._learn:
+                        self._set(name, value.detach().clone())
+        return history
