@@ -1,0 +1,184 @@
+"""Seconds per training epoch of the deep Markov model on JSB chorales: one site vs per step.
+
+Both formulations train the *same* model (:class:`pyrossm.nonlinear.DeepMarkovModel`, published
+sizes: z 100, transition 200, emission 100) with the *same* guide
+(:class:`pyrossm.guides.StructuredGuide`, backward (DKS) LSTM of 600 units), on the same
+mini-batches (batch 20, trimmed to the batch's longest sequence), with the same optimiser
+(Adam lr 3e-4, betas (0.96, 0.999), gradient-norm clipping 10) and Pyro's ``Trace_ELBO``:
+
+* ``vectorized``: pyrossm's formulation, one latent site ``"z"`` per trajectory whose
+  ``log_prob`` is one batched call of the transition network (and of the guide's combiner);
+* ``per_step``: the classic formulation of Pyro's DMM tutorial, one site ``z_t`` and one site
+  ``x_t`` per time step under ``pyro.markov`` (model written below; the guide's
+  ``per_step=True`` mode samples the same ``q`` as sites ``z_1 .. z_T``).
+
+An epoch is the 229 training chorales (12 batches). Each formulation is timed over
+``--batches`` batches after ``--warmup`` untimed ones, and seconds per epoch are *extrapolated*
+as ``time per batch * batches per epoch`` (reported as such). Prints a table and writes
+``benchmarks/results/dmm.json``.
+
+    python benchmarks/dmm.py --batches 4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyrossm.datasets import load_jsb_chorales
+from pyrossm.guides import StructuredGuide
+from pyrossm.nonlinear import DeepMarkovModel
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def per_step_model(dmm: DeepMarkovModel, x: torch.Tensor, mask: torch.Tensor):
+    """The DMM as in Pyro's tutorial: sites ``z_1..z_T`` and ``x_1..x_T`` under ``pyro.markov``."""
+    batch, steps = x.shape[:2]
+    value, observed = dmm.emitter.observed(x, mask)
+    z_prev = dmm.dynamics.z_0.expand(batch, -1)
+    with pyro.plate("sequences", batch, dim=-1):
+        for t in pyro.markov(range(steps)):
+            loc, scale = dmm.dynamics.transition(z_prev)
+            z_t = pyro.sample(f"z_{t + 1}", dist.Normal(loc, scale).to_event(1).mask(mask[:, t]))
+            pyro.sample(f"x_{t + 1}", dmm.emitter(z_t).mask(observed[:, t]).to_event(1),
+                        obs=value[:, t])
+            z_prev = z_t
+
+
+def make_batches(num_sequences: int, batch_size: int, seed: int):
+    order = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed))
+    return [order[i:i + batch_size] for i in range(0, num_sequences, batch_size)]
+
+
+class Runner:
+    """One formulation: its own copy of model, guide and optimiser, stepping batch by batch."""
+
+    def __init__(self, name, dmm, guide, elbo):
+        self.name, self.dmm, self.guide, self.elbo = name, dmm, guide, elbo
+        self.params = list(dmm.parameters()) + list(guide.parameters())
+        self.optim = torch.optim.Adam(self.params, lr=3e-4, betas=(0.96, 0.999))
+        if name == "vectorized":
+            self.model_fn, self.guide_fn = dmm.model, guide
+        else:
+            self.model_fn = lambda x, mask: per_step_model(dmm, x, mask)  # noqa: E731
+            self.guide_fn = lambda x, mask: guide(x, mask, per_step=True)  # noqa: E731
+
+    def step(self, x, mask):
+        start = time.perf_counter()
+        loss = self.elbo.differentiable_loss(self.model_fn, self.guide_fn, x, mask)
+        self.optim.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 10.0)
+        self.optim.step()
+        return time.perf_counter() - start, loss.item()
+
+
+def time_encoder(guide, x, mask):
+    """Seconds of the guide's RNN encoder alone (forward + backward), shared by both."""
+    start = time.perf_counter()
+    guide.features(x, mask).sum().backward()
+    guide.zero_grad()
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=4, help="timed batches per formulation")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches first")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--data-dir", default=None, help="holds jsb_chorales.pickle "
+                        "(default $PYROSSM_DATA_DIR, then <repo>/../shared/data)")
+    parser.add_argument("--output", default=str(RESULTS / "dmm.json"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rnn-dim", type=int, default=600, help="guide RNN size (published: 600)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    data_dir = args.data_dir or os.environ.get("PYROSSM_DATA_DIR") or str(SHARED_DATA)
+    data = load_jsb_chorales("train", data_dir)
+    batch_size = 20
+    all_batches = make_batches(len(data.lengths), batch_size, args.seed)
+    batches = all_batches[: args.warmup + args.batches]
+    elbo = Trace_ELBO(max_plate_nesting=1)
+    runners = {}
+    for name in ("vectorized", "per_step"):  # identical initial parameters
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        dmm = DeepMarkovModel(88, z_dim=100, transition_dim=200, emission_dim=100)
+        guide = StructuredGuide(88, 100, hidden_dim=args.rnn_dim, direction="backward",
+                                missing_indicators=False)
+        runners[name] = Runner(name, dmm, guide, elbo)
+    times = {name: [] for name in runners}
+    losses = {name: [] for name in runners}
+    encoder_times = []
+    frames = 0
+    # interleaved: both formulations see the same batches under the same machine load
+    for i, index in enumerate(batches):
+        length = int(data.lengths[index].max())
+        x, mask = data.piano_rolls[index, :length], data.mask[index, :length]
+        for name, runner in runners.items():
+            seconds, loss = runner.step(x, mask)
+            if i >= args.warmup:
+                times[name].append(seconds)
+                losses[name].append(loss / int(data.lengths[index].sum()))
+        if i >= args.warmup:
+            encoder_times.append(time_encoder(runners["vectorized"].guide, x, mask))
+            frames += int(data.lengths[index].sum())
+    encoder = sum(encoder_times) / len(encoder_times)
+    rows = {}
+    for name in runners:
+        per_batch = sum(times[name]) / len(times[name])
+        rows[name] = {
+            "seconds_per_batch": per_batch,
+            "seconds_per_epoch_extrapolated": per_batch * len(all_batches),
+            "frames_per_second": frames / sum(times[name]),
+            "seconds_per_batch_excluding_encoder_rnn": per_batch - encoder,
+            "timed_batches": len(times[name]),
+            "loss_per_frame": losses[name],
+        }
+    speedup = rows["per_step"]["seconds_per_batch"] / rows["vectorized"]["seconds_per_batch"]
+    speedup_ex = (rows["per_step"]["seconds_per_batch_excluding_encoder_rnn"]
+                  / rows["vectorized"]["seconds_per_batch_excluding_encoder_rnn"])
+    result = {
+        "benchmark": "DMM on JSB chorales, seconds per epoch (extrapolated from timed batches)",
+        "sizes": {"z_dim": 100, "transition_dim": 200, "emission_dim": 100, "rnn_dim": args.rnn_dim,
+                  "batch_size": batch_size, "batches_per_epoch": len(all_batches)},
+        "threads": args.threads,
+        "torch": torch.__version__, "pyro": pyro.__version__, "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "results": rows,
+        "encoder_rnn_seconds_per_batch": encoder,
+        "speedup": speedup,
+        "speedup_excluding_shared_encoder_rnn": speedup_ex,
+        "note": "times extrapolated from timed batches; the two formulations are interleaved "
+                "batch by batch; the guide's RNN encoder (identical in both) is timed alone",
+    }
+    print(f"{'formulation':<12} {'s/batch':>9} {'s/epoch (extrap.)':>18} {'frames/s':>9}")
+    for name, row in rows.items():
+        print(f"{name:<12} {row['seconds_per_batch']:>9.3f} "
+              f"{row['seconds_per_epoch_extrapolated']:>18.2f} {row['frames_per_second']:>9.0f}")
+    print(f"guide RNN encoder alone (same in both): {encoder:.3f} s/batch")
+    print(f"speed-up of the one-site formulation: {speedup:.2f}x; excluding the shared encoder "
+          f"RNN: {speedup_ex:.2f}x ({args.batches} timed batches each, {args.threads} thread(s))")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    if not math.isfinite(speedup):
+        raise SystemExit("non-finite timing")
+    return result
+
+
+if __name__ == "__main__":
+    main()

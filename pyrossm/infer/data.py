@@ -1,0 +1,247 @@
+"""Batching of padded sequences for the training loop and the evaluators.
+
+Data follow :mod:`pyrossm.protocol`: ``x`` of shape ``(batch, time, obs_dim)`` (float; time at
+dim -2) or ``(batch, time)`` (long token ids), and a boolean ``mask`` of shape ``(batch, time)``
+that is True on the steps that belong to a sequence (right padding is False).
+
+* :class:`SequenceDataset` holds ``(x, mask)`` and the per-sequence lengths.
+* :func:`as_dataset` accepts a tensor, ``(x, mask)``, ``(x, lengths)`` or a dataset.
+* :func:`pad_sequences` right-pads a list of ``(T_i, ...)`` tensors.
+* :func:`batch_indices` yields index batches, optionally *length-bucketed* (sorted by length
+  within chunks of several batches, so that a batch holds sequences of similar length and the
+  padding is small), and :meth:`SequenceDataset.batch` trims the trailing all-padding steps.
+* :func:`repeat_particles` repeats every sequence ``K`` times (``repeat_interleave``), which is
+  how several ELBO particles and the importance-weighted bound are computed.
+
+Example
+-------
+>>> x = torch.zeros(3, 5, 2)
+>>> data = as_dataset((x, torch.tensor([5, 2, 3])))
+>>> data.lengths.tolist()
+[5, 2, 3]
+>>> xb, mb = data.batch(torch.tensor([1, 2]))
+>>> tuple(xb.shape), mb.sum().item()
+((2, 3, 2), 5)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from pyrossm.protocol import lengths_to_mask
+
+__all__ = [
+    "SequenceDataset",
+    "as_dataset",
+    "batch_indices",
+    "pad_sequences",
+    "repeat_particles",
+]
+
+
+class SequenceDataset:
+    """Padded sequences ``x`` (N, T, D) float or (N, T) long, with a mask (N, T) bool.
+
+    :param x: the sequences, time at dim 1 (dim -2 for float data).
+    :param mask: ``(N, T)`` bool, True on real steps; default all True.
+    :param lengths: alternative to ``mask``: 1-D long tensor of lengths (right padding).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.is_floating_point():
+            if x.dim() != 3:
+                raise ValueError(
+                    f"x: expected float data of shape (batch, time, obs_dim), got {tuple(x.shape)}"
+                )
+            if bool(torch.isinf(x).any()):
+                bad = torch.isinf(x).nonzero()[0].tolist()
+                raise ValueError(
+                    f"x: expected finite values or NaN (= missing), got an infinite value at "
+                    f"index {tuple(bad)}"
+                )
+        elif x.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            if x.dim() != 2:
+                raise ValueError(
+                    f"x: expected token ids of shape (batch, time), got {tuple(x.shape)}"
+                )
+            x = x.long()
+        else:
+            raise TypeError(f"x: expected a float or integer tensor, got dtype {x.dtype}")
+        num, steps = x.shape[0], x.shape[1]
+        if num == 0:
+            raise ValueError("x: expected at least one sequence, got an empty batch")
+        if mask is not None and lengths is not None:
+            raise ValueError("give either mask or lengths, not both")
+        if lengths is not None:
+            if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
+                raise ValueError(
+                    f"lengths: expected a 1-D tensor of length {num}, got "
+                    f"{getattr(lengths, 'shape', type(lengths).__name__)}"
+                )
+            if lengths.shape[0] != num:
+                raise ValueError(f"lengths: expected {num} lengths, got {lengths.shape[0]}")
+            if lengths.numel() and int(lengths.max()) > steps:
+                raise ValueError(
+                    f"lengths: a length ({int(lengths.max())}) exceeds the time dimension of x "
+                    f"({steps})"
+                )
+            mask = lengths_to_mask(lengths.to(x.device).long(), steps)
+        if mask is None:
+            mask = torch.ones(num, steps, dtype=torch.bool, device=x.device)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != (num, steps):
+            raise ValueError(
+                f"mask: expected shape (batch, time) = {(num, steps)}, got {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            if not ((mask == 0) | (mask == 1)).all():
+                raise ValueError("mask: expected a boolean (or 0/1) tensor")
+            mask = mask.bool()
+        self.x = x
+        self.mask = mask.to(x.device)
+        # Lengths as "last True step + 1": for right-padded data this is the length; the trailing
+        # all-padding steps of a batch are trimmed with it. Kept on the CPU (bookkeeping only).
+        steps_idx = torch.arange(1, steps + 1, device=x.device)
+        self.lengths = (self.mask.long() * steps_idx).amax(dim=1).cpu()
+        self.num_steps = self.mask.sum(dim=1).cpu()  # observed steps per sequence
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device) -> "SequenceDataset":
+        """A copy on ``device`` (self if already there)."""
+        device = torch.device(device)
+        if self.x.device == device:
+            return self
+        out = SequenceDataset.__new__(SequenceDataset)
+        out.x, out.mask = self.x.to(device), self.mask.to(device)
+        out.lengths, out.num_steps = self.lengths, self.num_steps
+        return out
+
+    def batch(
+        self, index: torch.Tensor, trim: bool = True, device_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x[index], mask[index])``, trimmed to the longest sequence of the batch if ``trim``.
+
+        ``index`` is a 1-D long tensor (on any device); ``device_index``, if given, is the same
+        index already on the data's device (saves a host-to-device copy per batch).
+        """
+        cpu_index = index.cpu() if index.device.type != "cpu" else index
+        if device_index is not None:
+            dev_index = device_index
+        else:
+            dev_index = index if index.device == self.x.device else index.to(self.x.device)
+        x, mask = self.x[dev_index], self.mask[dev_index]
+        if trim:
+            t = max(int(self.lengths[cpu_index].max()), 1)
+            if t < x.shape[1]:
+                x, mask = x[:, :t], mask[:, :t]
+        return x, mask
+
+
+def as_dataset(data, name: str = "data") -> SequenceDataset:
+    """Turn ``data`` into a :class:`SequenceDataset`.
+
+    Accepted: a tensor ``x``; a tuple ``(x, mask)`` with a ``(N, T)`` bool mask; a tuple
+    ``(x, lengths)`` with 1-D integer lengths; a :class:`SequenceDataset`.
+    """
+    if isinstance(data, SequenceDataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        return SequenceDataset(data)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, second = data
+        if second is None:
+            return SequenceDataset(x)
+        if not isinstance(second, torch.Tensor):
+            raise TypeError(
+                f"{name}: expected (x, mask) or (x, lengths) tensors, got second element of type "
+                f"{type(second).__name__}"
+            )
+        if second.dim() == 1 and second.dtype != torch.bool:
+            return SequenceDataset(x, lengths=second)
+        return SequenceDataset(x, mask=second)
+    raise TypeError(
+        f"{name}: expected a tensor x, a tuple (x, mask), a tuple (x, lengths) or a "
+        f"SequenceDataset, got {type(data).__name__}"
+    )
+
+
+def pad_sequences(
+    sequences: Sequence[torch.Tensor], padding_value: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of ``(T_i, ...)`` tensors to ``(N, max T_i, ...)``; returns ``(x, mask)``.
+
+    >>> x, mask = pad_sequences([torch.ones(2, 1), torch.ones(3, 1)])
+    >>> tuple(x.shape), mask.sum(1).tolist()
+    ((2, 3, 1), [2, 3])
+    """
+    if len(sequences) == 0:
+        raise ValueError("sequences: expected at least one sequence, got none")
+    lengths = torch.tensor([s.shape[0] for s in sequences])
+    x = torch.nn.utils.rnn.pad_sequence(
+        list(sequences), batch_first=True, padding_value=padding_value
+    )
+    return x, lengths_to_mask(lengths.to(x.device), x.shape[1])
+
+
+def batch_indices(
+    dataset: SequenceDataset,
+    batch_size: int,
+    shuffle: bool = True,
+    bucket: bool = False,
+    bucket_batches: int = 20,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield 1-D CPU index tensors covering the dataset once.
+
+    :param shuffle: random order (drawn from ``generator`` or torch's global RNG).
+    :param bucket: length bucketing: the (shuffled) indices are cut into chunks of
+        ``batch_size * bucket_batches``, each chunk is sorted by length and cut into batches, and
+        the batches are shuffled; a batch then holds sequences of similar lengths.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if not bucket:
+        yield from order.split(batch_size)
+        return
+    batches = []
+    for chunk in order.split(batch_size * max(int(bucket_batches), 1)):
+        by_length = chunk[torch.argsort(dataset.lengths[chunk], stable=True)]
+        batches.extend(by_length.split(batch_size))
+    if shuffle:
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in perm]
+    yield from batches
+
+
+def repeat_particles(
+    x: torch.Tensor, mask: torch.Tensor | None, num_particles: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Repeat each sequence ``num_particles`` times along the batch (``repeat_interleave``).
+
+    Row ``b * K + k`` is particle ``k`` of sequence ``b``, so a per-row quantity ``v`` of shape
+    ``(B * K,)`` is viewed per sequence with ``v.reshape(B, K)``.
+    """
+    if num_particles == 1:
+        return x, mask
+    x = x.repeat_interleave(num_particles, dim=0)
+    if mask is not None:
+        mask = mask.repeat_interleave(num_particles, dim=0)
+    return x, mask

@@ -1,0 +1,454 @@
+"""The one training loop of pyrossm: stochastic variational inference for any model/guide pair.
+
+For a model ``p(x, z)`` and guide ``q(z | x)`` following :mod:`pyrossm.protocol` (sequences
+``x`` of shape ``(batch, time, obs_dim)``, time at dim -2, with a ``(batch, time)`` mask), each
+step maximises the (annealed) evidence lower bound of a minibatch::
+
+    ELBO_beta(x) = E_q[ log p(x | z) ] - beta * E_q[ log q(z | x) - log p(z) ]
+
+with Pyro's ``Trace_ELBO`` estimator (trace the guide, replay the model; reparameterized and
+score-function terms), ``K`` particles by repeating the batch ``K`` times with scale ``1/K``
+(the vectorized-particle estimator), and Pyro's ``ClippedAdam`` (per-element gradient
+clipping to ``[-clip_norm, clip_norm]``, learning rate multiplied by ``lr_decay`` every step).
+Reference: Hoffman et al. (2013), "Stochastic variational inference"; Ranganath et al. (2014).
+
+One ``ClippedAdam`` optimiser holds the explicit parameter list of model and guide (see
+:mod:`pyrossm.infer.params`), so every parameter -- PyroModule parameters, constrained
+``PyroParam`` s (optimised in the unconstrained space) and plain ``nn.Module`` s nested inside --
+is optimised exactly once, and its state is checkpointed with ``state_dict()``.
+
+Example
+-------
+>>> # history = fit(model, guide, (x, mask), epochs=10, batch_size=32, lr=1e-2,
+>>> #               val_data=(x_val, mask_val), annealing="linear", checkpoint_dir="ckpt")
+>>> # history["val_neg_elbo_per_step"][-1]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import torch
+from pyro.optim.clipped_adam import ClippedAdam
+from tqdm.auto import tqdm
+
+from pyrossm.infer.checkpoint import CheckpointManager
+from pyrossm.infer.data import as_dataset, batch_indices
+from pyrossm.infer.evaluate import elbo_terms
+from pyrossm.infer.handlers import (
+    elbo_objective,
+    elbo_traces,
+    foreign_params,
+    nonfinite_sites,
+)
+from pyrossm.infer.params import claim_param_store, named_parameters, owner_module
+from pyrossm.infer.schedules import make_schedule
+
+__all__ = ["History", "TrainingDivergedError", "fit", "resolve_device"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss (or a gradient) became NaN/Inf.
+
+    Attributes: ``epoch`` (1-based), ``batch`` (0-based index within the epoch), ``sites``
+    (names like ``"model:x"`` whose log-density was not finite), ``checkpoint`` (path of the last
+    good checkpoint, or None).
+    """
+
+    def __init__(self, message, epoch=None, batch=None, sites=(), checkpoint=None):
+        super().__init__(message)
+        self.epoch, self.batch, self.sites, self.checkpoint = epoch, batch, list(sites), checkpoint
+
+
+@dataclass
+class History:
+    """Per-epoch training records; ``history[key]`` is the list of a field over epochs.
+
+    Fields of each record: ``epoch`` (1-based), ``global_step``, ``beta`` (annealing factor at the
+    epoch's last step), ``lr``, ``train_loss`` (the optimised objective per sequence),
+    ``train_neg_elbo`` / ``train_neg_elbo_per_step`` (-ELBO with beta = 1 per sequence / per
+    observed step), ``train_kl`` (KL estimate per sequence), ``val_neg_elbo``,
+    ``val_neg_elbo_per_step``, ``val_kl`` (None without validation data), ``seconds``,
+    ``steps_per_second`` (optimisation steps), ``skipped_batches``.
+    """
+
+    records: list = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+    def __getitem__(self, key: str) -> list:
+        if self.records and key not in self.records[0]:
+            raise KeyError(f"history has no field {key!r}; fields: {sorted(self.records[0])}")
+        return [r[key] for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def last(self) -> dict | None:
+        return self.records[-1] if self.records else None
+
+    def to_dict(self) -> dict:
+        return {
+            "records": [dict(r) for r in self.records],
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls([dict(r) for r in d["records"]], d.get("best_epoch"), d.get("stopped_early"))
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+
+def resolve_device(device) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or a torch.device, got "
+                         f"{device!r}") from e
+    if out.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was requested but no CUDA device is available "
+                         f"(use device='auto' or 'cpu')")
+    return out
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _clone_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
+                early_stopping_patience, val_data, resume, checkpoint_dir, free_bits):
+    for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                        ("num_particles", num_particles), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr: expected a positive finite learning rate, got {lr!r}")
+    if on_nan not in ("raise", "skip"):
+        raise ValueError(f"on_nan: expected 'raise' or 'skip', got {on_nan!r}")
+    if early_stopping_patience is not None:
+        if not isinstance(early_stopping_patience, int) or early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience: expected a positive integer or None, "
+                             f"got {early_stopping_patience!r}")
+        if val_data is None:
+            raise ValueError("early_stopping_patience needs val_data (it monitors validation "
+                             "-ELBO); got val_data=None")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if free_bits is not None and not (float(free_bits) >= 0):
+        raise ValueError(f"free_bits: expected a non-negative number of nats, got {free_bits!r}")
+
+
+def _diverged(epoch, batch, loss_value, traces, params, grads_bad, manager, last_ckpt,
+              failure=None):
+    sites = nonfinite_sites(*traces) if traces is not None else []
+    parts = [f"training diverged at epoch {epoch}, batch {batch}: loss = {loss_value}"]
+    if failure is not None:
+        parts.append(f"a distribution rejected its arguments: {str(failure).splitlines()[0]}")
+    if sites:
+        parts.append(f"non-finite log-density at site(s) {', '.join(sites)}")
+    if grads_bad:
+        parts.append(f"non-finite gradient of {', '.join(grads_bad[:5])}")
+    bad_params = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
+    if bad_params:
+        parts.append(f"non-finite parameter(s) {', '.join(bad_params[:5])}")
+    if manager is not None:
+        parts.append(f"last good checkpoint: {last_ckpt}")
+    parts.append("lower lr or clip_norm, check the data for NaN/Inf, or pass on_nan='skip'")
+    return TrainingDivergedError("; ".join(parts), epoch, batch, sites, last_ckpt)
+
+
+def fit(
+    model,
+    guide,
+    train_data,
+    *,
+    val_data=None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    num_particles: int = 1,
+    clip_norm: float = 10.0,
+    lr_decay: float = 1.0,
+    betas=(0.9, 0.999),
+    weight_decay: float = 0.0,
+    annealing=None,
+    free_bits=None,
+    device="auto",
+    seed=None,
+    shuffle: bool = True,
+    bucket: bool = False,
+    checkpoint_dir=None,
+    checkpoint_every: int = 1,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
+    early_stopping_patience=None,
+    val_num_samples: int = 1,
+    val_batch_size=None,
+    progress: bool = True,
+    on_nan: str = "raise",
+    callbacks=None,
+) -> History:
+    """Train ``model`` and ``guide`` by SVI; returns the :class:`History`.
+
+    :param model, guide: ``nn.Module`` s with ``model(x, mask=None)`` / ``guide(x, mask=None)``
+        (or bound methods of ``nn.Module`` s, e.g. ``ssm.model``; the module is then trained).
+    :param train_data, val_data: ``x`` (N, T, D) float / (N, T) long (time at dim -2 resp. -1),
+        ``(x, mask)``, ``(x, lengths)`` or a :class:`~pyrossm.infer.data.SequenceDataset`.
+    :param num_particles: ELBO particles (batch repeated, each scaled by ``1/K``).
+    :param clip_norm, lr_decay, betas, weight_decay: ``ClippedAdam`` options (``lr_decay`` per
+        step).
+    :param annealing: KL annealing schedule or spec
+        (:func:`~pyrossm.infer.schedules.make_schedule`), evaluated per optimisation step;
+        validation always uses beta = 1.
+    :param free_bits: free-bits threshold in nats per sequence (batch-average KL), or None.
+    :param device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``; model, guide and data
+        are moved there.
+    :param seed: seeds torch, numpy and random (ignored when resuming from a checkpoint).
+    :param bucket: length-bucketed batches (similar lengths together, less padding).
+    :param checkpoint_dir: write a checkpoint every ``checkpoint_every`` epochs (and at the end),
+        keeping the last ``keep_checkpoints``; ``resume=True`` continues from the newest valid one.
+    :param val_num_samples, val_batch_size: guide draws per sequence and batch size of the
+        validation ELBO (computed after every epoch with beta = 1).
+    :param progress: a tqdm bar (-ELBO per step, KL, beta) and one line per epoch on stderr.
+    :param early_stopping_patience: stop after this many epochs without a better validation
+        -ELBO and restore the best parameters (which are also restored at the end of the run).
+    :param on_nan: ``"raise"`` a :class:`TrainingDivergedError` or ``"skip"`` the batch (no step).
+    :param callbacks: callables ``cb(record: dict) -> bool | None`` run after each epoch; a True
+        return stops training.
+    """
+    _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
+                early_stopping_patience, val_data, resume, checkpoint_dir, free_bits)
+    device = resolve_device(device)
+    model_module, guide_module = owner_module(model, "model"), owner_module(guide, "guide")
+    train = as_dataset(train_data, "train_data").to(device)
+    val = as_dataset(val_data, "val_data").to(device) if val_data is not None else None
+    model_module.to(device)
+    guide_module.to(device)
+    params = named_parameters(model_module, guide_module)
+    if not params:
+        raise ValueError("model and guide have no trainable parameters")
+    claim_param_store(model_module, guide_module)
+    optimizer = ClippedAdam(list(params.values()), lr=lr, betas=tuple(betas),
+                            clip_norm=clip_norm, lrd=lr_decay, weight_decay=weight_decay)
+    batches_per_epoch = math.ceil(len(train) / batch_size)
+    schedule = make_schedule(annealing, total_steps=epochs * batches_per_epoch)
+    callbacks = list(callbacks or [])
+    manager = CheckpointManager(checkpoint_dir, keep_checkpoints) if checkpoint_dir else None
+
+    history = History()
+    start_epoch, global_step = 0, 0
+    best, bad_epochs, best_state = math.inf, 0, None
+    last_ckpt, finished, checked_params = None, False, False
+    found = manager.latest(map_location=device) if (resume and manager) else None
+    if found is not None:
+        last_ckpt, state = found
+        if state["param_names"] != list(params):
+            raise ValueError(f"checkpoint {last_ckpt!r} holds parameters {state['param_names']}, "
+                             f"but model and guide have {list(params)}")
+        model_module.load_state_dict(state["model"])
+        guide_module.load_state_dict(state["guide"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state["schedule"] != schedule.to_dict():
+            if state["schedule"].get("name") != "callable":
+                warnings.warn(f"resuming: the checkpoint's annealing schedule {state['schedule']}"
+                              f" is used instead of {schedule.to_dict()}")
+                schedule = make_schedule(state["schedule"])
+            else:
+                warnings.warn(f"resuming with annealing {schedule.to_dict()} but the checkpoint "
+                              f"was made with {state['schedule']}")
+        history = History.from_dict(state["history"])
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        es = state["early_stopping"]
+        best = es["best"] if es["best"] is not None else math.inf
+        bad_epochs, best_state, finished = es["bad_epochs"], es["best_state"], state["finished"]
+        _set_rng_state(state["rng"])
+        claim_param_store(model_module, guide_module)
+    elif seed is not None:
+        pyro.set_rng_seed(seed)
+
+    bar = tqdm(total=epochs * batches_per_epoch, initial=start_epoch * batches_per_epoch,
+               disable=not progress, desc="fit", unit="step", dynamic_ncols=True)
+    try:
+        for epoch in range(start_epoch, epochs):
+            if finished:
+                break
+            model_module.train()
+            guide_module.train()
+            t0 = time.perf_counter()
+            total_loss = total_neg_elbo = total_kl = 0.0
+            num_seqs = num_steps = skipped = 0
+            cpu_batches = list(batch_indices(train, batch_size, shuffle=shuffle, bucket=bucket))
+            dev_batches = torch.cat(cpu_batches).to(device).split([len(b) for b in cpu_batches])
+            beta = schedule(global_step)
+            for b, (index, dev_index) in enumerate(zip(cpu_batches, dev_batches, strict=True)):
+                x, mask = train.batch(index, device_index=dev_index)
+                beta = schedule(global_step)
+                traces, value, grads_bad = None, math.nan, []
+                try:
+                    traces = elbo_traces(model, guide, x, mask, num_particles, beta)
+                    obj = elbo_objective(*traces, num_particles, beta, free_bits)
+                    value, neg_elbo, kl = torch.stack(
+                        [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
+                except ValueError as e:
+                    # A distribution's argument validation failing on a NaN/Inf *parameter* is a
+                    # divergence; anything else (e.g. data outside the support) is a real error.
+                    if not (str(e).startswith("Expected parameter") or not all(
+                            bool(torch.isfinite(p).all()) for p in params.values())):
+                        raise
+                    value, neg_elbo, kl = math.nan, math.nan, math.nan
+                    failure = e
+                else:
+                    failure = None
+                if traces is not None and not checked_params:
+                    checked_params = True
+                    stray = foreign_params(traces, params.values())
+                    if stray:
+                        warnings.warn(f"pyro.param site(s) {stray} do not belong to the model or "
+                                      f"guide modules and are NOT optimised by fit (register "
+                                      f"parameters on the modules, see pyrossm.protocol)")
+                ok = math.isfinite(value) and math.isfinite(neg_elbo)
+                if ok:
+                    obj.surrogate.backward()
+                    grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
+                    if grads and not bool(torch.stack(
+                            [torch.isfinite(g).all() for _, g in grads]).all()):
+                        grads_bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
+                        ok = False
+                if ok:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                bar.update(1)
+                if not ok:
+                    if on_nan == "raise":
+                        err = _diverged(epoch + 1, b, value, traces, params, grads_bad,
+                                        manager, last_ckpt, failure)
+                        raise err from failure
+                    skipped += 1
+                    continue
+                total_loss += value
+                total_neg_elbo += neg_elbo
+                total_kl += kl
+                num_seqs += len(index)
+                num_steps += int(train.num_steps[index].sum())
+                if progress:
+                    bar.set_postfix(elbo_step=f"{-total_neg_elbo / max(num_steps, 1):.4g}",
+                                    kl=f"{total_kl / max(num_seqs, 1):.3g}",
+                                    beta=f"{beta:.3g}", refresh=False)
+            seconds = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1,
+                "global_step": global_step,
+                "beta": beta,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": total_loss / num_seqs if num_seqs else math.nan,
+                "train_neg_elbo": total_neg_elbo / num_seqs if num_seqs else math.nan,
+                "train_neg_elbo_per_step": total_neg_elbo / num_steps if num_steps else math.nan,
+                "train_kl": total_kl / num_seqs if num_seqs else math.nan,
+                "val_neg_elbo": None,
+                "val_neg_elbo_per_step": None,
+                "val_kl": None,
+                "seconds": seconds,
+                "steps_per_second": len(cpu_batches) / seconds if seconds > 0 else math.inf,
+                "skipped_batches": skipped,
+            }
+            if val is not None:
+                res = elbo_terms(model, guide, val, num_samples=val_num_samples,
+                                 batch_size=val_batch_size or batch_size, device=device)
+                e_sum, kl_sum = torch.stack([res.elbo.sum(), res.kl.sum()]).tolist()
+                n_steps = int(res.num_steps.sum())
+                record.update(val_neg_elbo=-e_sum / len(val),
+                              val_neg_elbo_per_step=-e_sum / max(n_steps, 1),
+                              val_kl=kl_sum / len(val))
+                if early_stopping_patience is not None:
+                    if record["val_neg_elbo"] < best:
+                        best, bad_epochs = record["val_neg_elbo"], 0
+                        best_state = {"model": _clone_state(model_module),
+                                      "guide": _clone_state(guide_module)}
+                        history.best_epoch = epoch + 1
+                    else:
+                        bad_epochs += 1
+                        if bad_epochs >= early_stopping_patience:
+                            finished = history.stopped_early = True
+            history.records.append(record)
+            if progress:
+                bar.write(_format_record(record), file=sys.stderr)
+            for cb in callbacks:
+                if cb(dict(record)):
+                    finished = True
+            last_epoch = epoch + 1 == epochs or finished
+            if manager is not None and ((epoch + 1) % checkpoint_every == 0 or last_epoch):
+                payload = {
+                    "format": 1,
+                    "epoch": epoch + 1,
+                    "global_step": global_step,
+                    "finished": finished,
+                    "param_names": list(params),
+                    "model": model_module.state_dict(),
+                    "guide": guide_module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "param_store": {k: v.detach() for k, v in
+                                    pyro.get_param_store()._params.items()},
+                    "schedule": schedule.to_dict(),
+                    "rng": _rng_state(),
+                    "history": history.to_dict(),
+                    "early_stopping": {"best": None if best == math.inf else best,
+                                       "bad_epochs": bad_epochs, "best_state": best_state},
+                }
+                last_ckpt = manager.save(payload, epoch + 1)
+    finally:
+        bar.close()
+    if best_state is not None:
+        model_module.load_state_dict(best_state["model"])
+        guide_module.load_state_dict(best_state["guide"])
+    return history
+
+
+def _format_record(r: dict) -> str:
+    text = (f"epoch {r['epoch']}: -elbo/step {r['train_neg_elbo_per_step']:.4f} "
+            f"kl/seq {r['train_kl']:.3f} beta {r['beta']:.3g}")
+    if r["val_neg_elbo_per_step"] is not None:
+        text += f" | val -elbo/step {r['val_neg_elbo_per_step']:.4f}"
+    return text + f" ({r['seconds']:.2f}s)"

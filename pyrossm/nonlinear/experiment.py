@@ -1,0 +1,300 @@
+"""Experiments of issue 4: JSB chorales and synthetic checks against Kalman baselines.
+
+Every figure is reported both ways, and named so:
+
+* ``neg_elbo_per_frame`` — −ELBO / frame (the variational bound, :func:`pyrossm.infer.elbo`);
+* ``iwae_nll_per_frame`` — IWAE negative log-likelihood / frame, ``−log (1/K) Σ_k w_k``
+  (:func:`pyrossm.infer.log_likelihood`, Burda et al. 2016; tighter, ≤ −ELBO).
+
+"Frame" = one time step of one sequence (``mask.sum()``), as in Krishnan et al. (2017) and Pyro's
+DMM example. Commands (JSON written to ``benchmarks/results/``, a table printed):
+
+    python -m pyrossm.nonlinear.experiment jsb --minutes 60          # CPU budget per model
+    python -m pyrossm.nonlinear.experiment jsb --epochs 5000         # the full published run
+    python -m pyrossm.nonlinear.experiment synthetic --system linear
+    python -m pyrossm.nonlinear.experiment synthetic --system pendulum
+
+JSB defaults are those of the published DMM setup (Krishnan et al. 2017; Pyro's ``dmm.py``):
+z 100, transition 200, emission 100, inference RNN 600, Adam lr 3e-4, betas (0.96, 0.999),
+clipping 10, lr decay 0.99996 per step, weight decay 2.0 (Pyro's ClippedAdam), batch 20,
+KL annealing linear from 0.2 to 1 over 1000 epochs, 5000 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
+from pyrossm.infer import elbo, fit, log_likelihood, make_schedule
+
+from .models import DeepMarkovModel, LSTMStateSpaceModel
+
+__all__ = [
+    "JSB_CONFIGS",
+    "JSB_DEFAULTS",
+    "build_jsb",
+    "default_data_dir",
+    "evaluate",
+    "main",
+    "run_jsb",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+JSB_DEFAULTS = dict(
+    z_dim=100, transition_dim=200, emission_dim=100, rnn_dim=600, lr=3e-4, betas=(0.96, 0.999),
+    clip_norm=10.0, lr_decay=0.99996, weight_decay=2.0, batch_size=20, annealing_epochs=1000,
+    min_annealing=0.2, epochs=5000,
+)
+# name -> (model, guide) description
+JSB_CONFIGS = {
+    "dmm_backward": "DMM (gated transition) + backward structured guide (DKS)",
+    "dmm_filtering": "DMM (gated transition) + filtering LSTM guide q(z_t | x_<=t)",
+    "lstm_ssm": "LSTM-driven prior + backward structured guide (DKS)",
+}
+
+
+def default_data_dir() -> str | None:
+    """``$PYROSSM_DATA_DIR``, else ``<repo>/../shared/data`` if it exists, else None (cache)."""
+    env = os.environ.get("PYROSSM_DATA_DIR")
+    if env:
+        return env
+    shared = REPO.parent / "shared" / "data"
+    return str(shared) if shared.is_dir() else None
+
+
+def build_jsb(config: str, sizes: dict | None = None):
+    """``(model, guide)`` of a JSB configuration (see :data:`JSB_CONFIGS`), 88-key piano rolls."""
+    s = {**JSB_DEFAULTS, **(sizes or {})}
+    if config not in JSB_CONFIGS:
+        raise ValueError(f"config: expected one of {sorted(JSB_CONFIGS)}, got {config!r}")
+    if config == "lstm_ssm":
+        model = LSTMStateSpaceModel(88, s["z_dim"], s["rnn_dim"], emission="bernoulli",
+                                    emission_dim=s["emission_dim"],
+                                    hidden_dim=s["transition_dim"])
+    else:
+        model = DeepMarkovModel(88, s["z_dim"], s["transition_dim"], s["emission_dim"],
+                                emission="bernoulli")
+    if config == "dmm_filtering":
+        guide = FilteringLSTMGuide(88, s["z_dim"], hidden_dim=s["rnn_dim"],
+                                   missing_indicators=False)
+    else:
+        guide = StructuredGuide(88, s["z_dim"], hidden_dim=s["rnn_dim"], direction="backward",
+                                missing_indicators=False)
+    return model, guide
+
+
+def evaluate(model, guide, data, *, iwae_samples: int = 100, elbo_samples: int = 1,
+             batch_size: int = 20, chunk_size: int | None = None) -> dict:
+    """Per-frame −ELBO and IWAE NLL of ``data = (x, mask)`` (x: (N, T, obs_dim), time at -2).
+
+    Returns ``{"neg_elbo_per_frame", "iwae_nll_per_frame", "iwae_samples", "elbo_samples",
+    "frames", "sequences", "seconds"}``; IWAE uses ``iwae_samples`` guide draws per sequence.
+    """
+    x, mask = data
+    frames = int(mask.sum())
+    chunk = chunk_size or max(1, 512 // batch_size)
+    t0 = time.perf_counter()
+    e = elbo(model, guide, (x, mask), num_samples=elbo_samples, batch_size=batch_size,
+             chunk_size=chunk)
+    ll = log_likelihood(model, guide, (x, mask), num_samples=iwae_samples,
+                        batch_size=batch_size, chunk_size=chunk)
+    return {
+        "neg_elbo_per_frame": -float(e.sum()) / frames,
+        "iwae_nll_per_frame": -float(ll.sum()) / frames,
+        "iwae_samples": iwae_samples,
+        "elbo_samples": elbo_samples,
+        "frames": frames,
+        "sequences": int(x.shape[0]),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _budget_callback(minutes, log_every, name, t0):
+    def callback(record):
+        if log_every and record["epoch"] % log_every == 0:
+            val = record["val_neg_elbo_per_step"]
+            print(f"[{name}] epoch {record['epoch']} train -ELBO/frame "
+                  f"{record['train_neg_elbo_per_step']:.4f} beta {record['beta']:.3f} "
+                  + (f"val -ELBO/frame {val:.4f} " if val is not None else "")
+                  + f"{record['seconds']:.1f}s", flush=True)
+        return minutes is not None and (time.perf_counter() - t0) > 60 * minutes
+    return callback
+
+
+def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: float | None = None,
+            annealing_epochs: int | None = None, iwae_samples: int = 100, elbo_samples: int = 1,
+            val_every: int | None = None, data_dir=None, seed: int = 0, sizes: dict | None = None,
+            checkpoint_dir=None, resume: bool = False, log_every: int = 1,
+            bucket: bool = False, output: str | None = None, device="cpu") -> dict:
+    """Train and evaluate JSB configurations; returns ``{config: result dict}``.
+
+    Each configuration trains for ``epochs`` (default 5000) or until ``minutes`` of wall clock
+    have passed (checked after each epoch), whichever comes first; the result records the epochs
+    done, seconds per epoch, training frames per second, the learning curve and the test
+    ``neg_elbo_per_frame`` / ``iwae_nll_per_frame`` (see the module docstring).
+    ``bucket=True`` batches sequences of similar lengths together (less padding, faster epochs;
+    Pyro's example draws batches uniformly).
+    """
+    from pyrossm.datasets import load_jsb_chorales
+
+    s = {**JSB_DEFAULTS, **(sizes or {})}
+    epochs = epochs or s["epochs"]
+    annealing_epochs = annealing_epochs or s["annealing_epochs"]
+    data_dir = data_dir or default_data_dir()
+    splits = {k: load_jsb_chorales(k, data_dir) for k in ("train", "valid", "test")}
+    train = (splits["train"].piano_rolls, splits["train"].mask)
+    test = (splits["test"].piano_rolls, splits["test"].mask)
+    train_frames = int(splits["train"].mask.sum())
+    batches_per_epoch = math.ceil(len(splits["train"].lengths) / s["batch_size"])
+    annealing = make_schedule({"name": "linear", "start": s["min_annealing"],
+                               "num_steps": annealing_epochs * batches_per_epoch})
+    results = {}
+    for config in configs:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        model, guide = build_jsb(config, s)
+        t0 = time.perf_counter()
+        history = fit(
+            model, guide, train, epochs=epochs, batch_size=s["batch_size"], lr=s["lr"],
+            betas=s["betas"], clip_norm=s["clip_norm"], lr_decay=s["lr_decay"],
+            weight_decay=s["weight_decay"], annealing=annealing, device=device, seed=seed,
+            checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir) / config),
+            resume=resume, progress=False, bucket=bucket,
+            callbacks=[_budget_callback(minutes, log_every, config, t0)],
+        )
+        train_seconds = time.perf_counter() - t0
+        seconds = history["seconds"]
+        test_eval = evaluate(model, guide, test, iwae_samples=iwae_samples,
+                             elbo_samples=elbo_samples, batch_size=s["batch_size"])
+        results[config] = {
+            "description": JSB_CONFIGS[config],
+            "epochs_done": len(history),
+            "epochs_planned": epochs,
+            "converged": False if len(history) < epochs else None,
+            "minutes_budget": minutes,
+            "train_seconds": train_seconds,
+            "seconds_per_epoch_mean": sum(seconds) / len(seconds),
+            "train_frames_per_second": train_frames * len(seconds) / sum(seconds),
+            "final_beta": history["beta"][-1],
+            "learning_curve": {k: history[k] for k in
+                               ("epoch", "train_neg_elbo_per_step", "beta", "seconds")},
+            "test": test_eval,
+        }
+        print(f"[{config}] done: {len(history)} epochs, test -ELBO/frame "
+              f"{test_eval['neg_elbo_per_frame']:.4f}, IWAE NLL/frame (K={iwae_samples}) "
+              f"{test_eval['iwae_nll_per_frame']:.4f}", flush=True)
+        if output:
+            _write(output, _jsb_payload(results, s, annealing, data_dir, seed, bucket))
+    return _jsb_payload(results, s, annealing, data_dir, seed, bucket)
+
+
+def _jsb_payload(results, s, annealing, data_dir, seed, bucket):
+    return {
+        "experiment": "JSB chorales (test split, 77 chorales)",
+        "metrics": {"neg_elbo_per_frame": "-ELBO per frame (bound)",
+                    "iwae_nll_per_frame": "IWAE negative log-likelihood per frame"},
+        "references": {"pyro_dmm_example_neg_elbo": 6.87, "krishnan2017_dks_is_nll": 6.388,
+                       "krishnan2017_dks_bound": 6.926, "krishnan2017_stl_bound": 7.020},
+        "settings": {**s, "annealing": annealing.to_dict(), "seed": seed, "bucket": bucket,
+                     "threads": torch.get_num_threads(), "data_dir": data_dir},
+        "results": results,
+    }
+
+
+def _write(path, payload):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def _jsb_table(payload) -> str:
+    lines = [f"{'config':<15} {'epochs':>6} {'s/epoch':>8} {'frames/s':>9} "
+             f"{'-ELBO/frame':>12} {'IWAE NLL/frame':>15}"]
+    for name, r in payload["results"].items():
+        lines.append(f"{name:<15} {r['epochs_done']:>6} {r['seconds_per_epoch_mean']:>8.1f} "
+                     f"{r['train_frames_per_second']:>9.0f} "
+                     f"{r['test']['neg_elbo_per_frame']:>12.4f} "
+                     f"{r['test']['iwae_nll_per_frame']:>15.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m pyrossm.nonlinear.experiment",
+        description="Nonlinear SSM experiments (issue 4). Figures: -ELBO per frame (bound) and "
+                    "IWAE NLL per frame (importance-weighted).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("jsb", help="JSB chorales with the published DMM settings")
+    j.add_argument("--configs", default=",".join(JSB_CONFIGS),
+                   help=f"comma-separated subset of {list(JSB_CONFIGS)}")
+    j.add_argument("--epochs", type=int, default=JSB_DEFAULTS["epochs"])
+    j.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock training budget per configuration (CPU-size runs)")
+    j.add_argument("--annealing-epochs", type=int, default=JSB_DEFAULTS["annealing_epochs"])
+    j.add_argument("--iwae-samples", type=int, default=100)
+    j.add_argument("--elbo-samples", type=int, default=1)
+    j.add_argument("--data-dir", default=None,
+                   help="holds jsb_chorales.pickle (default $PYROSSM_DATA_DIR, then "
+                        "<repo>/../shared/data)")
+    j.add_argument("--checkpoint-dir", default=None)
+    j.add_argument("--resume", action="store_true")
+    j.add_argument("--bucket", action="store_true",
+                   help="length-bucketed batches (less padding; default: uniform batches)")
+    for name in ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size"):
+        j.add_argument("--" + name.replace("_", "-"), type=int, default=JSB_DEFAULTS[name])
+    so = sub.add_parser("synthetic", help="linear-Gaussian / nonlinear data vs Kalman baselines")
+    so.add_argument("--system", choices=("linear", "pendulum", "lorenz"), default="linear")
+    so.add_argument("--models", default="dmm,lstm_ssm")
+    so.add_argument("--epochs", type=int, default=300)
+    so.add_argument("--minutes", type=float, default=None, help="budget per model")
+    so.add_argument("--iwae-samples", type=int, default=500)
+    so.add_argument("--num-train", type=int, default=400)
+    so.add_argument("--num-test", type=int, default=200)
+    so.add_argument("--num-steps", type=int, default=50, help="time steps per sequence")
+    so.add_argument("--hidden", type=int, default=32, help="hidden sizes of nets and guide RNN")
+    for p in (j, so):
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.command == "jsb":
+        sizes = {k: getattr(args, k) for k in
+                 ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size")}
+        output = args.output or str(RESULTS_DIR / "jsb.json")
+        payload = run_jsb(tuple(args.configs.split(",")), epochs=args.epochs,
+                          minutes=args.minutes, annealing_epochs=args.annealing_epochs,
+                          iwae_samples=args.iwae_samples, elbo_samples=args.elbo_samples,
+                          data_dir=args.data_dir, seed=args.seed, sizes=sizes,
+                          checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                          bucket=args.bucket, output=output)
+        _write(output, payload)
+        print(_jsb_table(payload))
+    else:
+        from .synthetic import run_synthetic, synthetic_table
+
+        output = args.output or str(RESULTS_DIR / f"nonlinear_synthetic_{args.system}.json")
+        payload = run_synthetic(args.system, models=tuple(args.models.split(",")),
+                                epochs=args.epochs, minutes=args.minutes,
+                                iwae_samples=args.iwae_samples, seed=args.seed,
+                                num_train=args.num_train, num_test=args.num_test,
+                                num_steps=args.num_steps, hidden=args.hidden)
+        _write(output, payload)
+        print(synthetic_table(payload))
+    print(f"wrote {output}")
+    return payload
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
