@@ -118,10 +118,16 @@ class _Prepared(NamedTuple):
     num_missing: torch.Tensor | None  # (..., T) number of unobserved entries
 
 
+def _full_time(param, T):
+    """A time-varying parameter given with a time dim of length 1, broadcast to length T."""
+    return param.expand(param.shape[:-3] + (T,) + param.shape[-2:])
+
+
 def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate):
     if validate:
         validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask)
     tv = {name: p.dim() == x.dim() + 1 for name, p in zip("ACQR", (A, C, Q, R))}
+    A, C, Q, R = (_full_time(p, x.shape[-2]) if tv[k] else p for k, p in zip("ACQR", (A, C, Q, R)))
     obs = ~torch.isnan(x)
     if mask is not None:
         obs = obs & mask.unsqueeze(-1)
@@ -468,7 +474,7 @@ def kalman_smoother(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=Fals
     )
     T = fm.shape[-2]
     tv_A = A.dim() == x.dim() + 1
-    A_all = A if tv_A else A.unsqueeze(-3).expand(A.shape[:-2] + (T,) + A.shape[-2:])
+    A_all = _full_time(A if tv_A else A.unsqueeze(-3), T)
     if T == 1:
         empty = fc[..., :0, :, :]
         return _expand(
