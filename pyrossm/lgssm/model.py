@@ -229,33 +229,11 @@ class LinearGaussianSSM(PyroModule):
     # ------------------------------------------------------------------ exact inference
     def filter(self, x, mask=None, parallel=False):
         """Kalman filter of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.FilterResult`."""
-        m = self.matrices()
-        return kalman_filter(
-            self._check_x(x),
-            m["A"],
-            m["C"],
-            m["Q"],
-            m["R"],
-            m["init_mean"],
-            m["init_cov"],
-            mask=mask,
-            parallel=parallel,
-        )
+        return kalman_filter(self._check_x(x), *self.matrices().values(), mask, parallel)
 
     def smooth(self, x, mask=None, parallel=False):
         """RTS smoother of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.SmootherResult`."""
-        m = self.matrices()
-        return kalman_smoother(
-            self._check_x(x),
-            m["A"],
-            m["C"],
-            m["Q"],
-            m["R"],
-            m["init_mean"],
-            m["init_cov"],
-            mask=mask,
-            parallel=parallel,
-        )
+        return kalman_smoother(self._check_x(x), *self.matrices().values(), mask, parallel)
 
     def log_prob(self, x, mask=None):
         """Exact log p(x) of each sequence, shape ``x.shape[:-2]``."""
