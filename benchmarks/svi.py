@@ -5,7 +5,8 @@ the same training loop (:func:`pyrossm.infer.fit`), in the same process; only th
 formulation differs:
 
 * vectorized -- the model's latent trajectory is one site ``"z"`` whose ``log_prob`` is one
-  batched computation, the guide one site drawn by :class:`~pyrossm.distributions.AutoregressiveGaussianSequence`;
+  batched computation, the guide one site drawn by
+  :class:`~pyrossm.distributions.AutoregressiveGaussianSequence`;
 * per step -- sites ``"z_1".."z_T"``, ``"x_1".."x_T"`` in a ``pyro.markov`` loop
   (:class:`~pyrossm.guides.MarkovLGSSMModel`, :class:`~pyrossm.guides.PerStepGuide`), as in
   Pyro's DMM tutorial.
@@ -37,7 +38,9 @@ from pyrossm.lgssm import LinearGaussianSSM  # noqa: E402
 
 GUIDES = {
     # name: StructuredGuide keyword arguments
-    "dks-nonlinear-lstm": dict(direction="backward", combiner="nonlinear", cell="lstm", hidden_dim=64),
+    "dks-nonlinear-lstm": dict(
+        direction="backward", combiner="nonlinear", cell="lstm", hidden_dim=64
+    ),
     "dks-linear-tril": dict(direction="backward", combiner="linear", cell="linear", hidden_dim=8),
 }
 
@@ -45,17 +48,28 @@ GUIDES = {
 def _simulate(args):
     pyro.set_rng_seed(args.seed)
     truth = LinearGaussianSSM.from_matrices(
-        A=[[0.8, 0.2], [-0.2, 0.8]], C=[[1.0, 0.5], [0.0, 1.0]],
-        Q=[[0.3, 0.1], [0.1, 0.2]], R=[[0.5, 0.0], [0.0, 0.5]],
+        A=[[0.8, 0.2], [-0.2, 0.8]],
+        C=[[1.0, 0.5], [0.0, 1.0]],
+        Q=[[0.3, 0.1], [0.1, 0.2]],
+        R=[[0.5, 0.0], [0.0, 0.5]],
     )
     _, x = truth.sample(args.num_steps, num_samples=args.num_sequences)
     return x
 
 
 def _time(model, guide, x, args):
-    history = fit(model, guide, x, epochs=args.warmup + args.epochs, batch_size=args.batch_size,
-                  lr=1e-3, device="cpu", seed=args.seed, progress=False)
-    seconds = history["seconds"][args.warmup:]
+    history = fit(
+        model,
+        guide,
+        x,
+        epochs=args.warmup + args.epochs,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        device="cpu",
+        seed=args.seed,
+        progress=False,
+    )
+    seconds = history["seconds"][args.warmup :]
     return statistics.median(seconds), seconds
 
 
@@ -72,8 +86,16 @@ def run(args):
         vec, vec_all = _time(ssm, guide, x, args)
         pyro.clear_param_store()
         ref, ref_all = _time(MarkovLGSSMModel(ssm_ref), PerStepGuide(guide_ref), x, args)
-        rows.append(dict(guide=name, vectorized_s_per_epoch=vec, per_step_s_per_epoch=ref,
-                         speedup=ref / vec, vectorized_epochs=vec_all, per_step_epochs=ref_all))
+        rows.append(
+            dict(
+                guide=name,
+                vectorized_s_per_epoch=vec,
+                per_step_s_per_epoch=ref,
+                speedup=ref / vec,
+                vectorized_epochs=vec_all,
+                per_step_epochs=ref_all,
+            )
+        )
     return rows
 
 
@@ -88,23 +110,37 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="T=20, 16 sequences, 1 timed epoch")
-    p.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                    "results", "svi.json"))
+    p.add_argument(
+        "--output",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "svi.json"),
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.num_steps, args.num_sequences, args.epochs = 20, 16, 1
     rows = run(args)
-    print(f"SVI seconds per epoch, T={args.num_steps}, {args.num_sequences} sequences, "
-          f"batch {args.batch_size}, {args.threads} thread(s)")
+    print(
+        f"SVI seconds per epoch, T={args.num_steps}, {args.num_sequences} sequences, "
+        f"batch {args.batch_size}, {args.threads} thread(s)"
+    )
     print(f"{'guide':<22}{'vectorized':>12}{'per-step':>12}{'speedup':>10}")
     for r in rows:
-        print(f"{r['guide']:<22}{r['vectorized_s_per_epoch']:>12.3f}{r['per_step_s_per_epoch']:>12.3f}"
-              f"{r['speedup']:>9.1f}x")
+        print(
+            f"{r['guide']:<22}{r['vectorized_s_per_epoch']:>12.3f}{r['per_step_s_per_epoch']:>12.3f}"
+            f"{r['speedup']:>9.1f}x"
+        )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump(dict(settings={k: v for k, v in vars(args).items() if k != "output"},
-                       torch=torch.__version__, pyro=pyro.__version__,
-                       machine=platform.machine(), results=rows), f, indent=2)
+        json.dump(
+            dict(
+                settings={k: v for k, v in vars(args).items() if k != "output"},
+                torch=torch.__version__,
+                pyro=pyro.__version__,
+                machine=platform.machine(),
+                results=rows,
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.output}")
     return rows
 

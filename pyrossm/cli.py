@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model and write a run folder (run.json, model.pt, history.json, "
                     "checkpoints/, metrics.json) that evaluate/sample/forecast read. Real-valued "
                     "data are standardized per feature; reported log-likelihoods are in the "
-                    "data's original units.")
+                    "data's original units. Held out (validation during SVI and the final "
+                    "evaluation): the valid split of jsb/ptb, the last --test-fraction of the "
+                    "sequences of a user file (with >= 5 sequences); otherwise in-sample.")
     p.add_argument("--model", required=True, choices=("lgssm", "lstm-ssm", "dmm", "seqvae"),
                    help="lgssm: linear-Gaussian SSM (exact MLE or SVI); lstm-ssm: LSTM-driven "
                         "nonlinear SSM; dmm: deep Markov model; seqvae: Bowman sequence VAE (ptb)")
@@ -136,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jsb/ptb split to evaluate on")
     p.add_argument("--num-samples", type=int, default=100, help="IWAE importance samples K")
     p.add_argument("--elbo-samples", type=int, default=10, help="guide draws averaged in the ELBO")
-    p.add_argument("--out", default=None, help="JSON file for the metrics (default RUN/metrics.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON file for the metrics (default RUN/metrics.json)")
     _common(p)
 
     p = sub.add_parser(
@@ -149,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help=".npz (arrays z (S, T, state), x (S, T, obs)) or .csv (one row per "
                         "sample and step); seqvae: .txt (one sentence per line)")
-    p.add_argument("--plot", default=None, help="PNG file (default: OUT with .png; 'none' = no plot)")
+    p.add_argument("--plot", default=None,
+                   help="PNG file (default: OUT with .png; 'none' = no plot)")
     p.add_argument("--dim", type=int, default=0, help="observed coordinate to plot")
     p.add_argument("--temperature", type=float, default=1.0, help="seqvae: sampling temperature")
     _common(p)
@@ -168,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help=".npz (samples (S, N, H, obs), mean, lower, upper) or .csv (sequence, "
                         "step, feature, mean, lower, upper)")
-    p.add_argument("--plot", default=None, help="PNG file (default: OUT with .png; 'none' = no plot)")
+    p.add_argument("--plot", default=None,
+                   help="PNG file (default: OUT with .png; 'none' = no plot)")
     p.add_argument("--sequence", type=int, default=0, help="sequence to plot")
     p.add_argument("--dim", type=int, default=0, help="observed coordinate to plot")
     _common(p)

@@ -109,8 +109,10 @@ def train(args):
 
     _seed(args.seed)
     device = _device(args.device)
+    # jsb/ptb: validation (during training and at the end) on the "valid" split; the test split
+    # is left for `pyrossm evaluate`
     splits = load_data(args.data, data_dir=args.data_dir, test_fraction=args.test_fraction,
-                       max_vocab=args.max_vocab)
+                       max_vocab=args.max_vocab, split="valid")
     if args.limit:
         splits = splits._replace(train=tuple(t[: args.limit] for t in splits.train),
                                  test=tuple(t[: args.limit] for t in splits.test))
@@ -209,7 +211,8 @@ def evaluate(args):
 def _unstandardize(x, stats):
     if stats is None:
         return x
-    return x * torch.tensor(stats["scale"], dtype=x.dtype) + torch.tensor(stats["mean"], dtype=x.dtype)
+    scale = torch.tensor(stats["scale"], dtype=x.dtype)
+    return x * scale + torch.tensor(stats["mean"], dtype=x.dtype)
 
 
 def _plot_path(args):
@@ -288,7 +291,8 @@ def sample(args):
             ax = plotting.plot_piano_roll(x[0], title="sample 0 from the prior")
         else:
             ax = plotting.plot_trajectories(x, dim=args.dim, label="prior samples")
-            ax.set_title(f"{args.num_samples} trajectories from {cfg['model']['model']}, x[{args.dim}]")
+            ax.set_title(f"{args.num_samples} trajectories from {cfg['model']['model']}, "
+                         f"x[{args.dim}]")
         _save_fig(ax.figure, plot)
         del plt
     return 0

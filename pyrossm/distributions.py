@@ -74,7 +74,7 @@ def _masked_sum(step_log_probs: torch.Tensor, mask: torch.Tensor | None) -> torc
 
 
 class DiagonalGaussianSequence(TorchDistribution):
-    r"""Independent Gaussian steps: :math:`z_t \sim \mathcal N(\mathrm{loc}_t, \mathrm{diag}\,\mathrm{scale}_t^2)`.
+    r"""Independent Gaussian steps: :math:`z_t \sim \mathcal N(\mu_t, \mathrm{diag}\,s_t^2)`.
 
     ``loc`` and ``scale`` have shape ``batch_shape + (T, D)`` (time at dim -2); ``mask``
     (bool, broadcastable to ``batch_shape + (T,)``) marks the steps that count: a ``False``
@@ -110,8 +110,12 @@ class DiagonalGaussianSequence(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new.scale = self.scale.expand(batch_shape + self.event_shape)
-        new.mask = None if self.mask is None else self.mask.expand(batch_shape + self.event_shape[:1])
-        super(DiagonalGaussianSequence, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new.mask = (
+            None if self.mask is None else self.mask.expand(batch_shape + self.event_shape[:1])
+        )
+        super(DiagonalGaussianSequence, new).__init__(
+            batch_shape, self.event_shape, validate_args=False
+        )
         new._validate_args = self._validate_args
         return new
 
@@ -146,7 +150,7 @@ class DiagonalGaussianSequence(TorchDistribution):
 
 
 class SequentialSequenceDistribution(TorchDistribution):
-    r"""A trajectory distribution :math:`p(z_{1:T}) = \prod_t p(z_t \mid z_{<t})` given by functions.
+    r"""Trajectory distribution :math:`p(z_{1:T}) = \prod_t p(z_t \mid z_{<t})` given by functions.
 
     The density of a *given* trajectory is one vectorized call; only sampling is sequential.
     Three functions define it (all must broadcast over arbitrary leading dimensions, so that
@@ -234,7 +238,7 @@ class SequentialSequenceDistribution(TorchDistribution):
         return self.event_shape[0]
 
     def step_log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """Per-step log-densities ``log p(z_t | z_<t)``, shape ``value.shape[:-1]``, 0 where masked."""
+        """Per-step ``log p(z_t | z_<t)``, shape ``value.shape[:-1]``, 0 where masked."""
         if self._validate_args:
             self._validate_sample(value)
         if self.log_prob_fn is None:
@@ -275,7 +279,7 @@ class SequentialSequenceDistribution(TorchDistribution):
 
 
 class AutoregressiveGaussianSequence(SequentialSequenceDistribution):
-    r"""Markov Gaussian trajectory driven by features: :math:`q(z_{1:T}) = \prod_t q(z_t \mid z_{t-1}, h_t)`.
+    r"""Markov Gaussian trajectory from features, :math:`\prod_t q(z_t \mid z_{t-1}, h_t)`.
 
     .. math::
         z_t = \mu(z_{t-1}, h_t) + S(z_{t-1}, h_t)\,\varepsilon_t,\qquad
@@ -321,13 +325,13 @@ class AutoregressiveGaussianSequence(SequentialSequenceDistribution):
 
     @staticmethod
     def conditional(loc, scale, scale_tril=False):
-        """The step distribution ``N(loc, diag scale^2)`` or ``N(loc, scale scale^T)`` (event dim 1)."""
+        """Step distribution ``N(loc, diag scale^2)`` or ``N(loc, scale scale^T)``, event dim 1."""
         if scale_tril:
             return dist.MultivariateNormal(loc, scale_tril=scale, validate_args=False)
         return dist.Normal(loc, scale, validate_args=False).to_event(1)
 
     def _steps(self):
-        """Per-step callables ``z_prev -> (loc, scale)``, using the combiner's prepare/step split."""
+        """Per-step callables ``z_prev -> (loc, scale)`` (using prepare/step when available)."""
         time_dim = self.features.dim() - 2
         comb = self.combiner
         if hasattr(comb, "prepare") and hasattr(comb, "step"):
@@ -354,7 +358,7 @@ class AutoregressiveGaussianSequence(SequentialSequenceDistribution):
         return out if reparameterized else out.detach()
 
     def conditionals(self, value):
-        """``(loc, scale)`` of every step given a trajectory ``value (..., T, D)``: one combiner call."""
+        """``(loc, scale)`` of all steps given ``value (..., T, D)``: one combiner call."""
         return self.combiner(shift_sequence(value, self.init), self.features)
 
     def step_log_prob(self, value):

@@ -61,7 +61,8 @@ def _np(name, value, ndim=None):
     try:
         arr = np.asarray(value, dtype=float)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name}: expected numbers (tensor or array), got {type(value).__name__}") from e
+        raise TypeError(f"{name}: expected numbers (tensor or array), got "
+                        f"{type(value).__name__}") from e
     if ndim is not None and arr.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name}: expected {ndim} dims, got shape {arr.shape}")
     return arr
@@ -171,7 +172,8 @@ def plot_forecast(past, *, samples=None, means=None, covs=None, future=None, dim
         plot_bands(m, np.sqrt(var), time=T + np.arange(len(m)), level=level, ax=ax,
                    color="C1", label=f"{label} (mean, {int(round(100 * level))}% interval)")
     else:
-        raise ValueError("samples, means/covs: expected forecast samples or means and covs, got neither")
+        raise ValueError("samples, means/covs: expected forecast samples or means and covs, "
+                         "got neither")
     if future is not None:
         f = _select("future", _np("future", future), dim, keep_draws=False)
         ax.scatter(T + np.arange(len(f)), f, marker="x", color="C3", s=14, label="held out",
@@ -183,7 +185,8 @@ def plot_forecast(past, *, samples=None, means=None, covs=None, future=None, dim
 
 
 def plot_posterior_comparison(exact_means, exact_stds, approx=None, *, observations=None,
-                              time=None, dim=0, level=0.9, ax=None, exact_label="exact (Kalman smoother)"):
+                              time=None, dim=0, level=0.9, ax=None,
+                              exact_label="exact (Kalman smoother)"):
     """Exact posterior bands against approximate ones for one sequence and one state coordinate.
 
     Args:
@@ -285,7 +288,7 @@ def plot_training_curves(histories, *, reference=None, fig=None):
             axes[0].plot(epoch, val, color=color, linestyle="--", label=f"{prefix}validation")
         axes[1].plot(epoch, _column(recs, "train_kl"), color=color, label=name or None)
         axes[2].plot(epoch, _column(recs, "beta"), color=color, label=name or None)
-    for j, (label, value) in enumerate((reference or {}).items()):
+    for label, value in (reference or {}).items():
         axes[0].axhline(float(value), color="k", linestyle=":", linewidth=1, label=label)
     axes[0].set_title("-ELBO per step (lower is better)")
     axes[1].set_title("KL per sequence")

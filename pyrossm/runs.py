@@ -17,7 +17,6 @@ the observed entries).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 

@@ -35,14 +35,16 @@ def _random_linear(D, H, tril, dtype=torch.float64):
     G = torch.randn(D, H, dtype=dtype)
     b = torch.randn(D, dtype=dtype)
     if tril:
-        scale = torch.randn(D, D, dtype=dtype).tril(-1) + torch.diag(torch.rand(D, dtype=dtype) + 0.5)
+        scale = torch.randn(D, D, dtype=dtype).tril(-1) + torch.diag(
+            torch.rand(D, dtype=dtype) + 0.5
+        )
     else:
         scale = torch.rand(D, dtype=dtype) + 0.5
     return F, G, b, scale
 
 
 def _dense_joint(F, G, b, L, h, z0):
-    """Mean (T*D,) and covariance of the Gaussian z_{1:T} with z_t = F z_{t-1} + G h_t + b + L e_t."""
+    """Mean (T*D,) and covariance of z_{1:T}, z_t = F z_{t-1} + G h_t + b + L e_t (dense)."""
     T, D = h.shape[0], F.shape[0]
     means, m = [], z0
     for t in range(T):
@@ -52,42 +54,55 @@ def _dense_joint(F, G, b, L, h, z0):
     M = torch.zeros(T * D, T * D, dtype=F.dtype)
     for t in range(T):
         for s in range(t + 1):
-            M[t * D:(t + 1) * D, s * D:(s + 1) * D] = torch.linalg.matrix_power(F, t - s) @ L
+            M[t * D : (t + 1) * D, s * D : (s + 1) * D] = torch.linalg.matrix_power(F, t - s) @ L
     return torch.cat(means), M @ M.T
 
 
 # ------------------------------------------------------------------ DiagonalGaussianSequence
 def test_diagonal_log_prob_matches_normal_and_shapes():
-    loc, scale = torch.randn(3, 5, 2, dtype=torch.float64), torch.rand(3, 5, 2, dtype=torch.float64) + 0.1
+    loc, scale = (
+        torch.randn(3, 5, 2, dtype=torch.float64),
+        torch.rand(3, 5, 2, dtype=torch.float64) + 0.1,
+    )
     d = DiagonalGaussianSequence(loc, scale)
     assert d.batch_shape == (3,) and d.event_shape == (5, 2) and d.has_rsample
     z = d.rsample((4,))
     assert z.shape == (4, 3, 5, 2)
     expected = dist.Normal(loc, scale).log_prob(z).sum((-1, -2))
     torch.testing.assert_close(d.log_prob(z), expected, **EXACT)
-    torch.testing.assert_close(d.entropy(), dist.Normal(loc, scale).entropy().sum((-1, -2)), **EXACT)
+    torch.testing.assert_close(
+        d.entropy(), dist.Normal(loc, scale).entropy().sum((-1, -2)), **EXACT
+    )
 
 
 def test_diagonal_masked_step_equals_step_removed():
-    loc, scale = torch.randn(2, 6, 3, dtype=torch.float64), torch.rand(2, 6, 3, dtype=torch.float64) + 0.1
+    loc, scale = (
+        torch.randn(2, 6, 3, dtype=torch.float64),
+        torch.rand(2, 6, 3, dtype=torch.float64) + 0.1,
+    )
     z = torch.randn(2, 6, 3, dtype=torch.float64)
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     lp = DiagonalGaussianSequence(loc, scale, mask).log_prob(z)
     short = DiagonalGaussianSequence(loc[1:, :4], scale[1:, :4]).log_prob(z[1:, :4])
     torch.testing.assert_close(lp[1:], short, **EXACT)
-    torch.testing.assert_close(lp[:1], DiagonalGaussianSequence(loc, scale).log_prob(z)[:1], **EXACT)
+    torch.testing.assert_close(
+        lp[:1], DiagonalGaussianSequence(loc, scale).log_prob(z)[:1], **EXACT
+    )
 
 
 def test_diagonal_expand_and_plate():
-    d = DiagonalGaussianSequence(torch.zeros(1, 4, 2), torch.ones(1, 4, 2),
-                                 mask=torch.tensor([[True, True, True, False]]))
+    d = DiagonalGaussianSequence(
+        torch.zeros(1, 4, 2), torch.ones(1, 4, 2), mask=torch.tensor([[True, True, True, False]])
+    )
     e = d.expand((5,))
     assert e.batch_shape == (5,) and e.mask.shape == (5, 4)
     with pyro.plate("sequences", 5, dim=-1):
         z = pyro.sample("z", d)
     assert z.shape == (5, 4, 2)
     # only 3 steps of 2 dims count
-    torch.testing.assert_close(e.log_prob(torch.zeros(5, 4, 2)), torch.full((5,), -3 * math.log(2 * math.pi)))
+    torch.testing.assert_close(
+        e.log_prob(torch.zeros(5, 4, 2)), torch.full((5,), -3 * math.log(2 * math.pi))
+    )
 
 
 def test_diagonal_rsample_is_reparameterized():
@@ -100,7 +115,9 @@ def test_diagonal_validation_errors():
     with pytest.raises(ValueError, match="scale"):
         DiagonalGaussianSequence(torch.zeros(2, 3, 1), torch.ones(4, 3, 1))
     with pytest.raises(ValueError, match="mask"):
-        DiagonalGaussianSequence(torch.zeros(2, 3, 1), torch.ones(2, 3, 1), mask=torch.ones(2, 4).bool())
+        DiagonalGaussianSequence(
+            torch.zeros(2, 3, 1), torch.ones(2, 3, 1), mask=torch.ones(2, 4).bool()
+        )
     with pytest.raises(TypeError, match="mask"):
         DiagonalGaussianSequence(torch.zeros(2, 3, 1), torch.ones(2, 3, 1), mask=torch.ones(2, 3))
     with pytest.raises(ValueError):
@@ -118,7 +135,9 @@ def test_autoregressive_log_prob_equals_dense_joint(tril):
     L = scale if tril else torch.diag(scale)
     h = torch.randn(T, H, dtype=torch.float64)
     z0 = torch.randn(D, dtype=torch.float64)
-    d = AutoregressiveGaussianSequence(_linear_combiner(F, G, b, scale), h.unsqueeze(0), z0, scale_tril=tril)
+    d = AutoregressiveGaussianSequence(
+        _linear_combiner(F, G, b, scale), h.unsqueeze(0), z0, scale_tril=tril
+    )
     z = torch.randn(7, 1, T, D, dtype=torch.float64)
     mean, cov = _dense_joint(F, G, b, L, h, z0)
     expected = dist.MultivariateNormal(mean, cov).log_prob(z.reshape(7, 1, T * D))
@@ -130,7 +149,9 @@ def test_autoregressive_rsample_moments_match_dense_joint():
     F, G, b, scale = _random_linear(D, H, tril=True)
     h = torch.randn(T, H, dtype=torch.float64)
     z0 = torch.zeros(D, dtype=torch.float64)
-    d = AutoregressiveGaussianSequence(_linear_combiner(F, G, b, scale), h.unsqueeze(0), z0, scale_tril=True)
+    d = AutoregressiveGaussianSequence(
+        _linear_combiner(F, G, b, scale), h.unsqueeze(0), z0, scale_tril=True
+    )
     z = d.rsample((N,)).reshape(N, T * D)
     mean, cov = _dense_joint(F, G, b, scale, h, z0)
     se = (cov.diagonal() / N).sqrt()
@@ -232,7 +253,9 @@ def test_autoregressive_expand_in_plate():
 
 def test_autoregressive_validation():
     comb = lambda z, h: (z, torch.ones_like(z))
-    d = AutoregressiveGaussianSequence(comb, torch.randn(2, 4, 1), torch.zeros(3), validate_args=True)
+    d = AutoregressiveGaussianSequence(
+        comb, torch.randn(2, 4, 1), torch.zeros(3), validate_args=True
+    )
     assert d.event_shape == (4, 3)
     with pytest.raises(ValueError):
         d.log_prob(torch.zeros(2, 5, 3))
@@ -271,7 +294,9 @@ class _TinyLSTMPrior(torch.nn.Module):
             shape = z_prev.shape[:-1]
             h, state = self.lstm(z_prev.reshape(-1, 1, D), state)
             loc, scale = self._params(self.head(h[:, 0]))
-            return dist.Normal(loc.reshape(shape + (D,)), scale.reshape(shape + (D,))).to_event(1), state
+            return dist.Normal(loc.reshape(shape + (D,)), scale.reshape(shape + (D,))).to_event(
+                1
+            ), state
 
         return SequentialSequenceDistribution(log_prob_fn, init_fn, step_fn, (batch,), (T, D))
 
@@ -294,10 +319,14 @@ def test_sequential_lstm_prior_log_prob_equals_step_loop():
 def test_sequential_random_walk_mask_and_sample_shapes():
     D, T = 1, 5
     d = SequentialSequenceDistribution(
-        log_prob_fn=lambda z: dist.Normal(shift_sequence(z, z.new_zeros(D)), 1.0).log_prob(z).sum(-1),
+        log_prob_fn=lambda z: (
+            dist.Normal(shift_sequence(z, z.new_zeros(D)), 1.0).log_prob(z).sum(-1)
+        ),
         init_fn=lambda shape: (torch.zeros(shape + (D,)), None),
         step_fn=lambda t, z_prev, state: (dist.Normal(z_prev, 1.0).to_event(1), state),
-        batch_shape=(2,), event_shape=(T, D), mask=torch.tensor([[True] * 5, [True] * 2 + [False] * 3]),
+        batch_shape=(2,),
+        event_shape=(T, D),
+        mask=torch.tensor([[True] * 5, [True] * 2 + [False] * 3]),
     )
     z = torch.ones(2, T, D)
     lp = d.log_prob(z)
@@ -317,5 +346,7 @@ def test_sequential_log_prob_fn_shape_is_checked():
 
 def test_shift_sequence():
     z = torch.arange(6.0).reshape(1, 3, 2)
-    torch.testing.assert_close(shift_sequence(z, torch.tensor([-1.0, -2.0])),
-                               torch.tensor([[[-1.0, -2.0], [0.0, 1.0], [2.0, 3.0]]]))
+    torch.testing.assert_close(
+        shift_sequence(z, torch.tensor([-1.0, -2.0])),
+        torch.tensor([[[-1.0, -2.0], [0.0, 1.0], [2.0, 3.0]]]),
+    )

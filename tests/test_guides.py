@@ -2,11 +2,10 @@
 
 import math
 
-import pyro
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import pytest
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from pyrossm.distributions import AutoregressiveGaussianSequence, DiagonalGaussianSequence
 from pyrossm.guides import FilteringLSTMGuide, RecurrentEncoder, StructuredGuide
@@ -42,7 +41,9 @@ def test_guide_site_shapes(kind, kwargs):
     guide = _make(kind, kwargs)
     x = torch.randn(4, 7, OBS, dtype=torch.float64)
     trace = poutine.trace(guide).get_trace(x)
-    sites = [n for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)]
+    sites = [
+        n for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)
+    ]
     assert sites == ["z"]
     site = trace.nodes["z"]
     assert site["fn"].batch_shape == (4,) and site["fn"].event_shape == (7, STATE)
@@ -58,7 +59,7 @@ def test_guide_site_shapes(kind, kwargs):
 
 @pytest.mark.parametrize("kind,kwargs", GUIDE_CONFIGS, ids=_ids(GUIDE_CONFIGS))
 def test_padding_never_changes_log_q(kind, kwargs):
-    """log q(z) of a right-padded row equals log q of the unpadded sequence, whatever the padding."""
+    """log q(z) of a right-padded row equals log q of the unpadded sequence, whatever the pad."""
     guide = _make(kind, kwargs)
     T, L = 8, 5
     x = torch.randn(2, T, OBS, dtype=torch.float64)

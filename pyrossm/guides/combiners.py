@@ -3,9 +3,9 @@
 Every module here works on any leading shape (``z_prev (..., D)``, ``h (..., H)``), so the same
 call serves sequential sampling (one step, ``(batch, D)``) and the vectorized ``log_prob``
 (all steps at once, ``(batch, T, D)``). Scales are ``softplus(.) + floor``; a ``"tril"``
-scale is a lower-triangular Cholesky factor (positive diagonal) for full covariances. ``prepare(h)`` computes the
-``z``-independent part for all steps at once and ``step(z_prev, ctx_t)`` finishes one step,
-so that sequential sampling is cheap (see
+scale is a lower-triangular Cholesky factor (positive diagonal) for full covariances.
+``prepare(h)`` computes the ``z``-independent part for all steps at once and
+``step(z_prev, ctx_t)`` finishes one step, so that sequential sampling is cheap (see
 :class:`~pyrossm.distributions.AutoregressiveGaussianSequence`).
 """
 
@@ -56,8 +56,8 @@ class NonlinearCombiner(nn.Module):
 
     .. math::
         \tilde h_t = \frac{1}{K+1}\Big(\tanh(W z_{t-1} + b) + \sum_{k=1}^K h^{(k)}_t\Big),\quad
-        \mu_t = W_\mu \tilde h_t + b_\mu,\quad \sigma_t = \mathrm{softplus}(W_\sigma \tilde h_t + b_\sigma)
-        + \text{floor}
+        \mu_t = W_\mu \tilde h_t + b_\mu,\quad
+        \sigma_t = \mathrm{softplus}(W_\sigma \tilde h_t + b_\sigma) + \text{floor}
 
     ``h`` is the concatenation of ``K = num_streams`` feature streams of size ``hidden_dim``
     (forward and/or backward RNN). ``z0`` is the learned initial state ``z_0``.
@@ -72,7 +72,7 @@ class NonlinearCombiner(nn.Module):
         self.z0 = nn.Parameter(torch.zeros(state_dim))
 
     def prepare(self, h):
-        """The part that does not depend on ``z_{t-1}``, for all steps at once: ``(sum_k h^(k),)``."""
+        """The ``z_{t-1}``-independent part, for all steps at once: ``(sum_k h^(k),)``."""
         return (h.unflatten(-1, (self.num_streams, self.hidden_dim)).sum(-2),)
 
     def step(self, z_prev, ctx):
@@ -113,15 +113,16 @@ class LinearCombiner(nn.Module):
     def prepare(self, h):
         """The part that does not depend on ``z_{t-1}``, all steps: ``(G h_t + b, L(h_t))``.
 
-        ``h (..., T, H)`` → offsets ``(..., T, D)`` and scales ``(..., T, D)`` or ``(..., T, D, D)``.
+        ``h (..., T, H)`` → offsets ``(..., T, D)``, scales ``(..., T, D)`` or ``(..., T, D, D)``.
         """
         offset, scale = self.features_to_loc(h), self.features_to_scale(h)
         if self.first_step and h.shape[-2] > 0:
             h1 = h[..., :1, :]
             offset = torch.cat([self.first_to_loc(h1), offset[..., 1:, :]], dim=-2)
             time_dim = offset.dim() - 2
-            scale = torch.cat([self.first_to_scale(h1), scale.narrow(time_dim, 1, h.shape[-2] - 1)],
-                              dim=time_dim)
+            scale = torch.cat(
+                [self.first_to_scale(h1), scale.narrow(time_dim, 1, h.shape[-2] - 1)], dim=time_dim
+            )
         return offset, scale
 
     def step(self, z_prev, ctx):

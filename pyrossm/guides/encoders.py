@@ -18,7 +18,8 @@ CELLS = ("lstm", "gru", "rnn", "linear")
 
 
 def prepare_inputs(x: torch.Tensor, missing_indicators: bool = True) -> torch.Tensor:
-    """``(batch, T, p)`` with NaN → ``(batch, T, p)`` zero-filled, or ``(batch, T, 2p)`` with indicators."""
+    """``(batch, T, p)`` with NaN → zero-filled ``(batch, T, p)``, or ``(batch, T, 2p)`` with
+    the missing indicators appended."""
     missing = torch.isnan(x)
     filled = torch.where(missing, x.new_zeros(()), x)
     if not missing_indicators:
@@ -48,7 +49,9 @@ def reverse_padded(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def _check_right_padded(mask: torch.Tensor, x: torch.Tensor) -> None:
     if mask.shape != x.shape[:2]:
-        raise ValueError(f"mask: expected shape (batch, T) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask: expected shape (batch, T) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
+        )
     if mask.dtype != torch.bool:
         raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
     if (mask[:, 1:] & ~mask[:, :-1]).any():
@@ -67,7 +70,9 @@ class LinearRecurrence(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * num_layers
         self.inputs = nn.ModuleList(nn.Linear(d, hidden_dim) for d in dims[:-1])
-        self.recurrent = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim, bias=False) for _ in dims[1:])
+        self.recurrent = nn.ModuleList(
+            nn.Linear(hidden_dim, hidden_dim, bias=False) for _ in dims[1:]
+        )
         for lin in self.recurrent:
             nn.init.zeros_(lin.weight)
 
@@ -103,12 +108,17 @@ class RecurrentEncoder(nn.Module):
     torch.Size([2, 5, 8])
     """
 
-    def __init__(self, obs_dim, hidden_dim, num_layers=1, cell="lstm", reverse=False,
-                 missing_indicators=True):
+    def __init__(
+        self, obs_dim, hidden_dim, num_layers=1, cell="lstm", reverse=False, missing_indicators=True
+    ):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
-        for name, value in (("obs_dim", obs_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
+        for name, value in (
+            ("obs_dim", obs_dim),
+            ("hidden_dim", hidden_dim),
+            ("num_layers", num_layers),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         self.obs_dim, self.hidden_dim, self.num_layers = obs_dim, hidden_dim, num_layers

@@ -17,7 +17,7 @@ __all__ = ["FilteringLSTMGuide", "PosteriorStats"]
 
 
 class PosteriorStats(NamedTuple):
-    """Per-step marginal moments of a guide's ``q``: ``means``, ``scales`` (std devs), ``(batch, T, D)``."""
+    """Per-step marginal moments of ``q``: ``means``, ``scales`` (std devs), ``(batch, T, D)``."""
 
     means: torch.Tensor
     scales: torch.Tensor
@@ -27,13 +27,14 @@ class FilteringLSTMGuide(PyroModule):
     r"""Filtering guide (the seed's LSTM encoder; Krishnan et al.'s ST-L without the z-link).
 
     .. math::
-        q(z_{1:T} \mid x) = \prod_t \mathcal N\big(z_t;\ \mu(h_t),\ \mathrm{diag}\,\sigma^2(h_t)\big),
+        q(z_{1:T} \mid x) = \prod_t \mathcal N\big(z_t;\ \mu(h_t),\ \sigma^2(h_t)\big),
         \qquad h_t = \mathrm{RNN}(x_t, h_{t-1}),
 
-    with linear heads :math:`\mu`, :math:`\sigma = \mathrm{softplus}(\cdot) + \text{floor}`, a
-    learned initial state, and missing entries (``NaN``) zero-filled plus a missing-indicator
-    input. Since each :math:`q(z_t \mid x_{\le t})` sees only the past, it cannot represent a
-    smoothing posterior; for an LGSSM its means approach the Kalman *filtered* means.
+    a diagonal covariance, linear heads :math:`\mu` and
+    :math:`\sigma = \mathrm{softplus}(\cdot) + \text{floor}`, a learned initial state, and
+    missing entries (``NaN``) zero-filled plus a missing-indicator input. Since each
+    :math:`q(z_t \mid x_{\le t})` sees only the past, it cannot represent a smoothing posterior;
+    for an LGSSM its means approach the Kalman *filtered* means.
 
     Args:
         obs_dim, state_dim: sizes of ``x_t`` and ``z_t``.
@@ -53,14 +54,29 @@ class FilteringLSTMGuide(PyroModule):
     torch.Size([4, 10, 3])
     """
 
-    def __init__(self, obs_dim, state_dim, hidden_dim=64, num_layers=1, cell="lstm",
-                 scale_floor=1e-4, missing_indicators=True, name="filtering_guide"):
+    def __init__(
+        self,
+        obs_dim,
+        state_dim,
+        hidden_dim=64,
+        num_layers=1,
+        cell="lstm",
+        scale_floor=1e-4,
+        missing_indicators=True,
+        name="filtering_guide",
+    ):
         super().__init__(name)
         if not isinstance(state_dim, int) or state_dim < 1:
             raise ValueError(f"state_dim: expected a positive int, got {state_dim!r}")
         self.obs_dim, self.state_dim = obs_dim, state_dim
-        self.encoder = RecurrentEncoder(obs_dim, hidden_dim, num_layers, cell, reverse=False,
-                                        missing_indicators=missing_indicators)
+        self.encoder = RecurrentEncoder(
+            obs_dim,
+            hidden_dim,
+            num_layers,
+            cell,
+            reverse=False,
+            missing_indicators=missing_indicators,
+        )
         self.hidden_to_loc = nn.Linear(hidden_dim, state_dim)
         self.hidden_to_scale = ScaleHead(hidden_dim, state_dim, "diag", scale_floor)
 

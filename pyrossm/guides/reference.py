@@ -25,7 +25,9 @@ def _markov_lgssm(ssm, x, mask=None):
     missing = torch.isnan(x)
     partial = missing.any(-1) & ~missing.all(-1)
     if partial.any():
-        raise ValueError("x: the per-step reference supports only whole-step missing values (all-NaN steps)")
+        raise ValueError(
+            "x: the per-step reference supports only whole-step missing values (all-NaN steps)"
+        )
     observed = ~missing.all(-1)
     if mask is not None:
         observed = observed & mask
@@ -48,8 +50,8 @@ def _markov_lgssm(ssm, x, mask=None):
 
 
 class MarkovLGSSMModel(nn.Module):
-    r"""The LGSSM :math:`z_1 \sim N(m_0, P_0)`, :math:`z_t \sim N(A z_{t-1}, Q)`, :math:`x_t \sim N(C z_t, R)`
-    written with one sample site per step, reading the parameters of ``ssm``.
+    r"""The LGSSM with one sample site per step, reading the parameters of ``ssm``:
+    :math:`z_1 \sim N(m_0, P_0)`, :math:`z_t \sim N(A z_{t-1}, Q)`, :math:`x_t \sim N(C z_t, R)`.
 
     ``ssm`` is a :class:`~pyrossm.lgssm.LinearGaussianSSM` (a ``PyroModule``; its parameters are
     registered with Pyro exactly as by ``ssm.model``); this wrapper is a plain ``nn.Module``, so

@@ -10,6 +10,8 @@ that is True on the steps that belong to a sequence (right padding is False).
 * :func:`batch_indices` yields index batches, optionally *length-bucketed* (sorted by length
   within chunks of several batches, so that a batch holds sequences of similar length and the
   padding is small), and :meth:`SequenceDataset.batch` trims the trailing all-padding steps.
+* :func:`chunk_sequences` cuts long sequences into fixed-length chunks with masks (truncated
+  backpropagation through time, see :func:`pyrossm.infer.fit`'s ``chunk_length``).
 * :func:`repeat_particles` repeats every sequence ``K`` times (``repeat_interleave``), which is
   how several ELBO particles and the importance-weighted bound are computed.
 
@@ -26,16 +28,19 @@ Example
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import math
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
 from pyrossm.protocol import lengths_to_mask
 
 __all__ = [
+    "Chunks",
     "SequenceDataset",
     "as_dataset",
     "batch_indices",
+    "chunk_sequences",
     "pad_sequences",
     "repeat_particles",
 ]
@@ -245,3 +250,95 @@ def repeat_particles(
     if mask is not None:
         mask = mask.repeat_interleave(num_particles, dim=0)
     return x, mask
+
+
+class Chunks(NamedTuple):
+    """Result of :func:`chunk_sequences`.
+
+    ``x`` ``(M, L, ...)``, ``mask`` ``(M, L)`` bool, and for each chunk the row of the original
+    batch it comes from (``sequence``, ``(M,)`` long) and its first time step (``start``).
+    """
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    sequence: torch.Tensor
+    start: torch.Tensor
+
+
+def chunk_sequences(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    chunk_length: int,
+    overlap: int = 0,
+    drop_empty: bool = False,
+) -> Chunks:
+    """Cut sequences ``x`` of shape ``(N, T, ...)`` (time at dim 1) into chunks of ``L`` steps.
+
+    With ``overlap = 0`` the result has ``N * ceil(T / L)`` chunks of shape ``(L, ...)``, ordered
+    sequence by sequence; chunk ``k`` of sequence ``n`` holds steps ``k L .. k L + L - 1``. The
+    last chunk is right-padded with zeros whose mask is False, and the chunks keep the original
+    mask, so padding never enters the ELBO and the total number of observed steps is unchanged.
+    With ``overlap = o`` (``0 <= o < L``) consecutive chunks share ``o`` steps (stride ``L - o``,
+    ``ceil((max(T - o, 1)) / (L - o))`` chunks per sequence): the shared steps give each chunk
+    some context, but they are observed in two chunks and so counted twice by a chunked ELBO.
+
+    Training on chunks is truncated backpropagation through time: a chunk is an independent
+    sequence, so its latent state restarts from the model's initial state (an approximation;
+    see :func:`pyrossm.infer.fit`).
+
+    :param x: ``(N, T, D)`` float or ``(N, T)`` token ids.
+    :param mask: ``(N, T)`` bool (True = real step) or None (all True).
+    :param drop_empty: drop chunks without any True step (e.g. beyond a short sequence's end).
+
+    >>> c = chunk_sequences(torch.zeros(2, 5, 1), torch.tensor([[1, 1, 1, 1, 1],
+    ...                     [1, 1, 0, 0, 0]]).bool(), 2)
+    >>> tuple(c.x.shape), c.mask.sum(1).tolist(), c.start.tolist()
+    ((6, 2, 1), [2, 2, 1, 2, 0, 0], [0, 2, 4, 0, 2, 4])
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor of shape (N, T, ...), got "
+                        f"{type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected shape (N, T, ...) with time at dim 1, got "
+                         f"{tuple(x.shape)}")
+    if not isinstance(chunk_length, int) or isinstance(chunk_length, bool) or chunk_length < 1:
+        raise ValueError(f"chunk_length: expected a positive integer, got {chunk_length!r}")
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or not (
+            0 <= overlap < chunk_length):
+        raise ValueError(f"overlap: expected an integer in [0, chunk_length = {chunk_length}), "
+                         f"got {overlap!r}")
+    num, steps = x.shape[0], x.shape[1]
+    if num == 0 or steps == 0:
+        raise ValueError(f"x: expected at least one sequence of at least one step, got shape "
+                         f"{tuple(x.shape)}")
+    if mask is None:
+        mask = torch.ones(num, steps, dtype=torch.bool, device=x.device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != (num, steps):
+        raise ValueError(f"mask: expected shape (N, T) = {(num, steps)}, got "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
+        mask = mask.bool()
+    mask = mask.to(x.device)
+    stride = chunk_length - overlap
+    per_seq = math.ceil(max(steps - overlap, 1) / stride)
+    padded = (per_seq - 1) * stride + chunk_length
+    if padded > steps:
+        x = torch.cat([x, x.new_zeros((num, padded - steps) + tuple(x.shape[2:]))], dim=1)
+        mask = torch.cat([mask, mask.new_zeros(num, padded - steps)], dim=1)
+    # unfold puts the window at the end: (N, per_seq, ..., L) -> (N, per_seq, L, ...)
+    xc = x.unfold(1, chunk_length, stride).movedim(-1, 2)
+    mc = mask.unfold(1, chunk_length, stride)
+    xc = xc.reshape((num * per_seq, chunk_length) + tuple(x.shape[2:]))
+    mc = mc.reshape(num * per_seq, chunk_length)
+    sequence = torch.arange(num, device=x.device).repeat_interleave(per_seq)
+    start = (torch.arange(per_seq, device=x.device) * stride).repeat(num)
+    if drop_empty:
+        keep = mc.any(dim=1)
+        if not bool(keep.any()):
+            raise ValueError("mask: every chunk is empty (mask has no True step)")
+        xc, mc, sequence, start = xc[keep], mc[keep], sequence[keep], start[keep]
+    return Chunks(xc.contiguous(), mc.contiguous(), sequence, start)

@@ -41,7 +41,18 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from pyrossm.infer.checkpoint import CheckpointManager
-from pyrossm.infer.data import as_dataset, batch_indices
+from pyrossm.infer.data import SequenceDataset, as_dataset, batch_indices, chunk_sequences
+from pyrossm.infer.distributed import (
+    all_reduce_gradients,
+    all_reduce_min,
+    all_reduce_sum,
+    broadcast_modules,
+    broadcast_object,
+    global_batches,
+    shard,
+    wants_distributed,
+)
+from pyrossm.infer.distributed import setup as setup_distributed
 from pyrossm.infer.evaluate import elbo_terms
 from pyrossm.infer.handlers import (
     elbo_objective,
@@ -229,6 +240,8 @@ def fit(
     progress: bool = True,
     on_nan: str = "raise",
     callbacks=None,
+    distributed=None,
+    chunk_length=None,
 ) -> History:
     """Train ``model`` and ``guide`` by SVI; returns the :class:`History`.
 
@@ -256,13 +269,61 @@ def fit(
         -ELBO and restore the best parameters (which are also restored at the end of the run).
     :param on_nan: ``"raise"`` a :class:`TrainingDivergedError` or ``"skip"`` the batch (no step).
     :param callbacks: callables ``cb(record: dict) -> bool | None`` run after each epoch; a True
-        return stops training.
+        return stops training. Under ``torch.distributed`` they run on rank 0 only.
+    :param distributed: data-parallel training over a ``torch.distributed`` process group
+        (:mod:`pyrossm.infer.distributed`). None (default): on iff ``WORLD_SIZE`` > 1 (set by
+        ``torchrun``) or a group of size > 1 is initialised. The group is created if needed
+        (NCCL with CUDA on ``cuda:LOCAL_RANK``, else gloo) and destroyed at the end if ``fit``
+        created it. Every rank draws the same global batches of ``batch_size`` sequences
+        (private generator seeded with ``seed + epoch``; pass the same ``seed`` on every rank)
+        and trains on its contiguous slice; gradients are summed with ``all_reduce`` before the
+        step (the loss is a sum over sequences, so this is exactly the single-process gradient
+        of the global batch); epoch totals and validation sums are all-reduced; only rank 0
+        writes checkpoints, the progress bar and the epoch lines; on ``resume`` rank 0 reads
+        the checkpoint and broadcasts it. ``free_bits`` then applies per rank's slice.
+    :param chunk_length: truncated backpropagation through time by chunking: the training
+        sequences are cut into chunks of ``chunk_length`` steps
+        (:func:`~pyrossm.infer.data.chunk_sequences`; all-padding chunks dropped) that are
+        trained on as independent sequences. Gradients then flow through at most
+        ``chunk_length`` steps and memory is bounded by the chunk, not by ``T``. The price is an
+        approximation: the latent state at each chunk boundary is **not** carried over -- every
+        chunk starts again from the model's learned initial state ``p(z_1)`` (and the guide's
+        recurrence from its initial hidden state), so dependencies longer than a chunk are not
+        learned and the training ELBO is the sum of the chunks' ELBOs, not the ELBO of the whole
+        sequence. Validation still uses the whole sequences. None: no chunking.
     """
     _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
                 early_stopping_patience, val_data, resume, checkpoint_dir, free_bits)
-    device = resolve_device(device)
+    if chunk_length is not None and (not isinstance(chunk_length, int)
+                                     or isinstance(chunk_length, bool) or chunk_length < 1):
+        raise ValueError(f"chunk_length: expected a positive integer or None, got "
+                         f"{chunk_length!r}")
+    ctx = setup_distributed(device) if wants_distributed(distributed) else None
+    try:
+        return _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr,
+                    num_particles, clip_norm, lr_decay, betas, weight_decay, annealing,
+                    free_bits, device, seed, shuffle, bucket, checkpoint_dir, checkpoint_every,
+                    keep_checkpoints, resume, early_stopping_patience, val_num_samples,
+                    val_batch_size, progress, on_nan, callbacks, chunk_length)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_particles,
+         clip_norm, lr_decay, betas, weight_decay, annealing, free_bits, device, seed, shuffle,
+         bucket, checkpoint_dir, checkpoint_every, keep_checkpoints, resume,
+         early_stopping_patience, val_num_samples, val_batch_size, progress, on_nan, callbacks,
+         chunk_length):
+    device = ctx.device if ctx is not None else resolve_device(device)
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    main = rank == 0
     model_module, guide_module = owner_module(model, "model"), owner_module(guide, "guide")
-    train = as_dataset(train_data, "train_data").to(device)
+    train = as_dataset(train_data, "train_data")
+    if chunk_length is not None:
+        train = SequenceDataset(*chunk_sequences(train.x, train.mask, chunk_length,
+                                                 drop_empty=True)[:2])
+    train = train.to(device)
     val = as_dataset(val_data, "val_data").to(device) if val_data is not None else None
     model_module.to(device)
     guide_module.to(device)
@@ -270,6 +331,8 @@ def fit(
     if not params:
         raise ValueError("model and guide have no trainable parameters")
     claim_param_store(model_module, guide_module)
+    if ctx is not None:
+        broadcast_modules(model_module, guide_module)
     optimizer = ClippedAdam(list(params.values()), lr=lr, betas=tuple(betas),
                             clip_norm=clip_norm, lrd=lr_decay, weight_decay=weight_decay)
     batches_per_epoch = math.ceil(len(train) / batch_size)
@@ -281,7 +344,14 @@ def fit(
     start_epoch, global_step = 0, 0
     best, bad_epochs, best_state = math.inf, 0, None
     last_ckpt, finished, checked_params = None, False, False
-    found = manager.latest(map_location=device) if (resume and manager) else None
+    shuffle_seed = None
+    if resume and manager:
+        if ctx is None:
+            found = manager.latest(map_location=device)
+        else:  # rank 0 reads and verifies; every rank gets the same checkpoint
+            found = broadcast_object(manager.latest(map_location="cpu") if main else None)
+    else:
+        found = None
     if found is not None:
         last_ckpt, state = found
         if state["param_names"] != list(params):
@@ -303,13 +373,23 @@ def fit(
         es = state["early_stopping"]
         best = es["best"] if es["best"] is not None else math.inf
         bad_epochs, best_state, finished = es["bad_epochs"], es["best_state"], state["finished"]
-        _set_rng_state(state["rng"])
+        rng_ranks = state.get("rng_ranks")
+        if ctx is not None and rng_ranks is not None and len(rng_ranks) == world:
+            _set_rng_state(rng_ranks[rank])
+        else:
+            _set_rng_state(state["rng"])
+            if ctx is not None and rank > 0:  # a different world size: fresh per-rank streams
+                pyro.set_rng_seed(int(torch.randint(2**31, ())) + rank)
+        shuffle_seed = state.get("shuffle_seed")
         claim_param_store(model_module, guide_module)
     elif seed is not None:
-        pyro.set_rng_seed(seed)
+        pyro.set_rng_seed(seed + rank)
+    if ctx is not None and shuffle_seed is None:
+        shuffle_seed = broadcast_object(
+            (seed if seed is not None else int(torch.randint(2**31, ()))) if main else None)
 
     bar = tqdm(total=epochs * batches_per_epoch, initial=start_epoch * batches_per_epoch,
-               disable=not progress, desc="fit", unit="step", dynamic_ncols=True)
+               disable=not (progress and main), desc="fit", unit="step", dynamic_ncols=True)
     try:
         for epoch in range(start_epoch, epochs):
             if finished:
@@ -319,28 +399,36 @@ def fit(
             t0 = time.perf_counter()
             total_loss = total_neg_elbo = total_kl = 0.0
             num_seqs = num_steps = skipped = 0
-            cpu_batches = list(batch_indices(train, batch_size, shuffle=shuffle, bucket=bucket))
+            if ctx is None:
+                cpu_batches = list(batch_indices(train, batch_size, shuffle=shuffle,
+                                                 bucket=bucket))
+            else:
+                cpu_batches = [shard(b, rank, world) for b in global_batches(
+                    train, batch_size, epoch, shuffle_seed, shuffle=shuffle, bucket=bucket)]
             dev_batches = torch.cat(cpu_batches).to(device).split([len(b) for b in cpu_batches])
             beta = schedule(global_step)
             for b, (index, dev_index) in enumerate(zip(cpu_batches, dev_batches, strict=True)):
-                x, mask = train.batch(index, device_index=dev_index)
                 beta = schedule(global_step)
-                traces, value, grads_bad = None, math.nan, []
-                try:
-                    traces = elbo_traces(model, guide, x, mask, num_particles, beta)
-                    obj = elbo_objective(*traces, num_particles, beta, free_bits)
-                    value, neg_elbo, kl = torch.stack(
-                        [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
-                except ValueError as e:
-                    # A distribution's argument validation failing on a NaN/Inf *parameter* is a
-                    # divergence; anything else (e.g. data outside the support) is a real error.
-                    if not (str(e).startswith("Expected parameter") or not all(
-                            bool(torch.isfinite(p).all()) for p in params.values())):
-                        raise
-                    value, neg_elbo, kl = math.nan, math.nan, math.nan
-                    failure = e
+                traces, value, grads_bad, failure = None, math.nan, [], None
+                neg_elbo = kl = 0.0
+                if len(index) == 0:  # a rank with nothing in a short last batch
+                    value, obj = 0.0, None
                 else:
-                    failure = None
+                    x, mask = train.batch(index, device_index=dev_index)
+                    try:
+                        traces = elbo_traces(model, guide, x, mask, num_particles, beta)
+                        obj = elbo_objective(*traces, num_particles, beta, free_bits)
+                        value, neg_elbo, kl = torch.stack(
+                            [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
+                    except ValueError as e:
+                        # A distribution's argument validation failing on a NaN/Inf *parameter*
+                        # is a divergence; anything else (e.g. data outside the support) is a
+                        # real error.
+                        if not (str(e).startswith("Expected parameter") or not all(
+                                bool(torch.isfinite(p).all()) for p in params.values())):
+                            raise
+                        value, neg_elbo, kl = math.nan, math.nan, math.nan
+                        failure = e
                 if traces is not None and not checked_params:
                     checked_params = True
                     stray = foreign_params(traces, params.values())
@@ -349,13 +437,17 @@ def fit(
                                       f"guide modules and are NOT optimised by fit (register "
                                       f"parameters on the modules, see pyrossm.protocol)")
                 ok = math.isfinite(value) and math.isfinite(neg_elbo)
-                if ok:
+                if ok and obj is not None:
                     obj.surrogate.backward()
                     grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
                     if grads and not bool(torch.stack(
                             [torch.isfinite(g).all() for _, g in grads]).all()):
                         grads_bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
                         ok = False
+                if ctx is not None:  # every rank skips (or raises) together
+                    ok = all_reduce_min(ok, device)
+                    if ok:
+                        all_reduce_gradients(params.values())
                 if ok:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -373,10 +465,14 @@ def fit(
                 total_kl += kl
                 num_seqs += len(index)
                 num_steps += int(train.num_steps[index].sum())
-                if progress:
+                if progress and main:
                     bar.set_postfix(elbo_step=f"{-total_neg_elbo / max(num_steps, 1):.4g}",
                                     kl=f"{total_kl / max(num_seqs, 1):.3g}",
                                     beta=f"{beta:.3g}", refresh=False)
+            if ctx is not None:  # global epoch totals
+                total_loss, total_neg_elbo, total_kl, num_seqs, num_steps = all_reduce_sum(
+                    [total_loss, total_neg_elbo, total_kl, num_seqs, num_steps], device)
+                num_seqs, num_steps = int(num_seqs), int(num_steps)
             seconds = time.perf_counter() - t0
             record = {
                 "epoch": epoch + 1,
@@ -395,10 +491,9 @@ def fit(
                 "skipped_batches": skipped,
             }
             if val is not None:
-                res = elbo_terms(model, guide, val, num_samples=val_num_samples,
-                                 batch_size=val_batch_size or batch_size, device=device)
-                e_sum, kl_sum = torch.stack([res.elbo.sum(), res.kl.sum()]).tolist()
-                n_steps = int(res.num_steps.sum())
+                e_sum, kl_sum, n_steps = _validation_sums(
+                    ctx, model, guide, val, val_num_samples, val_batch_size or batch_size,
+                    device)
                 record.update(val_neg_elbo=-e_sum / len(val),
                               val_neg_elbo_per_step=-e_sum / max(n_steps, 1),
                               val_kl=kl_sum / len(val))
@@ -413,37 +508,72 @@ def fit(
                         if bad_epochs >= early_stopping_patience:
                             finished = history.stopped_early = True
             history.records.append(record)
-            if progress:
+            if progress and main:
                 bar.write(_format_record(record), file=sys.stderr)
-            for cb in callbacks:
-                if cb(dict(record)):
-                    finished = True
+            stop = False
+            if main:
+                for cb in callbacks:
+                    if cb(dict(record)):
+                        stop = True
+            if ctx is not None:  # callbacks run on rank 0 only; all ranks follow its decision
+                stop = broadcast_object(stop)
+            finished = finished or stop
             last_epoch = epoch + 1 == epochs or finished
             if manager is not None and ((epoch + 1) % checkpoint_every == 0 or last_epoch):
-                payload = {
-                    "format": 1,
-                    "epoch": epoch + 1,
-                    "global_step": global_step,
-                    "finished": finished,
-                    "param_names": list(params),
-                    "model": model_module.state_dict(),
-                    "guide": guide_module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "param_store": {k: v.detach() for k, v in
-                                    pyro.get_param_store()._params.items()},
-                    "schedule": schedule.to_dict(),
-                    "rng": _rng_state(),
-                    "history": history.to_dict(),
-                    "early_stopping": {"best": None if best == math.inf else best,
-                                       "bad_epochs": bad_epochs, "best_state": best_state},
-                }
-                last_ckpt = manager.save(payload, epoch + 1)
+                rng_ranks = None
+                if ctx is not None:
+                    rng_ranks = [None] * world
+                    torch.distributed.all_gather_object(rng_ranks, _rng_state())
+                if main:
+                    payload = {
+                        "format": 1,
+                        "epoch": epoch + 1,
+                        "global_step": global_step,
+                        "finished": finished,
+                        "param_names": list(params),
+                        "model": model_module.state_dict(),
+                        "guide": guide_module.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "param_store": {k: v.detach() for k, v in
+                                        pyro.get_param_store()._params.items()},
+                        "schedule": schedule.to_dict(),
+                        "rng": _rng_state(),
+                        "history": history.to_dict(),
+                        "early_stopping": {"best": None if best == math.inf else best,
+                                           "bad_epochs": bad_epochs, "best_state": best_state},
+                    }
+                    if ctx is not None:
+                        payload.update(rng_ranks=rng_ranks, shuffle_seed=shuffle_seed,
+                                       world_size=world)
+                    last_ckpt = manager.save(payload, epoch + 1)
+                else:
+                    last_ckpt = manager.path(epoch + 1)
+                if ctx is not None:
+                    torch.distributed.barrier()  # the checkpoint exists before anyone goes on
     finally:
         bar.close()
     if best_state is not None:
         model_module.load_state_dict(best_state["model"])
         guide_module.load_state_dict(best_state["guide"])
     return history
+
+
+def _validation_sums(ctx, model, guide, val, num_samples, batch_size, device):
+    """(sum of ELBOs, sum of KLs, observed steps) over the validation set (all ranks)."""
+    if ctx is None:
+        res = elbo_terms(model, guide, val, num_samples=num_samples, batch_size=batch_size,
+                         device=device)
+        e_sum, kl_sum = torch.stack([res.elbo.sum(), res.kl.sum()]).tolist()
+        return e_sum, kl_sum, int(res.num_steps.sum())
+    index = shard(torch.arange(len(val)), ctx.rank, ctx.world_size)
+    sums = [0.0, 0.0, 0.0]
+    if len(index):
+        part = SequenceDataset(*val.batch(index, trim=False))
+        res = elbo_terms(model, guide, part, num_samples=num_samples, batch_size=batch_size,
+                         device=device)
+        sums = [float(res.elbo.sum()), float(res.kl.sum()), float(res.num_steps.sum())]
+    e_sum, kl_sum, n_steps = all_reduce_sum(sums, device)
+    return e_sum, kl_sum, int(n_steps)
 
 
 def _format_record(r: dict) -> str:

@@ -259,6 +259,8 @@ def main(argv=None):
     so.add_argument("--epochs", type=int, default=300)
     so.add_argument("--minutes", type=float, default=None, help="budget per model")
     so.add_argument("--iwae-samples", type=int, default=500)
+    so.add_argument("--lr", type=float, default=3e-3)
+    so.add_argument("--batch-size", type=int, default=32)
     so.add_argument("--num-train", type=int, default=400)
     so.add_argument("--num-test", type=int, default=200)
     so.add_argument("--num-steps", type=int, default=50, help="time steps per sequence")
@@ -289,7 +291,8 @@ def main(argv=None):
                                 epochs=args.epochs, minutes=args.minutes,
                                 iwae_samples=args.iwae_samples, seed=args.seed,
                                 num_train=args.num_train, num_test=args.num_test,
-                                num_steps=args.num_steps, hidden=args.hidden)
+                                num_steps=args.num_steps, hidden=args.hidden, lr=args.lr,
+                                batch_size=args.batch_size)
         _write(output, payload)
         print(synthetic_table(payload))
     print(f"wrote {output}")

@@ -128,7 +128,8 @@ def run_synthetic(system: str = "linear", models=MODELS, *, num_train: int = 400
         stop = (lambda rec: time.perf_counter() - t0 > 60 * minutes) if minutes else None
         history = fit(model, guide, data["train"], epochs=epochs, batch_size=batch_size, lr=lr,
                       lr_decay=0.1 ** (1 / total_steps),
-                      annealing={"name": "linear", "start": 0.2, "num_steps": total_steps // 4},
+                      annealing={"name": "linear", "start": 0.2,
+                                 "num_steps": max(1, total_steps // 4)},
                       device="cpu", seed=seed, progress=False,
                       callbacks=[stop] if stop else None)
         res = evaluate(model, guide, test, iwae_samples=iwae_samples, elbo_samples=10,

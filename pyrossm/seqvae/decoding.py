@@ -66,7 +66,8 @@ def _check_z(model, z, n):
         return None, n
     if z is None or z.dim() != 2 or z.shape[-1] != model.latent_dim:
         raise ValueError(
-            f"z: expected shape (n, {model.latent_dim}), got {None if z is None else tuple(z.shape)}"
+            f"z: expected shape (n, {model.latent_dim}), got "
+            f"{None if z is None else tuple(z.shape)}"
         )
     return z, z.shape[0]
 
@@ -196,7 +197,8 @@ def sample_prior(model, num_samples, temperature=1.0, max_len=50, method="sample
 @torch.no_grad()
 def reconstruct(model, guide, x, mask=None, use_mean=True, method="greedy", max_len=50,
                 beam_width=5) -> Decoded:
-    """Decode ``z = μ(x)`` (or ``z ~ q(z | x)`` when ``use_mean=False``) for ``x`` ``(batch, T)``."""
+    """Decode ``z = μ(x)`` (or ``z ~ q(z | x)`` when ``use_mean=False``) for ``x``
+    ``(batch, T)``."""
     loc, scale = guide.posterior(x, mask)
     z = loc if use_mean else loc + scale * torch.randn_like(loc)
     return _decode(model, z, None, method, max_len, 1.0, beam_width)

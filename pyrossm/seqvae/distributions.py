@@ -35,7 +35,8 @@ class MaskedSequenceCategorical(TorchDistribution):
 
     @constraints.dependent_property
     def support(self):
-        return constraints.independent(constraints.integer_interval(0, self.logits.shape[-1] - 1), 1)
+        ids = constraints.integer_interval(0, self.logits.shape[-1] - 1)
+        return constraints.independent(ids, 1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         V = self.logits.shape[-1]
@@ -52,7 +53,8 @@ class MaskedSequenceCategorical(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         logits = self.logits.expand(batch_shape + self.logits.shape[-2:])
-        return MaskedSequenceCategorical(logits, self.mask.expand(batch_shape + self.mask.shape[-1:]))
+        mask = self.mask.expand(batch_shape + self.mask.shape[-1:])
+        return MaskedSequenceCategorical(logits, mask)
 
 
 class MaskedSequenceNormal(TorchDistribution):

@@ -1,10 +1,13 @@
-"""Evaluation of sequence VAEs and language models: NLL bounds, perplexity, KL, I(x; z), active units.
+"""Evaluation of sequence VAEs and language models: NLL bounds, perplexity, KL, I(x; z), active
+units.
 
 For a sentence ``x`` with ``T`` predicted tokens (``<eos>`` included), a guide ``q(z | x)`` and
 ``K`` samples ``z_k ~ q(z | x)``::
 
     ELBO(x)  = (1/K) Σ_k log p(x | z_k) − KL[q(z | x) ‖ p(z)]                (closed-form KL)
-    IWAE_K(x) = log (1/K) Σ_k p(x | z_k) p(z_k) / q(z_k | x)  ≥ ELBO in expectation (Burda et al. 2016)
+    IWAE_K(x) = log (1/K) Σ_k p(x | z_k) p(z_k) / q(z_k | x)    (Burda et al. 2016)
+
+``E[IWAE_K] ≥ ELBO``.
     perplexity = exp(Σ_x NLL(x) / Σ_x T_x)
 
 ``NLL`` is ``−ELBO`` (an upper bound) or ``−IWAE_K`` (a tighter upper bound, → −log p(x) as
@@ -48,7 +51,8 @@ _LOG_2PI = math.log(2 * math.pi)
 
 class SequenceEvaluation(NamedTuple):
     """Per-sentence averages in nats (``nll_elbo = −ELBO``, ``nll_iwae = −IWAE_K``), perplexities
-    from the summed NLLs over all predicted tokens, KL, mutual information (nats) and active units."""
+    from the summed NLLs over all predicted tokens, KL, mutual information (nats) and active
+    units."""
 
     num_sentences: int
     num_tokens: int
@@ -88,7 +92,8 @@ def mutual_information(loc: torch.Tensor, scale: torch.Tensor, z: torch.Tensor |
     ``(batch, dim)`` of one minibatch (``z`` ``(batch, dim)``: one sample per posterior; drawn when
     ``None``). Returns a 0-dim tensor, at most ``log batch``."""
     if loc.shape != scale.shape or loc.dim() != 2:
-        raise ValueError(f"loc, scale: expected equal (batch, dim) shapes, got {loc.shape}, {scale.shape}")
+        raise ValueError(f"loc, scale: expected equal (batch, dim) shapes, got "
+                         f"{tuple(loc.shape)}, {tuple(scale.shape)}")
     B = loc.shape[0]
     if z is None:
         z = loc + scale * torch.randn_like(loc)

@@ -126,7 +126,8 @@ def check_tokens(x: torch.Tensor, mask: torch.Tensor | None, vocab_size: int, pa
     if not torch.equal(prefix, mask):
         raise ValueError("mask: expected right padding (True steps first, then False)")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
-        raise ValueError(f"x: token ids must lie in [0, {vocab_size}), got [{int(x.min())}, {int(x.max())}]")
+        raise ValueError(f"x: token ids must lie in [0, {vocab_size}), got "
+                         f"[{int(x.min())}, {int(x.max())}]")
     return x.masked_fill(~mask, pad_id), mask, lengths
 
 

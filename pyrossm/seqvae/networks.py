@@ -106,7 +106,8 @@ class RecurrentDecoder(nn.Module):
 
 
 class TokenDecoder(nn.Module):
-    """``p(x_t | x_<t, z) = softmax(W h_t + b)``, ``h_t = RNN([emb(x_{t-1}); z], h_{t-1})``, ``x_0 = <sos>``.
+    """``p(x_t | x_<t, z) = softmax(W h_t + b)``, ``h_t = RNN([emb(x_{t-1}); z], h_{t-1})``,
+    ``x_0 = <sos>``.
 
     Parameters: ``vocab_size, embed_dim, hidden_dim, latent_dim`` (0: a language model),
     ``cell``, ``num_layers``, ``z_to_inputs``, and the ids ``sos_id, unk_id, pad_id``.
@@ -129,11 +130,13 @@ class TokenDecoder(nn.Module):
         self.sos_id, self.unk_id, self.pad_id = sos_id, unk_id, pad_id
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embed_dim)
-        self.rnn = RecurrentDecoder(embed_dim, hidden_dim, latent_dim, cell, num_layers, z_to_inputs)
+        self.rnn = RecurrentDecoder(
+            embed_dim, hidden_dim, latent_dim, cell, num_layers, z_to_inputs
+        )
         self.output = nn.Linear(hidden_dim, vocab_size)
 
     def decoder_inputs(self, x: torch.Tensor, word_dropout: float = 0.0) -> torch.Tensor:
-        """``(<sos>, x_1, …, x_{T-1})`` with each word replaced by ``<unk>`` w.p. ``word_dropout``."""
+        """``(<sos>, x_1, …, x_{T-1})``, each word replaced by ``<unk>`` w.p. ``word_dropout``."""
         sos = torch.full_like(x[:, :1], self.sos_id)
         inputs = torch.cat([sos, x[:, :-1]], dim=1)
         if word_dropout > 0:

@@ -14,6 +14,7 @@ from lgssm_oracles import (
     gaussian_hmm,
     pykalman_oracle,
     random_system,
+    rescale_system,
     statsmodels_oracle,
 )
 
@@ -82,6 +83,32 @@ def test_against_statsmodels(n, p, T, missing, batch, parallel):
     for idx in all_indices(batch):
         ref = statsmodels_oracle(*seq_params(s, idx))
         compare(ours, ref, idx, FILTER_KEYS + SMOOTHER_KEYS, "statsmodels")
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+@pytest.mark.parametrize("missing", ["none", "entries"])
+def test_against_statsmodels_badly_scaled(missing, parallel):
+    """An equivalent system in coordinates scaled by 1e-3 .. 1e3 (states and observations)."""
+    s = random_system(3, 2, 200, seed=150, batch=(2,), missing=missing, max_singular=0.99)
+    s = rescale_system(s, [1e-3, 1.0, 1e3], [1e2, 1e-2])
+    ours = run_both(s, parallel)
+    for idx in all_indices((2,)):
+        ref = statsmodels_oracle(*seq_params(s, idx))
+        for k in FILTER_KEYS + SMOOTHER_KEYS:
+            a, e = ours[k][idx], torch.as_tensor(ref[k])
+            if k.endswith("means"):  # compare each state in its own scale
+                for i in range(3):
+                    assert_rel_close(a[..., i], e[..., i], RTOL, f"scaled {k}[{i}] [{idx}]")
+            elif k.endswith("covs"):  # correlation scale: P_ij / sqrt(P_ii P_jj)
+                var = torch.as_tensor(ref["smoothed_covs" if k == "smoothed_cross_covs" else k])
+                d = torch.diagonal(var, dim1=-2, dim2=-1).sqrt()
+                if k == "smoothed_cross_covs":  # Cov(z_{t+1}, z_t): scales of t+1 and t
+                    norm = d[1:].unsqueeze(-1) * d[:-1].unsqueeze(-2)
+                else:
+                    norm = d.unsqueeze(-1) * d.unsqueeze(-2)
+                assert_rel_close(a / norm, e / norm, RTOL, f"scaled {k} [{idx}]")
+            else:
+                assert_rel_close(a, e, RTOL, f"scaled {k} [{idx}]")
 
 
 @pytest.mark.parametrize("parallel", PARALLEL)

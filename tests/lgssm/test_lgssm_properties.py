@@ -122,11 +122,12 @@ def test_gradcheck_smoother(parallel):
     assert torch.autograd.gradcheck(smoothed, (A, B))
 
 
-@pytest.mark.parametrize("parallel", PARALLEL)
-def test_gradient_matches_between_modes(parallel):
-    """Gradients w.r.t. every parameter are finite with NaN (missing) entries in x and agree
-    between the sequential and parallel algorithms."""
-    s = random_system(3, 2, 30, seed=23, batch=(3,), missing="entries")
+@pytest.mark.parametrize("missing,T", [("entries", 30), ("none", 150)])
+def test_gradient_matches_between_modes(missing, T):
+    """Gradients w.r.t. every parameter are finite (also with NaN entries in x) and agree
+    between the sequential and parallel algorithms (T = 150 without missing data exercises the
+    sequential filter's steady-state shortcut)."""
+    s = random_system(3, 2, T, seed=23, batch=(3,), missing=missing)
 
     def grads(par):
         ps = [s[k].clone().requires_grad_() for k in ARGS[1:]]
@@ -247,8 +248,45 @@ def test_fully_masked_sequence(how, parallel):
             assert_rel_close(got[1][..., t, :, :], P.expand(2, 2, 2), EXACT_RTOL,
                              f"{name} cov t={t}")
     # Cov(z_{t+1}, z_t) under the prior = A Var(z_t)
-    assert_rel_close(r.smoothed_cross_covs[..., 0, :, :], (s["A"] @ s["init_cov"]).expand(2, 2, 2), EXACT_RTOL,
-                     "prior cross cov")
+    assert_rel_close(r.smoothed_cross_covs[..., 0, :, :], (s["A"] @ s["init_cov"]).expand(2, 2, 2),
+                     EXACT_RTOL, "prior cross cov")
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+@pytest.mark.parametrize("missing", ["none", "steps"])
+def test_badly_scaled_independent_states_equal_separate_filters(missing, parallel):
+    """Two independent states of very different scales (diagonal A, C, Q, R, P0): each one's
+    filtered and smoothed moments equal those of a 1-D filter run on it alone. Catches
+    convergence tests that are relative to the largest covariance entry only."""
+    T = 400
+    d = torch.float64
+    A = torch.diag(torch.tensor([0.5, 0.999], dtype=d))
+    Q = torch.diag(torch.tensor([1e4, 1e-8], dtype=d))
+    R = torch.diag(torch.tensor([1e4, 1e-4], dtype=d))
+    C = torch.eye(2, dtype=d)
+    m0 = torch.zeros(2, dtype=d)
+    P0 = torch.diag(torch.tensor([1e4, 1.0], dtype=d))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, T, 2, generator=g, dtype=d) * torch.tensor([100.0, 0.01], dtype=d)
+    if missing == "steps":
+        x[:, 7::10] = float("nan")
+    both = kalman_smoother(x, A, C, Q, R, m0, P0, parallel=parallel)
+
+    def block(M, i):
+        return M[..., i : i + 1, i : i + 1]
+
+    ll = 0.0
+    for i in range(2):
+        one = kalman_smoother(x[..., i : i + 1], *(block(M, i) for M in (A, C, Q, R)),
+                              m0[i : i + 1], block(P0, i), parallel=parallel)
+        ll = ll + one.log_likelihood
+        for k in ("filtered_means", "smoothed_means"):
+            assert_rel_close(getattr(both, k)[..., i : i + 1], getattr(one, k), PAR_RTOL,
+                             f"state {i}: {k}")
+        for k in ("filtered_covs", "smoothed_covs", "smoothed_cross_covs"):
+            assert_rel_close(block(getattr(both, k), i), getattr(one, k), PAR_RTOL,
+                             f"state {i}: {k}")
+    assert_rel_close(both.log_likelihood, ll, PAR_RTOL, "log-likelihood = sum of the two")
 
 
 @pytest.mark.parametrize("parallel", PARALLEL)

@@ -2,9 +2,9 @@
 
 import pyro
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import pytest
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from pyrossm.seqvae.model import (
     LSTMLanguageModel,

@@ -21,13 +21,15 @@ def tiny_pair(vocab, **kw):
 
 
 @pytest.mark.parametrize("annealing,free_bits,word_dropout", [
-    (None, None, 0.0), ("sigmoid", None, 0.3), ("cyclical", 0.5, 0.0)])
+    ("cyclical", 0.5, 0.2),
+    pytest.param(None, None, 0.0, marks=pytest.mark.slow),
+    pytest.param("sigmoid", None, 0.3, marks=pytest.mark.slow)])
 def test_tiny_corpus_vae_loss_falls(corpus, annealing, free_bits, word_dropout):
     data = [corpus[i % 4] for i in range(16)]
     vocab = Vocabulary.from_corpus(data)
     b = pad_batch(vocab, data)
     model, guide = tiny_pair(vocab, word_dropout=word_dropout, z_to_inputs=True)
-    hist = fit(model, guide, (b.x, b.mask), epochs=40, batch_size=8, lr=1e-2, device="cpu",
+    hist = fit(model, guide, (b.x, b.mask), epochs=30, batch_size=16, lr=2e-2, device="cpu",
                annealing=annealing, free_bits=free_bits, seed=0, progress=False, bucket=True)
     first, last = hist["train_neg_elbo"][0], hist["train_neg_elbo"][-1]
     assert last < 0.6 * first
@@ -39,12 +41,13 @@ def test_language_model_trains_with_empty_guide(corpus):
     vocab = Vocabulary.from_corpus(corpus)
     b = pad_batch(vocab, corpus)
     lm = LSTMLanguageModel(vocab, embed_dim=8, hidden_dim=16)
-    hist = fit(lm, NoLatentGuide(), (b.x, b.mask), epochs=40, batch_size=4, lr=1e-2,
+    hist = fit(lm, NoLatentGuide(), (b.x, b.mask), epochs=30, batch_size=4, lr=2e-2,
                device="cpu", seed=0, progress=False)
     assert hist["train_neg_elbo"][-1] < 0.5 * hist["train_neg_elbo"][0]
     assert hist["train_kl"][-1] == 0.0
     ev = evaluate(lm, NoLatentGuide(), [(b.x, b.mask)])
-    exact = -float(lm.eval().log_likelihood_given_z(b.x, b.mask, None).mean())
+    with torch.no_grad():
+        exact = -float(lm.eval().log_likelihood_given_z(b.x, b.mask, None).mean())
     assert ev.nll_elbo == pytest.approx(exact) and ev.nll_iwae == pytest.approx(exact)
     assert ev.perplexity_iwae == pytest.approx(math.exp(exact * 4 / int(b.mask.sum())))
 
@@ -52,7 +55,7 @@ def test_language_model_trains_with_empty_guide(corpus):
 def test_iwae_bounds(vocab, batch, double):
     model, guide = tiny_pair(vocab, z_to_inputs=True)
     model.eval(), guide.eval()
-    K = 400
+    K = 200
     iwae, elbo, kl, loc, scale = importance_weighted_bounds(model, guide, batch.x, batch.mask,
                                                             num_samples=K, chunk_size=64)
     # per-sample log-likelihood spread gives the standard error of the ELBO estimate
@@ -63,8 +66,8 @@ def test_iwae_bounds(vocab, batch, double):
     assert torch.all(iwae >= elbo - Z_SE * se)
     # IWAE with K = 1, averaged over repetitions, is the ELBO (unbiased)
     reps = torch.stack([importance_weighted_bounds(model, guide, batch.x, batch.mask,
-                                                   num_samples=1)[0] for _ in range(300)])
-    assert torch.all((reps.mean(0) - elbo).abs() < Z_SE * reps.std(0) / math.sqrt(300) + 3 * se)
+                                                   num_samples=1)[0] for _ in range(100)])
+    assert torch.all((reps.mean(0) - elbo).abs() < Z_SE * reps.std(0) / math.sqrt(100) + 3 * se)
     # agrees with the generic trace-based estimator of pyrossm.infer
     generic = log_likelihood(model, guide, (batch.x, batch.mask), num_samples=K)
     spread = torch.stack([importance_weighted_bounds(model, guide, batch.x, batch.mask,
@@ -97,7 +100,7 @@ def test_gaussian_variant_masks_nans_and_trains(double):
     assert torch.isfinite(ll).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad()
-    hist = fit(model, guide, (xm, mask), epochs=60, batch_size=16, lr=1e-2, device="cpu",
+    hist = fit(model, guide, (xm, mask), epochs=40, batch_size=32, lr=2e-2, device="cpu",
                seed=0, progress=False)
     assert hist["train_neg_elbo"][-1] < hist["train_neg_elbo"][0] - 5.0
     assert model.generate(torch.zeros(3, 2), 7).shape == (3, 7, 1)
