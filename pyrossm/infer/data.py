@@ -84,6 +84,9 @@ class SequenceDataset:
         num, steps = x.shape[0], x.shape[1]
         if num == 0:
             raise ValueError("x: expected at least one sequence, got an empty batch")
+        if steps == 0:
+            raise ValueError(f"x: expected sequences of at least one time step, got shape "
+                             f"{tuple(x.shape)} (empty sequences)")
         if mask is not None and lengths is not None:
             raise ValueError("give either mask or lengths, not both")
         if lengths is not None:

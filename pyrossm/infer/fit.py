@@ -17,6 +17,11 @@ One ``ClippedAdam`` optimiser holds the explicit parameter list of model and gui
 ``PyroParam`` s (optimised in the unconstrained space) and plain ``nn.Module`` s nested inside --
 is optimised exactly once, and its state is checkpointed with ``state_dict()``.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) or with ``distributed=True`` the loop is data-parallel
+over a ``torch.distributed`` group (:mod:`pyrossm.infer.distributed`: shared global batches,
+per-rank slices, gradients summed by ``all_reduce``, rank 0 writes). ``chunk_length=L`` trains on
+chunks of ``L`` steps (truncated backpropagation through time, see :func:`fit`).
+
 Example
 -------
 >>> # history = fit(model, guide, (x, mask), epochs=10, batch_size=32, lr=1e-2,

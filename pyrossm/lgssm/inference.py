@@ -209,8 +209,11 @@ def _sequential_covariances(prep, T, batch_shape):
             At = _at(prep.A, t, prep.tv["A"])
             P = _sym(At @ P @ At.transpose(-1, -2) + _at(prep.Q, t, prep.tv["Q"]))
         if check and t >= 2 and t % 4 == 0:
-            change = (P - pred_covs[-1]).abs().max()
-            if bool(change <= eps * P.abs().max()):
+            # Relative to each entry's own scale (sqrt(P_ii P_jj)), so that a state with a
+            # tiny variance next to a large one is still followed until it has converged.
+            d = torch.diagonal(P, dim1=-2, dim2=-1).clamp_min(torch.finfo(P.dtype).tiny).sqrt()
+            change = ((P - pred_covs[-1]).abs() / (d.unsqueeze(-1) * d.unsqueeze(-2))).max()
+            if bool(change <= eps):
                 t_steady = t
                 break
         Ct, Rt = _at(prep.C, t, prep.tv["C"]), _at(prep.R, t, prep.tv["R"])

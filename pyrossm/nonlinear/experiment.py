@@ -134,7 +134,7 @@ def _budget_callback(minutes, log_every, name, t0):
 
 def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: float | None = None,
             annealing_epochs: int | None = None, iwae_samples: int = 100, elbo_samples: int = 1,
-            val_every: int | None = None, data_dir=None, seed: int = 0, sizes: dict | None = None,
+            data_dir=None, seed: int = 0, sizes: dict | None = None,
             checkpoint_dir=None, resume: bool = False, log_every: int = 1,
             bucket: bool = False, output: str | None = None, device="cpu") -> dict:
     """Train and evaluate JSB configurations; returns ``{config: result dict}``.

@@ -102,7 +102,7 @@ class _StateSpaceModel(PyroModule):
         return TrajectoryPrior(self.dynamics, batch_size, num_steps, mask=mask, like=like)
 
     def emission(self, z: torch.Tensor):
-        """Pointwise emission distribution ``p(x | z)``, batch shape ``z.shape[:-1] (+ obs_dim)``."""
+        """Pointwise emission ``p(x | z)``, batch shape ``z.shape[:-1] (+ (obs_dim,))``."""
         return self.emitter(z)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
@@ -143,7 +143,7 @@ class _StateSpaceModel(PyroModule):
 
     @torch.no_grad()
     def reconstruct(self, x, guide, mask=None, num_samples: int = 1) -> Reconstruction:
-        """Draw ``z ~ q(z | x)`` with ``guide`` and return emission means, see :class:`Reconstruction`."""
+        """Draw ``z ~ q(z | x)`` with ``guide``; emission means, see :class:`Reconstruction`."""
         mask = _check_x(x, mask)
         batch = x.size(0)
         xs = x.repeat_interleave(num_samples, dim=0)
@@ -191,10 +191,11 @@ class _StateSpaceModel(PyroModule):
 
 
 class LSTMStateSpaceModel(_StateSpaceModel):
-    r"""State-space model with LSTM-driven latent dynamics (so ``p(z_t | z_{<t}) ≠ p(z_t | z_{t-1})``).
+    r"""State-space model with LSTM-driven latent dynamics: ``p(z_t | z_{<t}) ≠ p(z_t | z_{t-1})``.
 
     .. math::
-        [h_t, c_t] &= \mathrm{LSTM}(z_{t-1}, h_{t-1}, c_{t-1}) \quad (z_0, h_0, c_0 \text{ learned}) \\
+        [h_t, c_t] &= \mathrm{LSTM}(z_{t-1}, h_{t-1}, c_{t-1})
+            \quad (z_0, h_0, c_0 \text{ learned}) \\
         z_t &= μ_θ(h_t) + σ_θ(h_t)\,ε_t, \qquad ε_t \sim N(0, I) \\
         x_t &\sim p_θ(x_t \mid z_t) \quad \text{Gaussian } μ^x(z_t) + σ^x(z_t) ψ_t,
               \text{ Bernoulli or Categorical}

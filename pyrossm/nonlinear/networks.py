@@ -10,7 +10,8 @@
   - :class:`GatedTransition` + :class:`MarkovPrior`: the deep Markov model's
     ``p(z_t | z_{t-1})`` (Krishnan, Shalit & Sontag 2017, "Structured Inference Networks for
     Nonlinear State Space Models", AAAI);
-  - :class:`LSTMPrior`: ``z_t ~ N(μ(h_t), σ²(h_t))`` with ``[h_t, c_t] = LSTM(z_{t-1}, h_{t-1}, c_{t-1})``,
+  - :class:`LSTMPrior`: ``z_t ~ N(μ(h_t), σ²(h_t))`` with
+    ``[h_t, c_t] = LSTM(z_{t-1}, h_{t-1}, c_{t-1})``,
     so ``p(z_t | z_{<t})`` depends on the whole past.
 
   The interface: ``trajectory_params(z) -> (loc, scale)`` of every ``p(z_t | z_{<t})`` given a
@@ -131,7 +132,9 @@ class CategoricalEmission(nn.Module):
     def observed(self, x: torch.Tensor, mask: torch.Tensor):
         if x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
             if x.dim() != 2:
-                raise ValueError(f"x: class ids must have shape (batch, time), got {tuple(x.shape)}")
+                raise ValueError(
+                    f"x: class ids must have shape (batch, time), got {tuple(x.shape)}"
+                )
             observed = mask & (x >= 0)
             ids = x.long()
         else:
@@ -237,7 +240,8 @@ class LSTMPrior(nn.Module):
 
     .. math::
         [h_t, c_t] = \mathrm{LSTM}(z_{t-1}, h_{t-1}, c_{t-1}),\qquad
-        μ(h) = W_μ\,\mathrm{relu}(W h),\quad σ(h) = \mathrm{softplus}(W_σ\,\mathrm{relu}(W h)) + 10^{-3}
+        μ(h) = W_μ\,\mathrm{relu}(W h),\quad
+        σ(h) = \mathrm{softplus}(W_σ\,\mathrm{relu}(W h)) + 10^{-3}
 
     with learned ``z_0``, ``h_0``, ``c_0``. Given a trajectory, the LSTM runs once over the
     shifted sequence ``(z_0, z_1, ..., z_{T-1})`` (one fused call); sampling steps the same LSTM.

@@ -24,8 +24,12 @@ import time
 import pyro
 import torch
 
-from pyrossm.datasets import random_stable_system, simulate_linear_gaussian, simulate_lorenz
-from pyrossm.datasets import simulate_pendulum
+from pyrossm.datasets import (
+    random_stable_system,
+    simulate_linear_gaussian,
+    simulate_lorenz,
+    simulate_pendulum,
+)
 from pyrossm.guides import StructuredGuide
 from pyrossm.infer import fit
 from pyrossm.lgssm import LinearGaussianSSM, kalman_filter
@@ -125,7 +129,7 @@ def run_synthetic(system: str = "linear", models=MODELS, *, num_train: int = 400
         pyro.set_rng_seed(seed)
         model, guide = build_synthetic(kind, data["obs_dim"], z_dim, hidden)
         t0 = time.perf_counter()
-        stop = (lambda rec: time.perf_counter() - t0 > 60 * minutes) if minutes else None
+        stop = (lambda rec, t0=t0: time.perf_counter() - t0 > 60 * minutes) if minutes else None
         history = fit(model, guide, data["train"], epochs=epochs, batch_size=batch_size, lr=lr,
                       lr_decay=0.1 ** (1 / total_steps),
                       annealing={"name": "linear", "start": 0.2,

@@ -207,21 +207,26 @@ def run_one(run, cfg, data_dir, seed, log=print, save=None):
     model.eval()
     guide.eval()
     t0 = time.perf_counter()
-    test_batches = [(b.x, b.mask) for b in _batches(vocab, test, cfg["eval_batch_size"])]
-    ev = evaluate(model, guide, test_batches, num_samples=1)
-    result["test"] = dict(ev._asdict(), nll="nll_elbo: -ELBO per sentence (1 sample of q; "
-                          "exact NLL for the LM); nll_iwae here uses K=1")
-    log(f"[{run}] test (full, K=1): {ev}")
-    subset = test if cfg["iwae_sentences"] is None else test[: cfg["iwae_sentences"]]
+    if not cfg.get("skip_full_test"):
+        test_batches = [(b.x, b.mask) for b in _batches(vocab, test, cfg["eval_batch_size"])]
+        ev = evaluate(model, guide, test_batches, num_samples=1)
+        result["test"] = dict(ev._asdict(), nll="nll_elbo: -ELBO per sentence (1 sample of q; "
+                              "exact NLL for the LM); nll_iwae here uses K=1")
+        log(f"[{run}] test (full, K=1): {ev}")
+    start = cfg.get("iwae_start") or 0
+    stop = None if cfg["iwae_sentences"] is None else start + cfg["iwae_sentences"]
+    subset = test[start:stop]
     sub_batches = [(b.x, b.mask) for b in _batches(vocab, subset, cfg["eval_batch_size"])]
     K = cfg["iwae_samples"]
     ev_sub = evaluate(model, guide, sub_batches, num_samples=K)
-    result["subset"] = dict(ev_sub._asdict(), sentences=len(subset),
+    result["subset"] = dict(ev_sub._asdict(), sentences=len(subset), first_sentence=start,
                             nll=f"nll_iwae: importance-weighted NLL per sentence, K={K} "
                                 f"(exact NLL for the LM)")
     log(f"[{run}] test subset ({len(subset)} sentences, K={K}): {ev_sub}")
     result["eval_seconds"] = time.perf_counter() - t0
 
+    if cfg.get("skip_full_test"):
+        return result, model, guide
     torch.manual_seed(seed)
     if spec["kind"] == "vae":
         result["prior_samples_greedy"] = [" ".join(s) for s in
@@ -238,9 +243,12 @@ def run_one(run, cfg, data_dir, seed, log=print, save=None):
             for s, g, r in zip(pick, rec_g, rec_b)
         ]
         a, c = pad_batch(vocab, pick[:1]), pad_batch(vocab, pick[1:2])
-        hom = homotopy(model, guide, a.x, c.x, steps=7, mask_a=a.mask, mask_b=c.mask)
+        hom = {m: to_text(vocab, homotopy(model, guide, a.x, c.x, steps=7, method=m,
+                                          mask_a=a.mask, mask_b=c.mask))
+               for m in ("greedy", "beam")}
         result["homotopy"] = {"from": " ".join(pick[0]), "to": " ".join(pick[1]),
-                              "greedy": [" ".join(s) for s in to_text(vocab, hom)]}
+                              "greedy": [" ".join(s) for s in hom["greedy"]],
+                              "beam5": [" ".join(s) for s in hom["beam"]]}
     return result, model, guide
 
 
@@ -279,8 +287,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     for key in ("epochs", "anneal_steps", "iwae_samples", "iwae_sentences", "batch_size",
-                "max_train_sentences", "max_test_sentences", "max_steps"):
+                "max_train_sentences", "max_test_sentences", "max_steps", "iwae_start"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    p.add_argument("--skip-full-test", action="store_true",
+                   help="evaluate only the IWAE subset (with --load-dir: a cheap re-evaluation)")
     p.add_argument("--train-minutes", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--save-dir", default=None, help="save model/guide state_dicts here")
@@ -306,7 +316,7 @@ def main(argv=None):
     cfg = dict(CONFIGS[args.config])
     for key in ("epochs", "anneal_steps", "iwae_samples", "iwae_sentences", "batch_size",
                 "train_minutes", "lr", "max_train_sentences", "max_test_sentences", "load_dir",
-                "max_steps"):
+                "max_steps", "iwae_start", "skip_full_test"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]

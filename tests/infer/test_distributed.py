@@ -6,7 +6,6 @@ single-process training on the same global batches up to float64 rounding (the o
 is the order of the summation over a batch's sequences).
 """
 
-import json
 import os
 import socket
 import subprocess
@@ -224,3 +223,35 @@ def test_single_process_unchanged_by_world_size_one_dataset():
     ds = as_dataset(data)
     part = SequenceDataset(*ds.batch(shard(torch.arange(N), 1, 2), trim=False))
     assert part.num_steps.sum() == ds.num_steps[shard(torch.arange(N), 1, 2)].sum()
+
+
+TORCHRUN_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from test_distributed import train
+
+    state, _ = train(shuffle=False, progress=False)   # fit sees WORLD_SIZE=2 and sets up gloo
+    torch.save(state, os.path.join(sys.argv[1], f"torchrun{os.environ['RANK']}.pt"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_torchrun_launch(tmp_path):
+    """The README's launcher: `torchrun --nproc_per_node=2 script.py`, fit creating the group."""
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, HERE]))
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [torch.load(tmp_path / f"torchrun{r}.pt") for r in range(2)]
+    reference, _ = train(shuffle=False, progress=False)
+    assert _max_diff(states[0], states[1]) == 0.0
+    assert _max_diff(states[0], reference) < TOL

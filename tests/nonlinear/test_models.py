@@ -1,4 +1,4 @@
-"""Models of issue 4: shapes, masks, missing data, vectorized = step-by-step, sampling, forecasting."""
+"""Issue 4 models: shapes, masks, missing data, vectorized = step-by-step, sampling, forecasts."""
 
 import pyro
 import pytest
@@ -56,7 +56,7 @@ def test_site_shapes_follow_protocol(kind, emission):
 
 @pytest.mark.parametrize("kind,emission", MODELS)
 def test_padding_contributes_nothing(kind, emission):
-    """log p(x, z) of a padded batch = that of each sequence alone; padding values are irrelevant."""
+    """log p(x, z) of a padded batch = that of each sequence alone; padding values don't matter."""
     model = make_model(kind, emission)
     x, mask = make_data(emission), lengths_to_mask(LENGTHS)
     z = torch.randn(4, T, Z_DIM, dtype=torch.float64)

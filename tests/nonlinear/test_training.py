@@ -16,7 +16,7 @@ from pyrossm.protocol import lengths_to_mask
 
 OBS_DIM, Z_DIM, T = 3, 2, 12
 GUIDES = ["filtering", "forward", "backward", "bidirectional"]
-SMALL_LINEAR_TOLERANCE = 0.3  # nats/step for the tiny run (untrained: ~2); the full run targets 0.05
+SMALL_LINEAR_TOLERANCE = 0.3  # nats/step, tiny run (untrained: ~2); the full run targets 0.05
 FULL_LINEAR_TOLERANCE = 0.05
 
 
