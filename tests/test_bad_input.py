@@ -257,12 +257,6 @@ CASES = [
 
 # Entry points that do not honour the contract yet: id -> what happens instead.
 XFAIL = {
-    "kalman_filter-x-wrong-obs-dim": "lgssm.kalman_filter infers obs_dim from x and blames R "
-    "('R: expected shape (..., 4, 4), got shape (3, 3)'); x is not named",
-    "kalman_filter-init_mean-shape": "lgssm.kalman_filter infers state_dim from init_mean and "
-    "blames A ('A: expected shape (..., 3, 3), got shape (2, 2)'); init_mean is not named",
-    "LinearGaussianSSM.from_matrices-A-not-square": "A of shape (2, 3) is not checked to be "
-    "square; the error blames C ('C: expected shape (obs_dim, 3), got (3, 2)')",
     "StructuredGuide-x-empty-sequence": "x of shape (2, 0, 3) reaches torch.nn.LSTM: "
     "RuntimeError 'Expected sequence length to be larger than 0 in RNN'",
     "FilteringLSTMGuide-x-int-dtype": "long x reaches torch's RNN: ValueError 'RNN input dtype "

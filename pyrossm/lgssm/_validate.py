@@ -49,6 +49,11 @@ def _check_covariance(name, value):
             )
 
 
+def _majority(sizes):
+    sizes = [s for s in sizes if s is not None]
+    return max(sizes, key=lambda s: (sizes.count(s), -sizes.index(s)))
+
+
 def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
     """Raise ``ValueError``/``TypeError`` naming the argument for any malformed input."""
     named = dict(x=x, A=A, C=C, Q=Q, R=R, init_mean=init_mean, init_cov=init_cov)
@@ -56,18 +61,35 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
         _check_tensor(name, value)
     if x.dim() < 2:
         _fail("x", "shape (..., T, obs_dim) with time at dim -2", f"shape {tuple(x.shape)}")
-    p = x.shape[-1]
-    if init_mean.dim() < 1:
-        _fail("init_mean", "shape (..., state_dim)", f"shape {tuple(init_mean.shape)}")
-    n = init_mean.shape[-1]
+    # The state and observation dims are the ones most arguments agree on, so the error names
+    # the odd one out (a wrong A is blamed on A, a wrong init_mean on init_mean).
+    n = _majority(
+        [
+            A.shape[-1],
+            A.shape[-2] if A.dim() > 1 else None,
+            C.shape[-1],
+            Q.shape[-1],
+            init_mean.shape[-1] if init_mean.dim() else None,
+            init_cov.shape[-1],
+        ]
+    )
+    p = _majority([x.shape[-1], C.shape[-2] if C.dim() > 1 else None, R.shape[-1]])
     _check_square("A", A, n, x.dim())
-    _check_square("Q", Q, n, x.dim())
-    _check_square("R", R, p, x.dim())
-    _check_square("init_cov", init_cov, n, x.dim() - 1)
+    if init_mean.dim() < 1 or init_mean.shape[-1] != n:
+        _fail("init_mean", f"shape (..., {n}) (state_dim)", f"shape {tuple(init_mean.shape)}")
+    if x.shape[-1] != p:
+        _fail(
+            "x",
+            f"shape (..., T, {p}) (obs_dim {p}, the rows of C and the size of R)",
+            f"shape {tuple(x.shape)}",
+        )
     if C.dim() < 2 or C.shape[-2:] != (p, n):
         _fail("C", f"shape (..., {p}, {n}) (obs_dim, state_dim)", f"shape {tuple(C.shape)}")
     if C.dim() > x.dim() + 1:
         _fail("C", f"at most {x.dim() + 1} dims", f"shape {tuple(C.shape)}")
+    _check_square("Q", Q, n, x.dim())
+    _check_square("R", R, p, x.dim())
+    _check_square("init_cov", init_cov, n, x.dim() - 1)
     T = x.shape[-2]
     for name in "ACQR":
         value = named[name]

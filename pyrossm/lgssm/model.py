@@ -153,6 +153,10 @@ class LinearGaussianSSM(PyroModule):
         A = torch.as_tensor(A, dtype=dtype, device=device)
         if A.dim() == 0:
             A = A.reshape(1, 1)
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(
+                f"A: expected a square matrix (state_dim, state_dim), got shape {tuple(A.shape)}"
+            )
         n = A.shape[-1]
         C = torch.as_tensor(C, dtype=dtype, device=device)
         if C.dim() == 0:

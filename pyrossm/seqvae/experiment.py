@@ -259,6 +259,8 @@ def table(results):
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: r["run"] != "lm"):
+        if "test" not in r:  # a --skip-full-test re-evaluation: no full-test row
+            continue
         s, t, u, tr = r["settings"], r["test"], r["subset"], r["train"]
         desc = (f"{s['kind']}, anneal={s['annealing']}, wdrop={s['word_dropout']}, "
                 f"free_bits={s['free_bits']}")
