@@ -33,8 +33,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
-                and action.option_strings):
+        default = action.default
+        if (default is not None and default is not False and default != argparse.SUPPRESS
+                and "%(default)" not in text and action.option_strings):
             text += " (default: %(default)s)"
         return text
 

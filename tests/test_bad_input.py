@@ -257,20 +257,9 @@ CASES = [
 
 # Entry points that do not honour the contract yet: id -> what happens instead.
 XFAIL = {
-    "StructuredGuide-x-empty-sequence": "x of shape (2, 0, 3) reaches torch.nn.LSTM: "
-    "RuntimeError 'Expected sequence length to be larger than 0 in RNN'",
-    "FilteringLSTMGuide-x-int-dtype": "long x reaches torch's RNN: ValueError 'RNN input dtype "
-    "(torch.int64) does not match weight dtype' (deep stack, x not named)",
     "DeepMarkovModel-x-empty-sequence": "x of shape (2, 0, 3) is accepted silently (no error)",
     "LSTMStateSpaceModel-x-int-dtype": "long x of shape (2, 5, 3) is accepted silently (no "
     "error, coerced)",
-    "Vocabulary.load-corrupt": "a non-UTF-8 file gives a bare UnicodeDecodeError ('utf-8' codec "
-    "can't decode byte ...) that does not name the file",
-    "SequenceVAE-x-empty-sequence": "x of shape (2, 0) reaches torch's RNN: RuntimeError "
-    "'Expected sequence length to be larger than 0 in RNN'",
-    "load_array-corrupt": "a corrupt .npy file gives numpy's ValueError 'This file contains "
-    "pickled (object) data ...' that does not name the file",
-    "simulate_linear_gaussian-A-nan": "A containing NaN is accepted silently (simulates NaN)",
 }
 
 

@@ -218,6 +218,9 @@ def simulate_linear_gaussian(
     for name, (value, shape) in expected.items():
         if tuple(value.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
+    for name, value in (("A", A), ("C", C), *((k, v) for k, (v, _) in expected.items())):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}: expected finite values, got NaN or Inf entries")
     num_steps = _check_count("num_steps", num_steps)
     num_sequences = _check_count("num_sequences", num_sequences)
     dtype, device = A.dtype, A.device

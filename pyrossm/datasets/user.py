@@ -103,10 +103,15 @@ def _read_file(path: Path, key: str | None) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".txt", ".tsv"):
         return _read_csv(path)
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".npz":
-        return _read_npz(path, key)
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            return _read_npz(path, key)
+    except (ValueError, OSError, EOFError) as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"path_or_array: could not read {path} as a NumPy file: {error}") from None
     raise ValueError(
         f"path_or_array: expected a .csv, .tsv, .txt, .npy or .npz file, got {path.name!r}"
     )

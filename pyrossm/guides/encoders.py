@@ -140,9 +140,14 @@ class RecurrentEncoder(nn.Module):
         return h0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.obs_dim:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(
+                f"x: expected a floating-point tensor of shape (batch, T, {self.obs_dim}), got "
+                f"{getattr(x, 'dtype', type(x).__name__)}"
+            )
+        if x.dim() != 3 or x.shape[-1] != self.obs_dim or x.shape[1] == 0:
             raise ValueError(
-                f"x: expected shape (batch, T, obs_dim={self.obs_dim}), got {tuple(x.shape)}"
+                f"x: expected shape (batch, T >= 1, obs_dim={self.obs_dim}), got {tuple(x.shape)}"
             )
         if mask is not None:
             _check_right_padded(mask, x)

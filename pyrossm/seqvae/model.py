@@ -116,6 +116,9 @@ def check_tokens(x: torch.Tensor, mask: torch.Tensor | None, vocab_size: int, pa
             f"x: expected a (batch, T) long tensor of token ids, got "
             f"{getattr(x, 'dtype', type(x).__name__)} with shape {tuple(getattr(x, 'shape', ()))}"
         )
+    if x.shape[1] == 0:
+        raise ValueError(f"x: expected at least one time step, shape (batch, T >= 1), got "
+                         f"{tuple(x.shape)}")
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
     if mask.shape != x.shape:

@@ -145,7 +145,13 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        return cls(json.loads(Path(path).read_text()))
+        try:
+            tokens = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"path: {path} is not a vocabulary file (UTF-8 JSON): {error}"
+            ) from None
+        return cls(tokens)
 
 
 class SentenceBatch(NamedTuple):
