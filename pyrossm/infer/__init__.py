@@ -7,7 +7,8 @@ Training
     clip_norm=10.0, lr_decay=1.0, betas=(0.9, 0.999), weight_decay=0.0, annealing=None,
     free_bits=None, device="auto", seed=None, shuffle=True, bucket=False, checkpoint_dir=None,
     checkpoint_every=1, keep_checkpoints=2, resume=False, early_stopping_patience=None,
-    val_num_samples=1, val_batch_size=None, progress=True, on_nan="raise", callbacks=None)
+    val_num_samples=1, val_batch_size=None, progress=True, on_nan="raise", callbacks=None,
+    distributed=None, chunk_length=None)
     -> History``. SVI with Pyro's Trace_ELBO estimator and ClippedAdam; ``History[key]`` gives a
     per-epoch list (``train_neg_elbo_per_step``, ``val_neg_elbo_per_step``, ``train_kl``,
     ``beta``, ``seconds``, ...); ``History.to_dict()`` / ``to_json()``.
@@ -62,10 +63,13 @@ from pyrossm.infer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from pyrossm.infer import distributed
 from pyrossm.infer.data import (
+    Chunks,
     SequenceDataset,
     as_dataset,
     batch_indices,
+    chunk_sequences,
     pad_sequences,
     repeat_particles,
 )
@@ -85,6 +89,7 @@ constant, linear, sigmoid, cyclical = Constant, Linear, Sigmoid, Cyclical
 
 __all__ = [
     "CheckpointError",
+    "Chunks",
     "CheckpointManager",
     "Constant",
     "Cyclical",
@@ -98,8 +103,10 @@ __all__ = [
     "TrainingDivergedError",
     "as_dataset",
     "batch_indices",
+    "chunk_sequences",
     "constant",
     "cyclical",
+    "distributed",
     "elbo",
     "elbo_terms",
     "fit",
