@@ -56,14 +56,13 @@ Example
 >>> # ll = log_likelihood(model, guide, (x, mask), num_samples=500)      # (N,)
 """
 
-from pyrossm.infer import schedules
+from pyrossm.infer import distributed, schedules
 from pyrossm.infer.checkpoint import (
     CheckpointError,
     CheckpointManager,
     load_checkpoint,
     save_checkpoint,
 )
-from pyrossm.infer import distributed
 from pyrossm.infer.data import (
     Chunks,
     SequenceDataset,
@@ -89,8 +88,8 @@ constant, linear, sigmoid, cyclical = Constant, Linear, Sigmoid, Cyclical
 
 __all__ = [
     "CheckpointError",
-    "Chunks",
     "CheckpointManager",
+    "Chunks",
     "Constant",
     "Cyclical",
     "ELBOResult",
