@@ -262,6 +262,8 @@ def main(argv=None):
     so.add_argument("--lr", type=float, default=3e-3)
     so.add_argument("--batch-size", type=int, default=32)
     so.add_argument("--num-train", type=int, default=400)
+    so.add_argument("--lgssm-state-dims", default="1,2,3,4",
+                    help="state dims of the MLE-fitted LGSSM baselines (nonlinear systems)")
     so.add_argument("--num-test", type=int, default=200)
     so.add_argument("--num-steps", type=int, default=50, help="time steps per sequence")
     so.add_argument("--hidden", type=int, default=32, help="hidden sizes of nets and guide RNN")
@@ -292,7 +294,9 @@ def main(argv=None):
                                 iwae_samples=args.iwae_samples, seed=args.seed,
                                 num_train=args.num_train, num_test=args.num_test,
                                 num_steps=args.num_steps, hidden=args.hidden, lr=args.lr,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size,
+                                lgssm_state_dims=tuple(
+                                    int(d) for d in args.lgssm_state_dims.split(",")))
         _write(output, payload)
         print(synthetic_table(payload))
     print(f"wrote {output}")

@@ -177,7 +177,8 @@ def test_experiment_cli_synthetic_smoke(tmp_path):
     out = tmp_path / "syn.json"
     payload = main(["synthetic", "--system", "pendulum", "--models", "lstm_ssm", "--epochs", "1",
                     "--iwae-samples", "2", "--num-train", "8", "--num-test", "4",
-                    "--num-steps", "6", "--hidden", "4", "--output", str(out)])
+                    "--num-steps", "6", "--hidden", "4", "--lgssm-state-dims", "1",
+                    "--output", str(out)])
     assert out.is_file()
     r = payload["results"]["lstm_ssm"]
     assert r["margin_over_lgssm"] == pytest.approx(
