@@ -256,11 +256,7 @@ CASES = [
 ]
 
 # Entry points that do not honour the contract yet: id -> what happens instead.
-XFAIL = {
-    "DeepMarkovModel-x-empty-sequence": "x of shape (2, 0, 3) is accepted silently (no error)",
-    "LSTMStateSpaceModel-x-int-dtype": "long x of shape (2, 5, 3) is accepted silently (no "
-    "error, coerced)",
-}
+XFAIL = {}
 
 
 def _params():

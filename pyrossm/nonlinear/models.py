@@ -70,7 +70,13 @@ def _check_x(x, mask, name="x"):
             f"{name}: expected a tensor of shape (batch, time, obs_dim) "
             f"(or (batch, time) class ids), got {getattr(x, 'shape', type(x).__name__)}"
         )
+    if x.dim() == 3 and not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (batch, time, obs_dim), got "
+                        f"dtype {x.dtype} (class ids go in a (batch, time) long tensor)")
     batch, steps = x.shape[:2]
+    if steps == 0:
+        raise ValueError(f"{name}: expected at least one time step, shape (batch, T >= 1, ...), "
+                         f"got {tuple(x.shape)}")
     if mask is None:
         return torch.ones(batch, steps, dtype=torch.bool, device=x.device)
     if tuple(mask.shape) != (batch, steps) or mask.dtype != torch.bool:
