@@ -4,6 +4,7 @@ arguments). Kept apart from the parser so ``pyrossm --help`` stays fast."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +127,10 @@ def train(args):
     train_data, test_data, stats = _prepared(splits, None, not args.no_standardize)
     model, guide = build(cfg_model, splits.vocab)
     out = Path(args.out)
+    # Under torchrun every rank trains (fit shards the data); only rank 0 writes the run folder.
+    is_main = int(os.environ.get("RANK", "0")) == 0
     out.mkdir(parents=True, exist_ok=True)
-    if splits.vocab is not None:
+    if splits.vocab is not None and is_main:
         splits.vocab.save(out / "vocab.json")
     if guide is None:  # exact MLE
         if args.resume:
@@ -146,6 +149,8 @@ def train(args):
                       annealing=args.annealing, device=device, seed=args.seed,
                       bucket=splits.kind != "real", checkpoint_dir=str(out / "checkpoints"),
                       resume=args.resume, progress=not args.no_progress)
+    if not is_main:
+        return 0
     cfg = {"model": cfg_model,
            "data": {"source": str(args.data), "data_dir": args.data_dir, "kind": splits.kind,
                     "standardization": stats, "test_fraction": args.test_fraction,
