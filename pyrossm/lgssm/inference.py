@@ -419,11 +419,7 @@ def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate):
     run = _parallel_filter if parallel else _sequential_filter
     filt_means, filt_covs, pred_means, pred_covs = run(prep)
     step_ll = _step_log_likelihoods(prep, pred_means, pred_covs)
-    if not torch.is_grad_enabled() or not step_ll.requires_grad:
-        bad = ~torch.isfinite(step_ll)
-    else:
-        bad = ~torch.isfinite(step_ll.detach())
-    if bool(bad.any()):
+    if not bool(torch.isfinite(step_ll.detach()).all()):
         raise ValueError(
             "R: the innovation covariance C P Cᵀ + R is not positive definite at some step "
             "(is R singular, or are the parameters extreme?); the log-likelihood is not finite"
