@@ -60,6 +60,7 @@ from pyrossm.infer.distributed import (
 from pyrossm.infer.distributed import setup as setup_distributed
 from pyrossm.infer.evaluate import elbo_terms
 from pyrossm.infer.handlers import (
+    FREE_BITS_PER,
     elbo_objective,
     elbo_traces,
     foreign_params,
@@ -231,6 +232,7 @@ def fit(
     weight_decay: float = 0.0,
     annealing=None,
     free_bits=None,
+    free_bits_per: str = "sequence",
     device="auto",
     seed=None,
     shuffle: bool = True,
@@ -261,6 +263,9 @@ def fit(
         (:func:`~pyrossm.infer.schedules.make_schedule`), evaluated per optimisation step;
         validation always uses beta = 1.
     :param free_bits: free-bits threshold in nats per sequence (batch-average KL), or None.
+    :param free_bits_per: ``"sequence"`` (the threshold bounds the total KL) or ``"dimension"``
+        (it bounds each latent coordinate's KL; Kingma et al. 2016 with groups of one), see
+        :func:`~pyrossm.infer.handlers.elbo_objective`.
     :param device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``; model, guide and data
         are moved there.
     :param seed: seeds torch, numpy and random (ignored when resuming from a checkpoint).
@@ -299,6 +304,8 @@ def fit(
     """
     _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
                 early_stopping_patience, val_data, resume, checkpoint_dir, free_bits)
+    if free_bits_per not in FREE_BITS_PER:
+        raise ValueError(f"free_bits_per: expected one of {FREE_BITS_PER}, got {free_bits_per!r}")
     if chunk_length is not None and (not isinstance(chunk_length, int)
                                      or isinstance(chunk_length, bool) or chunk_length < 1):
         raise ValueError(f"chunk_length: expected a positive integer or None, got "
@@ -307,17 +314,17 @@ def fit(
     try:
         return _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr,
                     num_particles, clip_norm, lr_decay, betas, weight_decay, annealing,
-                    free_bits, device, seed, shuffle, bucket, checkpoint_dir, checkpoint_every,
-                    keep_checkpoints, resume, early_stopping_patience, val_num_samples,
-                    val_batch_size, progress, on_nan, callbacks, chunk_length)
+                    free_bits, free_bits_per, device, seed, shuffle, bucket, checkpoint_dir,
+                    checkpoint_every, keep_checkpoints, resume, early_stopping_patience,
+                    val_num_samples, val_batch_size, progress, on_nan, callbacks, chunk_length)
     finally:
         if ctx is not None:
             ctx.close()
 
 
 def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_particles,
-         clip_norm, lr_decay, betas, weight_decay, annealing, free_bits, device, seed, shuffle,
-         bucket, checkpoint_dir, checkpoint_every, keep_checkpoints, resume,
+         clip_norm, lr_decay, betas, weight_decay, annealing, free_bits, free_bits_per, device,
+         seed, shuffle, bucket, checkpoint_dir, checkpoint_every, keep_checkpoints, resume,
          early_stopping_patience, val_num_samples, val_batch_size, progress, on_nan, callbacks,
          chunk_length):
     device = ctx.device if ctx is not None else resolve_device(device)
@@ -422,7 +429,8 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                     x, mask = train.batch(index, device_index=dev_index)
                     try:
                         traces = elbo_traces(model, guide, x, mask, num_particles, beta)
-                        obj = elbo_objective(*traces, num_particles, beta, free_bits)
+                        obj = elbo_objective(*traces, num_particles, beta, free_bits,
+                                             free_bits_per)
                         value, neg_elbo, kl = torch.stack(
                             [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
                     except ValueError as e:

@@ -14,7 +14,9 @@
   where ``KL_b = log q(z_b | x_b) - log p(z_b)`` (single-sample estimate summed over the latent
   sites) and ``lambda`` is in nats per sequence: below ``lambda`` the KL term has no gradient, so
   the encoder is not pushed to collapse onto the prior. (With annealing both sides are multiplied
-  by ``beta``.)
+  by ``beta``.) Per dimension (Kingma et al.'s groups of one coordinate each), the KL term is
+  ``B * sum_j max(lambda, mean_b KL_bj)``: every coordinate may carry ``lambda`` nats for free,
+  which spreads the information over many latent units instead of a few.
 * :class:`FreeBitsELBO`: the same objective as a loss callable for ``pyro.infer.SVI``.
 * :func:`site_log_probs_per_row` reduces a site's log-density to one number per batch row.
 """
@@ -130,10 +132,19 @@ class StepObjective(NamedTuple):
 _TRACE_ELBO = Trace_ELBO(max_plate_nesting=1)
 
 
+FREE_BITS_PER = ("sequence", "dimension")
+
+
 def elbo_objective(
-    model_trace, guide_trace, num_particles: int = 1, beta: float = 1.0, free_bits=None
+    model_trace, guide_trace, num_particles: int = 1, beta: float = 1.0, free_bits=None,
+    free_bits_per: str = "sequence",
 ) -> StepObjective:
-    """Objective of one step from :func:`elbo_traces` output; see the module docstring."""
+    """Objective of one step from :func:`elbo_traces` output; see the module docstring.
+
+    ``free_bits_per="dimension"`` applies ``lambda`` to every latent coordinate separately
+    (the last event dimension of each latent site, which must be a diagonal distribution with
+    ``event_dim == 1``): ``sum_j max(lambda, mean_b KL_bj)``.
+    """
     kl = 0.0
     for _, site in latent_sites(guide_trace):
         kl = kl + _masked(site["unscaled_log_prob"], site).sum()
@@ -155,24 +166,53 @@ def elbo_objective(
     for _, site in model_trace.nodes.items():
         if site["type"] == "sample" and site["is_observed"]:
             rec = rec + site["log_prob_sum"]
-    kl_scaled = 0.0
     for name, site in latent_sites(guide_trace):
         if not site["fn"].has_rsample:
             raise NotImplementedError(
                 f"free bits needs reparameterized latent sites; guide site {name!r} is not"
             )
-        kl_scaled = kl_scaled + site["log_prob_sum"]
-    for _, site in latent_sites(model_trace):
-        kl_scaled = kl_scaled - site["log_prob_sum"]
     rows = _rows(model_trace)
     threshold = beta * float(free_bits) * (rows / num_particles)
-    if not isinstance(kl_scaled, torch.Tensor):
-        kl_scaled = kl.new_zeros(())
-    kl_term = torch.clamp(kl_scaled, min=threshold)
+    if free_bits_per == "dimension":
+        kl_term = 0.0
+        per_dim = {}
+        for sign, trace in ((1.0, guide_trace), (-1.0, model_trace)):
+            for name, site in latent_sites(trace):
+                lp = sign * _log_prob_per_dimension(name, site)
+                per_dim[name] = per_dim[name] + lp if name in per_dim else lp
+        for vec in per_dim.values():
+            kl_term = kl_term + torch.clamp(vec, min=threshold).sum()
+    else:
+        kl_scaled = 0.0
+        for _, site in latent_sites(guide_trace):
+            kl_scaled = kl_scaled + site["log_prob_sum"]
+        for _, site in latent_sites(model_trace):
+            kl_scaled = kl_scaled - site["log_prob_sum"]
+        kl_term = torch.clamp(kl_scaled, min=threshold) if isinstance(kl_scaled, torch.Tensor) \
+            else kl.new_zeros(())
+    if not isinstance(kl_term, torch.Tensor):
+        kl_term = kl.new_zeros(())
     surrogate = kl_term - rec
     loss = surrogate.detach()
     neg_elbo = (kl - rec).detach()
     return StepObjective(surrogate, loss, neg_elbo, kl)
+
+
+def _log_prob_per_dimension(name, site) -> torch.Tensor:
+    """Scaled, masked log-density of a latent site summed over rows, one entry per coordinate."""
+    fn = site["fn"]
+    base = getattr(fn, "base_dist", None)
+    if (site["fn"].event_dim != 1 or base is None
+            or getattr(fn, "reinterpreted_batch_ndims", None) != 1):
+        raise NotImplementedError(
+            f"free_bits_per='dimension' needs latent sites distributed as "
+            f"Independent(base, 1) with event_dim 1; site {name!r} has "
+            f"{type(fn).__name__} with event_dim {fn.event_dim}"
+        )
+    lp = base.log_prob(site["value"])
+    if site.get("mask") is not None:
+        lp = torch.where(site["mask"].unsqueeze(-1), lp, lp.new_zeros(()))
+    return (site["scale"] * lp).reshape(-1, lp.shape[-1]).sum(0)
 
 
 def _any_tensor(trace) -> torch.Tensor:
@@ -236,23 +276,29 @@ def nonfinite_sites(model_trace, guide_trace) -> list[str]:
 class FreeBitsELBO:
     """Free-bits ELBO as a loss callable for ``pyro.infer.SVI`` (see module docstring).
 
-    :param free_bits: ``lambda`` in nats per sequence (batch average of the KL).
+    :param free_bits: ``lambda`` in nats per sequence (batch average of the KL), or per latent
+        coordinate with ``free_bits_per="dimension"``.
     :param num_particles: particles, by repeating the batch.
 
     >>> # svi = SVI(model, guide, ClippedAdam({"lr": 1e-3}), loss=FreeBitsELBO(2.0))
     >>> # svi.step(x, mask)
     """
 
-    def __init__(self, free_bits: float, num_particles: int = 1):
+    def __init__(self, free_bits: float, num_particles: int = 1, free_bits_per: str = "sequence"):
         if not float(free_bits) >= 0:
             raise ValueError(f"free_bits: expected a non-negative number, got {free_bits}")
+        if free_bits_per not in FREE_BITS_PER:
+            raise ValueError(f"free_bits_per: expected one of {FREE_BITS_PER}, got "
+                             f"{free_bits_per!r}")
         self.free_bits = float(free_bits)
+        self.free_bits_per = free_bits_per
         self.num_particles = int(num_particles)
 
     def differentiable_loss(self, model, guide, x, mask=None):
         model_trace, guide_trace = elbo_traces(model, guide, x, mask, self.num_particles)
         return elbo_objective(
-            model_trace, guide_trace, self.num_particles, free_bits=self.free_bits
+            model_trace, guide_trace, self.num_particles, free_bits=self.free_bits,
+            free_bits_per=self.free_bits_per,
         ).surrogate
 
     def loss(self, model, guide, x, mask=None) -> float:

@@ -253,6 +253,9 @@ def main(argv=None):
                    help="length-bucketed batches (less padding; default: uniform batches)")
     for name in ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size"):
         j.add_argument("--" + name.replace("_", "-"), type=int, default=JSB_DEFAULTS[name])
+    for name in ("lr", "lr_decay", "clip_norm", "weight_decay", "min_annealing"):
+        j.add_argument("--" + name.replace("_", "-"), type=float, default=JSB_DEFAULTS[name],
+                       help=f"(published: {JSB_DEFAULTS[name]})")
     so = sub.add_parser("synthetic", help="linear-Gaussian / nonlinear data vs Kalman baselines")
     so.add_argument("--system", choices=("linear", "pendulum", "lorenz"), default="linear")
     so.add_argument("--models", default="dmm,lstm_ssm")
@@ -275,7 +278,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.command == "jsb":
         sizes = {k: getattr(args, k) for k in
-                 ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size")}
+                 ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size", "lr",
+                  "lr_decay", "clip_norm", "weight_decay", "min_annealing")}
         output = args.output or str(RESULTS_DIR / "jsb.json")
         payload = run_jsb(tuple(args.configs.split(",")), epochs=args.epochs,
                           minutes=args.minutes, annealing_epochs=args.annealing_epochs,

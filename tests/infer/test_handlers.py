@@ -95,3 +95,74 @@ def test_nonfinite_sites_names_the_site():
     model.poison_calls = {1}
     traces = elbo_traces(model, guide, x, None)
     assert nonfinite_sites(*traces) == ["model:x"]
+
+
+class _VectorLatentModel(torch.nn.Module):
+    """z_b ~ N(0, I_3), x_b ~ N(W z_b, I_2): a latent site with event_dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+
+    def forward(self, x, mask=None):
+        with pyro.plate("sequences", x.shape[0], dim=-1):
+            z = pyro.sample("z", pyro.distributions.Normal(
+                x.new_zeros(x.shape[0], 3), 1.0).to_event(1))
+            pyro.sample("x", pyro.distributions.Normal(z @ self.W.T, 1.0).to_event(1), obs=x)
+
+
+class _VectorLatentGuide(torch.nn.Module):
+    def __init__(self, loc):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.as_tensor(loc, dtype=torch.float64))
+
+    def forward(self, x, mask=None):
+        with pyro.plate("sequences", x.shape[0], dim=-1):
+            loc = self.loc.expand(x.shape[0], 3)
+            pyro.sample("z", pyro.distributions.Normal(loc, 1.0).to_event(1))
+
+
+def _dim_objective(free_bits, free_bits_per, seed=1):
+    torch.manual_seed(0)
+    model, x = _VectorLatentModel(), torch.randn(4, 2, dtype=torch.float64)
+    # coordinate 0 far from the prior (KL ~ 4.5 nats), 1 and 2 equal to it (KL exactly 0)
+    guide = _VectorLatentGuide([3.0, 0.0, 0.0])
+    pyro.set_rng_seed(seed)
+    traces = elbo_traces(model, guide, x, None)
+    obj = elbo_objective(*traces, free_bits=free_bits, free_bits_per=free_bits_per)
+    rec = traces[0].nodes["x"]["log_prob_sum"]
+    g_total, = torch.autograd.grad(obj.surrogate, [guide.loc], retain_graph=True)
+    g_rec, = torch.autograd.grad(-rec, [guide.loc])
+    return obj, g_total, g_rec, rec, x.shape[0]
+
+
+def test_free_bits_per_dimension_clamps_each_coordinate():
+    plain, g_plain, _, _, _ = _dim_objective(None, "sequence")
+    zero, g_zero, _, _, _ = _dim_objective(0.0, "dimension")
+    assert zero.loss.item() == pytest.approx(plain.loss.item(), rel=1e-12)
+    assert torch.allclose(g_zero, g_plain, rtol=1e-12)
+    lam = 1.0
+    obj, g, g_rec, rec, batch = _dim_objective(lam, "dimension")
+    # coordinate 0 keeps its KL gradient; 1 and 2 (KL 0 < lambda) feel only the reconstruction
+    assert torch.allclose(g[0], g_plain[0], rtol=1e-12)
+    assert torch.allclose(g[1:], g_rec[1:], rtol=1e-12)
+    assert not torch.allclose(g[0], g_rec[0])
+    # value: -rec + KL_0 + 2 * lambda * B (each clamped coordinate contributes lambda per row)
+    kl0 = plain.kl.item()
+    assert obj.loss.item() == pytest.approx(-rec.item() + kl0 + 2 * lam * batch, rel=1e-12)
+    # per sequence, the same lambda is below the total KL: no clamping, the plain objective
+    seq, g_seq, _, _, _ = _dim_objective(lam, "sequence")
+    assert torch.allclose(g_seq, g_plain, rtol=1e-12)
+
+
+def test_free_bits_per_dimension_rejects_multi_dimensional_events_and_bad_modes():
+    model, x = toy_problem(num=3, steps=4)
+    guide = ToyGuide(3, 2)
+    traces = elbo_traces(model, guide, x, None)
+    with pytest.raises(NotImplementedError, match="'z'"):
+        elbo_objective(*traces, free_bits=0.1, free_bits_per="dimension")
+    with pytest.raises(ValueError, match="free_bits_per"):
+        fit(model, guide, x, epochs=1, batch_size=3, lr=1e-2, free_bits=0.1,
+            free_bits_per="dim", progress=False, device="cpu")
+    with pytest.raises(ValueError, match="free_bits_per"):
+        FreeBitsELBO(1.0, free_bits_per="row")
