@@ -344,7 +344,7 @@ class AutoregressiveGaussianSequence(SequentialSequenceDistribution):
         T, D = self.event_shape
         z = self.init.expand(shape + (D,))
         eps = torch.empty((T,) + shape + (D,), dtype=z.dtype, device=z.device).normal_()
-        steps = []
+        steps, locs, scales = [], [], []
         for t, step in enumerate(self._steps()):
             loc, scale = step(z)
             if self.scale_tril:
@@ -352,13 +352,24 @@ class AutoregressiveGaussianSequence(SequentialSequenceDistribution):
             else:
                 z = loc + scale * eps[t]
             steps.append(z)
+            locs.append(loc)
+            scales.append(scale)
         if not steps:
             return z.new_zeros(shape + self.event_shape)
         out = torch.stack(steps, dim=-2)
-        return out if reparameterized else out.detach()
+        if not reparameterized:
+            return out.detach()
+        # log_prob of this very sample (Trace_ELBO scores the guide's own draw) reuses the
+        # conditionals computed while sampling instead of a second pass of the combiner.
+        time_dim = -2 if not self.scale_tril else -3
+        self._sampled = (out, torch.stack(locs, dim=-2), torch.stack(scales, dim=time_dim))
+        return out
 
     def conditionals(self, value):
         """``(loc, scale)`` of all steps given ``value (..., T, D)``: one combiner call."""
+        cached = getattr(self, "_sampled", None)
+        if cached is not None and value is cached[0]:
+            return cached[1], cached[2]
         return self.combiner(shift_sequence(value, self.init), self.features)
 
     def step_log_prob(self, value):

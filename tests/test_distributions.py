@@ -236,6 +236,39 @@ def test_autoregressive_gradients_flow_through_rsample_and_log_prob():
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("tril", [False, True])
+def test_autoregressive_log_prob_of_own_sample_reuses_sampling_pass(tril):
+    # the conditionals cached while sampling give the same log-density and gradients as a
+    # fresh combiner pass over the shifted trajectory (a copy of the sample is not cached)
+    D, H, T = 2, 3, 6
+    F, G, b, L = _random_linear(D, H, tril=tril)
+    G.requires_grad_(True)
+    h = torch.randn(4, T, H, dtype=torch.float64)
+    d = AutoregressiveGaussianSequence(_SplitCombiner(F, G, b, L), h,
+                                       torch.zeros(D, dtype=torch.float64), scale_tril=tril)
+    calls = []
+    d.combiner = _CountingCombiner(d.combiner, calls)
+    z = d.rsample((2,))
+    cached = d.log_prob(z)
+    assert calls == []  # no combiner pass for the sample itself
+    fresh = d.log_prob(z.clone())
+    assert calls == ["full"]
+    torch.testing.assert_close(cached, fresh, **EXACT)
+    g1, = torch.autograd.grad(cached.sum(), [G], retain_graph=True)
+    g2, = torch.autograd.grad(fresh.sum(), [G])
+    torch.testing.assert_close(g1, g2, **EXACT)
+
+
+class _CountingCombiner:
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+        self.prepare, self.step = inner.prepare, inner.step
+
+    def __call__(self, z, h):
+        self.calls.append("full")
+        return self.inner(z, h)
+
+
 def test_autoregressive_expand_in_plate():
     comb = lambda z, h: (0.9 * z + h, torch.full_like(z, 0.5))
     d = AutoregressiveGaussianSequence(comb, torch.randn(1, 8, 2), torch.zeros(2))
