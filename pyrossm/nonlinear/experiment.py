@@ -270,6 +270,8 @@ def main(argv=None):
     so.add_argument("--num-test", type=int, default=200)
     so.add_argument("--num-steps", type=int, default=50, help="time steps per sequence")
     so.add_argument("--hidden", type=int, default=32, help="hidden sizes of nets and guide RNN")
+    so.add_argument("--z-dim", type=int, default=None,
+                    help="latent size of the nonlinear models (default: the true state size)")
     for p in (j, so):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
@@ -298,6 +300,7 @@ def main(argv=None):
                                 iwae_samples=args.iwae_samples, seed=args.seed,
                                 num_train=args.num_train, num_test=args.num_test,
                                 num_steps=args.num_steps, hidden=args.hidden, lr=args.lr,
+                                z_dim=args.z_dim,
                                 batch_size=args.batch_size,
                                 lgssm_state_dims=tuple(
                                     int(d) for d in args.lgssm_state_dims.split(",")))

@@ -239,7 +239,10 @@ class DeepMarkovModel(_StateSpaceModel):
         μ(z) &= (1 - g(z)) \odot (W z + b) + g(z) \odot \tilde μ(z), \quad W = I \text{ at init} \\
         x_t &\sim p_θ(x_t \mid z_t) \quad \text{(Bernoulli for piano rolls, Gaussian, Categorical)}
 
-    See :class:`~pyrossm.nonlinear.networks.GatedTransition`. The prior's log-density of a whole
+    ``initial="transition"`` (default, Pyro's DMM): ``z_1 ~ T(z_0)``; ``initial="learned"``:
+    ``z_1 ~ N(μ_1, diag σ_1²)`` with its own parameters (:class:`~pyrossm.nonlinear.networks.
+    MarkovPrior`). See :class:`~pyrossm.nonlinear.networks.GatedTransition`. The prior's
+    log-density of a whole
     trajectory is one batched call of the transition network over ``(z_0, ..., z_{T-1})``.
     Shapes: ``x`` (batch, time, obs_dim) (time at dim -2); site ``"z"`` event (time, z_dim).
     Defaults are the published JSB sizes (z 100, transition 200, emission 100).
@@ -259,6 +262,7 @@ class DeepMarkovModel(_StateSpaceModel):
         transition_dim: int = 200,
         emission_dim: int = 100,
         emission: str = "bernoulli",
+        initial: str = "transition",
     ):
         super().__init__(obs_dim, z_dim, emission, emission_dim)
-        self.dynamics = MarkovPrior(z_dim, transition_dim)
+        self.dynamics = MarkovPrior(z_dim, transition_dim, initial)

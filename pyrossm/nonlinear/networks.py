@@ -22,6 +22,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,37 +201,74 @@ class GatedTransition(nn.Module):
         return loc, scale
 
 
-class MarkovPrior(nn.Module):
-    """Markov dynamics ``z_1 ~ T(z_0)``, ``z_t ~ T(z_{t-1})`` with a learned ``z_0``.
+INITIALS = ("transition", "learned")
 
-    ``T`` is a :class:`GatedTransition`. Sequential state = the previous latent ``z_{t-1}``.
+
+class MarkovPrior(nn.Module):
+    """Markov dynamics ``z_t ~ T(z_{t-1})`` (``T`` a :class:`GatedTransition`), with either
+
+    * ``initial="transition"``: ``z_1 ~ T(z_0)`` with a learned point ``z_0`` (Pyro's DMM), or
+    * ``initial="learned"``: ``z_1 ~ N(μ_1, diag σ_1²)`` with its own learned mean and scale.
+
+    The second lets the first state be much more (or less) spread than the transition noise —
+    e.g. a stationary linear system started from a wide distribution — which ``T(z_0)`` can only
+    mimic by making the transition scale depend on the state. Sequential state: the previous
+    latent ``z_{t-1}``; with ``initial="learned"`` the pair ``(z_{t-1}, first)`` where ``first``
+    (batch,) marks sequences that have not started yet.
     """
 
-    def __init__(self, z_dim: int, transition_dim: int = 200):
+    def __init__(self, z_dim: int, transition_dim: int = 200, initial: str = "transition"):
         super().__init__()
-        self.z_dim = z_dim
+        if initial not in INITIALS:
+            raise ValueError(f"initial: expected one of {INITIALS}, got {initial!r}")
+        self.z_dim, self.initial = z_dim, initial
         self.transition = GatedTransition(z_dim, transition_dim)
         self.z_0 = nn.Parameter(torch.zeros(z_dim))
+        if initial == "learned":  # starts at N(0, I)
+            self.z_1_loc = nn.Parameter(torch.zeros(z_dim))
+            self.z_1_scale_raw = nn.Parameter(torch.full((z_dim,), math.log(math.e - 1.0)))
+
+    def _first_step(self):
+        return self.z_1_loc, F.softplus(self.z_1_scale_raw) + MIN_SCALE
 
     def trajectory_params(self, z: torch.Tensor):
         """``(loc, scale)`` of every ``p(z_t | z_{t-1})``, each ``(batch, time, z_dim)``."""
         z_prev = torch.cat([self.z_0.expand(z.size(0), 1, -1), z[:, :-1]], dim=1)
-        return self.transition(z_prev)
+        loc, scale = self.transition(z_prev)
+        if self.initial == "learned":
+            first = torch.zeros_like(loc[:1, :, :1], dtype=torch.bool)
+            first[:, 0] = True
+            loc1, scale1 = self._first_step()
+            loc, scale = torch.where(first, loc1, loc), torch.where(first, scale1, scale)
+        return loc, scale
 
     def initial_state(self, batch_size: int, like: torch.Tensor):
-        return self.z_0.to(like).expand(batch_size, -1)
+        z_0 = self.z_0.to(like).expand(batch_size, -1)
+        if self.initial == "learned":
+            return z_0, torch.ones(batch_size, dtype=torch.bool, device=like.device)
+        return z_0
 
     def predict(self, state):
-        return self.transition(state)
+        if self.initial == "transition":
+            return self.transition(state)
+        z_prev, first = state
+        loc, scale = self.transition(z_prev)
+        loc1, scale1 = self._first_step()
+        first = first.unsqueeze(-1)
+        return torch.where(first, loc1, loc), torch.where(first, scale1, scale)
 
     def update(self, state, z_t: torch.Tensor):
-        return z_t
+        if self.initial == "transition":
+            return z_t
+        return z_t, torch.zeros_like(state[1])
 
     def state_after(self, z: torch.Tensor, lengths: torch.Tensor):
         """State after the first ``lengths[b]`` steps of ``z`` (batch, time, z_dim)."""
         full = torch.cat([self.z_0.expand(z.size(0), 1, -1), z], dim=1)
-        index = lengths.to(z.device).long().view(-1, 1, 1).expand(-1, 1, z.size(-1))
-        return full.gather(1, index).squeeze(1)
+        lengths = lengths.to(z.device).long()
+        index = lengths.view(-1, 1, 1).expand(-1, 1, z.size(-1))
+        last = full.gather(1, index).squeeze(1)
+        return last if self.initial == "transition" else (last, lengths == 0)
 
 
 # --------------------------------------------------------------------------------------------

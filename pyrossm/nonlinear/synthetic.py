@@ -75,8 +75,9 @@ def make_synthetic_data(system: str, num_train: int, num_test: int, num_steps: i
 def build_synthetic(kind: str, obs_dim: int, z_dim: int, hidden: int = 32):
     """``(model, guide)``: a small DMM or LSTM-SSM (Gaussian emission) + backward guide."""
     if kind == "dmm":
+        # a first state of its own: the systems start from a spread wider than their noise
         model = DeepMarkovModel(obs_dim, z_dim, transition_dim=hidden, emission_dim=hidden,
-                                emission="gaussian")
+                                emission="gaussian", initial="learned")
     elif kind == "lstm_ssm":
         model = LSTMStateSpaceModel(obs_dim, z_dim, rnn_dim=hidden, emission="gaussian",
                                     emission_dim=hidden, hidden_dim=hidden)

@@ -16,8 +16,14 @@ LENGTHS = torch.tensor([7, 5, 3, 1])
 
 
 def make_model(kind, emission):
-    if kind == "dmm":
-        m = DeepMarkovModel(OBS_DIM, Z_DIM, transition_dim=8, emission_dim=8, emission=emission)
+    if kind in ("dmm", "dmm_learned_init"):
+        initial = "learned" if kind == "dmm_learned_init" else "transition"
+        m = DeepMarkovModel(OBS_DIM, Z_DIM, transition_dim=8, emission_dim=8, emission=emission,
+                            initial=initial)
+        if initial == "learned":  # away from N(0, I), so that mixing it up would show
+            with torch.no_grad():
+                m.dynamics.z_1_loc.normal_()
+                m.dynamics.z_1_scale_raw.normal_()
     else:
         m = LSTMStateSpaceModel(OBS_DIM, Z_DIM, rnn_dim=8, emission=emission, emission_dim=8,
                                 hidden_dim=8)
@@ -32,6 +38,7 @@ def make_data(emission, batch=4, steps=T):
 
 
 MODELS = [(k, e) for k in ("dmm", "lstm") for e in ("gaussian", "bernoulli", "categorical")]
+MODELS.append(("dmm_learned_init", "gaussian"))
 
 
 def joint_log_prob(model, x, mask, z):
@@ -92,7 +99,7 @@ def test_nan_is_missing_entry(kind):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("kind", ["dmm", "lstm"])
+@pytest.mark.parametrize("kind", ["dmm", "dmm_learned_init", "lstm"])
 def test_vectorized_log_prob_equals_step_by_step(kind):
     """TrajectoryPrior.log_prob (one batched call) = the sum of the sequential conditionals."""
     model = make_model(kind, "gaussian")
@@ -151,20 +158,35 @@ def test_forecast_and_reconstruct_shapes(kind, emission):
     assert rec.z.shape == (2, 4, T, Z_DIM) and rec.means.shape == (2, 4, T, OBS_DIM)
 
 
-@pytest.mark.parametrize("kind", ["dmm", "lstm"])
+@pytest.mark.parametrize("kind", ["dmm", "dmm_learned_init", "lstm"])
 def test_state_after_prefix_equals_stepping(kind):
     """Forecasts continue from each sequence's own last real step (right padding ignored)."""
     model = make_model(kind, "gaussian")
-    z = torch.randn(4, T, Z_DIM, dtype=torch.float64)
-    state = model.dynamics.state_after(z, LENGTHS)
+    z = torch.randn(5, T, Z_DIM, dtype=torch.float64)
+    lengths = torch.cat([LENGTHS, torch.tensor([0])])  # 0: nothing seen, the first step next
+    state = model.dynamics.state_after(z, lengths)
     loc, scale = model.dynamics.predict(state)
-    for b, length in enumerate(LENGTHS.tolist()):
+    for b, length in enumerate(lengths.tolist()):
         s = model.dynamics.initial_state(1, z)
         for t in range(length):
             s = model.dynamics.update(s, z[b : b + 1, t])
         loc_b, scale_b = model.dynamics.predict(s)
         assert torch.allclose(loc[b], loc_b[0], atol=ATOL)
         assert torch.allclose(scale[b], scale_b[0], atol=ATOL)
+
+
+def test_learned_initial_state_is_its_own_distribution():
+    model = make_model("dmm_learned_init", "gaussian")
+    z = torch.randn(4, T, Z_DIM, dtype=torch.float64)
+    loc, scale = model.dynamics.trajectory_params(z)
+    loc1 = model.dynamics.z_1_loc
+    scale1 = torch.nn.functional.softplus(model.dynamics.z_1_scale_raw) + 1e-3
+    assert torch.allclose(loc[:, 0], loc1.expand(4, -1)) and torch.allclose(scale[:, 0],
+                                                                            scale1.expand(4, -1))
+    later = model.dynamics.transition(z[:, :-1])
+    assert torch.allclose(loc[:, 1:], later[0]) and torch.allclose(scale[:, 1:], later[1])
+    with pytest.raises(ValueError, match="initial"):
+        DeepMarkovModel(OBS_DIM, Z_DIM, initial="zero")
 
 
 def test_gated_transition_starts_near_identity():
