@@ -29,9 +29,11 @@ thread each)::
     python -m pyrossm.seqvae.experiment --table benchmarks/results/ptb_{lm,a,b,c}.json \
         --output benchmarks/results/ptb.json
 
-The short budget run recorded in ``benchmarks/results/ptb.json`` (shared, heavily loaded CPU)
-added ``--max-steps 400 --anneal-steps 250 --train-minutes 58 --iwae-samples 50
---iwae-sentences 200``. ``--config paper`` is a GPU-sized configuration (bigger networks,
+The runs recorded in ``benchmarks/results/ptb.json`` (merged from ``ptb_lm_27min.json``,
+``ptb_a_2000steps.json``, ``ptb_b_2000steps.json``, ``ptb_c_perdim035.json``; shared CPU,
+``--iwae-samples 100 --iwae-sentences 500``) used ``--train-minutes 27`` for the LM,
+``--max-steps 2000 --anneal-steps 1500`` for (a) and (b), and ``--max-steps 5316
+--train-minutes 45`` for (c). ``--config paper`` is a GPU-sized configuration (bigger networks,
 10 epochs, K = 500 on the whole test set).
 """
 
