@@ -145,6 +145,8 @@ def elbo_objective(
     (the last event dimension of each latent site, which must be a diagonal distribution with
     ``event_dim == 1``): ``sum_j max(lambda, mean_b KL_bj)``.
     """
+    if free_bits_per not in FREE_BITS_PER:
+        raise ValueError(f"free_bits_per: expected one of {FREE_BITS_PER}, got {free_bits_per!r}")
     kl = 0.0
     for _, site in latent_sites(guide_trace):
         kl = kl + _masked(site["unscaled_log_prob"], site).sum()

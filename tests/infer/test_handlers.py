@@ -166,3 +166,5 @@ def test_free_bits_per_dimension_rejects_multi_dimensional_events_and_bad_modes(
             free_bits_per="dim", progress=False, device="cpu")
     with pytest.raises(ValueError, match="free_bits_per"):
         FreeBitsELBO(1.0, free_bits_per="row")
+    with pytest.raises(ValueError, match="free_bits_per"):
+        elbo_objective(*traces, free_bits=0.1, free_bits_per="dim")

@@ -117,7 +117,7 @@ def test_nile_fit_recovers_variances():
     )
     losses = ssm.fit(x, burn=1)
     assert losses[-1] <= losses[0]
-    q, r = float(ssm.Q), float(ssm.R)
+    q, r = float(ssm.Q.detach()), float(ssm.R.detach())
     assert abs(r / SIGMA2_EPS - 1) < FIT_RTOL, f"sigma2_eps {r:.1f} vs {SIGMA2_EPS}"
     assert abs(q / SIGMA2_ETA - 1) < FIT_RTOL, f"sigma2_eta {q:.1f} vs {SIGMA2_ETA}"
     # the fixed parameters stayed fixed
