@@ -133,5 +133,5 @@ def test_nile_fit_recovers_variances():
     assert abs(r / sm_r - 1) < FIT_VS_STATSMODELS_RTOL, (r, sm_r)
     assert abs(q / sm_q - 1) < FIT_VS_STATSMODELS_RTOL, (q, sm_q)
     # and our optimum is as good as the reference optimum (same objective, burn = 1)
-    ours = float(ssm.filter(x).step_log_likelihoods[..., 1:].sum())
+    ours = float(ssm.filter(x).step_log_likelihoods[..., 1:].sum().detach())
     assert ours >= -opt.fun - 1e-6, (ours, -opt.fun)
