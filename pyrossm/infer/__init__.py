@@ -5,10 +5,10 @@ Public API (stable; other modules and tests rely on it)
 Training
     ``fit(model, guide, train_data, *, val_data=None, epochs, batch_size, lr, num_particles=1,
     clip_norm=10.0, lr_decay=1.0, betas=(0.9, 0.999), weight_decay=0.0, annealing=None,
-    free_bits=None, device="auto", seed=None, shuffle=True, bucket=False, checkpoint_dir=None,
-    checkpoint_every=1, keep_checkpoints=2, resume=False, early_stopping_patience=None,
-    val_num_samples=1, val_batch_size=None, progress=True, on_nan="raise", callbacks=None,
-    distributed=None, chunk_length=None)
+    free_bits=None, free_bits_per="sequence", device="auto", seed=None, shuffle=True,
+    bucket=False, checkpoint_dir=None, checkpoint_every=1, keep_checkpoints=2, resume=False,
+    early_stopping_patience=None, val_num_samples=1, val_batch_size=None, progress=True,
+    on_nan="raise", callbacks=None, distributed=None, chunk_length=None)
     -> History``. SVI with Pyro's Trace_ELBO estimator and ClippedAdam; ``History[key]`` gives a
     per-epoch list (``train_neg_elbo_per_step``, ``val_neg_elbo_per_step``, ``train_kl``,
     ``beta``, ``seconds``, ...); ``History.to_dict()`` / ``to_json()``.
@@ -28,8 +28,9 @@ Data
     ``SequenceDataset(x, mask=None, lengths=None)``, ``as_dataset``, ``pad_sequences``,
     ``batch_indices`` (shuffling, length bucketing), ``repeat_particles``.
 Handlers
-    ``LatentScaleMessenger(beta)`` (scales unobserved sites), ``FreeBitsELBO(free_bits)`` (an
-    SVI loss callable).
+    ``LatentScaleMessenger(beta)`` (scales unobserved sites), ``FreeBitsELBO(free_bits,
+    num_particles=1, free_bits_per="sequence")`` (an SVI loss callable; ``"dimension"``: the
+    threshold applies to each latent coordinate).
 
 Notes
 -----

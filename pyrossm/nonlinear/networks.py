@@ -233,14 +233,12 @@ class MarkovPrior(nn.Module):
 
     def trajectory_params(self, z: torch.Tensor):
         """``(loc, scale)`` of every ``p(z_t | z_{t-1})``, each ``(batch, time, z_dim)``."""
-        z_prev = torch.cat([self.z_0.expand(z.size(0), 1, -1), z[:, :-1]], dim=1)
-        loc, scale = self.transition(z_prev)
-        if self.initial == "learned":
-            first = torch.zeros_like(loc[:1, :, :1], dtype=torch.bool)
-            first[:, 0] = True
-            loc1, scale1 = self._first_step()
-            loc, scale = torch.where(first, loc1, loc), torch.where(first, scale1, scale)
-        return loc, scale
+        if self.initial == "transition":
+            z_prev = torch.cat([self.z_0.expand(z.size(0), 1, -1), z[:, :-1]], dim=1)
+            return self.transition(z_prev)
+        loc, scale = self.transition(z[:, :-1])
+        loc1, scale1 = (p.expand(z.size(0), 1, -1) for p in self._first_step())
+        return torch.cat([loc1, loc], dim=1), torch.cat([scale1, scale], dim=1)
 
     def initial_state(self, batch_size: int, like: torch.Tensor):
         z_0 = self.z_0.to(like).expand(batch_size, -1)
