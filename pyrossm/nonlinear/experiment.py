@@ -279,6 +279,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.command == "jsb":
+        # 37 of JSB's 88 keys never sound in the training set: their input weights get no
+        # gradient, weight decay shrinks them geometrically, and after ~300 epochs they are
+        # subnormal floats, which made every CPU epoch ~3x slower (2.3 s -> 7 s). Flush them.
+        torch.set_flush_denormal(True)
         sizes = {k: getattr(args, k) for k in
                  ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size", "lr",
                   "lr_decay", "clip_norm", "weight_decay", "min_annealing")}
