@@ -149,8 +149,8 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
     from pyrossm.datasets import load_jsb_chorales
 
     s = {**JSB_DEFAULTS, **(sizes or {})}
-    epochs = epochs or s["epochs"]
-    annealing_epochs = annealing_epochs or s["annealing_epochs"]
+    s["epochs"] = epochs = epochs or s["epochs"]
+    s["annealing_epochs"] = annealing_epochs = annealing_epochs or s["annealing_epochs"]
     data_dir = data_dir or default_data_dir()
     splits = {k: load_jsb_chorales(k, data_dir) for k in ("train", "valid", "test")}
     train = (splits["train"].piano_rolls, splits["train"].mask)
