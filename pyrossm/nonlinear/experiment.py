@@ -54,7 +54,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 JSB_DEFAULTS = dict(
     z_dim=100, transition_dim=200, emission_dim=100, rnn_dim=600, lr=3e-4, betas=(0.96, 0.999),
     clip_norm=10.0, lr_decay=0.99996, weight_decay=2.0, batch_size=20, annealing_epochs=1000,
-    min_annealing=0.2, epochs=5000,
+    min_annealing=0.2, epochs=5000, encoder_cell="lstm",
 )
 # name -> (model, guide) description
 JSB_CONFIGS = {
@@ -86,11 +86,14 @@ def build_jsb(config: str, sizes: dict | None = None):
         model = DeepMarkovModel(88, s["z_dim"], s["transition_dim"], s["emission_dim"],
                                 emission="bernoulli")
     if config == "dmm_filtering":
+        if s["encoder_cell"] != "lstm":
+            raise ValueError(f"encoder_cell: the filtering guide's encoder is an LSTM, got "
+                             f"{s['encoder_cell']!r} (other cells are for the backward guide)")
         guide = FilteringLSTMGuide(88, s["z_dim"], hidden_dim=s["rnn_dim"],
                                    missing_indicators=False)
     else:
         guide = StructuredGuide(88, s["z_dim"], hidden_dim=s["rnn_dim"], direction="backward",
-                                missing_indicators=False)
+                                cell=s["encoder_cell"], missing_indicators=False)
     return model, guide
 
 
@@ -253,6 +256,8 @@ def main(argv=None):
                    help="length-bucketed batches (less padding; default: uniform batches)")
     for name in ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size"):
         j.add_argument("--" + name.replace("_", "-"), type=int, default=JSB_DEFAULTS[name])
+    j.add_argument("--encoder-cell", choices=("lstm", "gru", "rnn"), default="lstm",
+                   help="the backward guide's encoder (Pyro's DMM example uses an RNN)")
     for name in ("lr", "lr_decay", "clip_norm", "weight_decay", "min_annealing"):
         j.add_argument("--" + name.replace("_", "-"), type=float, default=JSB_DEFAULTS[name],
                        help=f"(published: {JSB_DEFAULTS[name]})")
@@ -285,7 +290,7 @@ def main(argv=None):
         torch.set_flush_denormal(True)
         sizes = {k: getattr(args, k) for k in
                  ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size", "lr",
-                  "lr_decay", "clip_norm", "weight_decay", "min_annealing")}
+                  "lr_decay", "clip_norm", "weight_decay", "min_annealing", "encoder_cell")}
         output = args.output or str(RESULTS_DIR / "jsb.json")
         payload = run_jsb(tuple(args.configs.split(",")), epochs=args.epochs,
                           minutes=args.minutes, annealing_epochs=args.annealing_epochs,

@@ -183,3 +183,18 @@ def test_experiment_cli_synthetic_smoke(tmp_path):
     r = payload["results"]["lstm_ssm"]
     assert r["margin_over_lgssm"] == pytest.approx(
         payload["baseline"]["lgssm_mle"]["best_nll_per_frame"] - r["iwae_nll_per_frame"])
+
+
+def test_build_jsb_encoder_cell():
+    from torch import nn
+
+    from pyrossm.nonlinear.experiment import build_jsb
+
+    small = dict(z_dim=2, transition_dim=4, emission_dim=4, rnn_dim=4)
+    _, guide = build_jsb("dmm_backward", {**small, "encoder_cell": "rnn"})
+    assert any(isinstance(m, nn.RNN) for m in guide.modules())
+    assert not any(isinstance(m, nn.LSTM) for m in guide.modules())
+    _, guide = build_jsb("dmm_backward", small)
+    assert any(isinstance(m, nn.LSTM) for m in guide.modules())
+    with pytest.raises(ValueError, match="encoder_cell"):
+        build_jsb("dmm_filtering", {**small, "encoder_cell": "gru"})
