@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps of up to 50 iterations each (default 10)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUT/checkpoints (SVI)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="SVI: stop after this much wall clock (checked before every step); the "
+                        "checkpoint stays resumable with --resume")
     p.add_argument("--method", choices=("mle", "svi"), default="mle",
                    help="lgssm only: exact maximum likelihood (L-BFGS on the Kalman "
                         "log-likelihood) or SVI with --guide")

@@ -143,19 +143,24 @@ def train(args):
     else:
         from pyrossm.infer import fit
 
+        if args.max_minutes is not None and not args.max_minutes >= 0:
+            raise ValueError(f"--max-minutes: expected a non-negative number of minutes, got "
+                             f"{args.max_minutes}")
         held_out = not splits.test_name.startswith("in-sample")
         history = fit(model, guide, train_data, val_data=test_data if held_out else None,
                       epochs=args.epochs or 100, batch_size=args.batch_size, lr=lr,
                       annealing=args.annealing, device=device, seed=args.seed,
                       bucket=splits.kind != "real", checkpoint_dir=str(out / "checkpoints"),
-                      resume=args.resume, progress=not args.no_progress)
+                      resume=args.resume, progress=not args.no_progress,
+                      max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
     if not is_main:
         return 0
     cfg = {"model": cfg_model,
            "data": {"source": str(args.data), "data_dir": args.data_dir, "kind": splits.kind,
                     "standardization": stats, "test_fraction": args.test_fraction,
                     "test_name": splits.test_name},
-           "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
+           "train": {"epochs": args.epochs, "max_minutes": args.max_minutes,
+                     "batch_size": args.batch_size, "lr": lr,
                      "annealing": args.annealing, "seed": args.seed, "device": str(device)}}
     save_run(out, cfg, model.cpu(), guide.cpu() if guide is not None else None, history)
     metrics = _metrics(cfg_model, model.to(device), guide.to(device) if guide else None,

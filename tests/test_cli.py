@@ -92,6 +92,8 @@ def test_svi_model_on_user_file_with_missing_values(tmp_path, user_npy):
     (["train", "--model", "seqvae", "--data", "nile"], "expected token data"),
     (["evaluate", "--run", "no-such-run"], "not a training run"),
     (["sample", "--run", "no-such-run", "--out", "s.npz", "--steps", "0"], "--steps"),
+    (["train", "--model", "dmm", "--data", "nile", "--method", "svi", "--max-minutes", "-1"],
+     "--max-minutes"),
 ])
 def test_bad_input_exits_nonzero_without_traceback(argv, message, tmp_path, capsys,
                                                    monkeypatch):

@@ -7,11 +7,13 @@ Training
     clip_norm=10.0, lr_decay=1.0, betas=(0.9, 0.999), weight_decay=0.0, annealing=None,
     free_bits=None, free_bits_per="sequence", device="auto", seed=None, shuffle=True,
     bucket=False, checkpoint_dir=None, checkpoint_every=1, keep_checkpoints=2, resume=False,
-    early_stopping_patience=None, val_num_samples=1, val_batch_size=None, progress=True,
+    max_steps=None, max_seconds=None, early_stopping_patience=None, val_num_samples=1, val_batch_size=None, progress=True,
     on_nan="raise", callbacks=None, distributed=None, chunk_length=None)
     -> History``. SVI with Pyro's Trace_ELBO estimator and ClippedAdam; ``History[key]`` gives a
     per-epoch list (``train_neg_elbo_per_step``, ``val_neg_elbo_per_step``, ``train_kl``,
-    ``beta``, ``seconds``, ...); ``History.to_dict()`` / ``to_json()``.
+    ``beta``, ``seconds``, ``batches``, ...), ``History.stop_reason`` (``"max_seconds"``, ...);
+    ``History.to_dict()`` / ``to_json()``. A ``max_steps``/``max_seconds`` budget pauses the run
+    (resumable from its checkpoint); a callback or early stopping finishes it.
     ``TrainingDivergedError(RuntimeError)``: NaN/Inf loss (names epoch, batch and sites).
 Evaluation (annealing factor 1, no grad, eval mode; per-sequence tensors of shape ``(N,)``)
     ``elbo(model, guide, data, num_samples=1, batch_size=64)``,

@@ -28,13 +28,22 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import re
 import tempfile
 import warnings
 
+import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "CheckpointManager", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 _MAGIC = b"PYROSSM-CHECKPOINT 1\n"
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
@@ -170,3 +179,28 @@ class CheckpointManager:
             except CheckpointError as e:
                 warnings.warn(f"skipping a corrupt checkpoint: {e}", RuntimeWarning)
         return None
+
+
+def rng_state() -> dict:
+    """The torch, numpy, python (and CUDA) random states, as checkpoint-friendly values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the random states saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -31,21 +31,17 @@ Example
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 
-import numpy as np
 import pyro
 import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
-from pyrossm.infer.checkpoint import CheckpointManager
+from pyrossm.infer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pyrossm.infer.data import SequenceDataset, as_dataset, batch_indices, chunk_sequences
 from pyrossm.infer.distributed import (
     all_reduce_gradients,
@@ -64,72 +60,12 @@ from pyrossm.infer.handlers import (
     elbo_objective,
     elbo_traces,
     foreign_params,
-    nonfinite_sites,
 )
+from pyrossm.infer.history import History, TrainingDivergedError, diverged_error
 from pyrossm.infer.params import claim_param_store, named_parameters, owner_module
 from pyrossm.infer.schedules import make_schedule
 
 __all__ = ["History", "TrainingDivergedError", "fit", "resolve_device"]
-
-
-class TrainingDivergedError(RuntimeError):
-    """The training loss (or a gradient) became NaN/Inf.
-
-    Attributes: ``epoch`` (1-based), ``batch`` (0-based index within the epoch), ``sites``
-    (names like ``"model:x"`` whose log-density was not finite), ``checkpoint`` (path of the last
-    good checkpoint, or None).
-    """
-
-    def __init__(self, message, epoch=None, batch=None, sites=(), checkpoint=None):
-        super().__init__(message)
-        self.epoch, self.batch, self.sites, self.checkpoint = epoch, batch, list(sites), checkpoint
-
-
-@dataclass
-class History:
-    """Per-epoch training records; ``history[key]`` is the list of a field over epochs.
-
-    Fields of each record: ``epoch`` (1-based), ``global_step``, ``beta`` (annealing factor at the
-    epoch's last step), ``lr``, ``train_loss`` (the optimised objective per sequence),
-    ``train_neg_elbo`` / ``train_neg_elbo_per_step`` (-ELBO with beta = 1 per sequence / per
-    observed step), ``train_kl`` (KL estimate per sequence), ``val_neg_elbo``,
-    ``val_neg_elbo_per_step``, ``val_kl`` (None without validation data), ``seconds``,
-    ``steps_per_second`` (optimisation steps), ``skipped_batches``.
-    """
-
-    records: list = field(default_factory=list)
-    best_epoch: int | None = None
-    stopped_early: bool = False
-
-    def __getitem__(self, key: str) -> list:
-        if self.records and key not in self.records[0]:
-            raise KeyError(f"history has no field {key!r}; fields: {sorted(self.records[0])}")
-        return [r[key] for r in self.records]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def last(self) -> dict | None:
-        return self.records[-1] if self.records else None
-
-    def to_dict(self) -> dict:
-        return {
-            "records": [dict(r) for r in self.records],
-            "best_epoch": self.best_epoch,
-            "stopped_early": self.stopped_early,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "History":
-        return cls([dict(r) for r in d["records"]], d.get("best_epoch"), d.get("stopped_early"))
-
-    def to_json(self, path=None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
 
 
 def resolve_device(device) -> torch.device:
@@ -147,35 +83,13 @@ def resolve_device(device) -> torch.device:
     return out
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
 def _clone_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
-                early_stopping_patience, val_data, resume, checkpoint_dir, free_bits):
+                early_stopping_patience, val_data, resume, checkpoint_dir, free_bits,
+                max_steps, max_seconds):
     for name, value in (("epochs", epochs), ("batch_size", batch_size),
                         ("num_particles", num_particles), ("checkpoint_every", checkpoint_every)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -193,27 +107,16 @@ def _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
                              "-ELBO); got val_data=None")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool)
+                                  or max_steps < 0):
+        raise ValueError(f"max_steps: expected a non-negative integer or None, got {max_steps!r}")
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float))
+                                        and not isinstance(max_seconds, bool)
+                                        and max_seconds >= 0):
+        raise ValueError(f"max_seconds: expected a non-negative number of seconds or None, got "
+                         f"{max_seconds!r}")
     if free_bits is not None and not (float(free_bits) >= 0):
         raise ValueError(f"free_bits: expected a non-negative number of nats, got {free_bits!r}")
-
-
-def _diverged(epoch, batch, loss_value, traces, params, grads_bad, manager, last_ckpt,
-              failure=None):
-    sites = nonfinite_sites(*traces) if traces is not None else []
-    parts = [f"training diverged at epoch {epoch}, batch {batch}: loss = {loss_value}"]
-    if failure is not None:
-        parts.append(f"a distribution rejected its arguments: {str(failure).splitlines()[0]}")
-    if sites:
-        parts.append(f"non-finite log-density at site(s) {', '.join(sites)}")
-    if grads_bad:
-        parts.append(f"non-finite gradient of {', '.join(grads_bad[:5])}")
-    bad_params = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
-    if bad_params:
-        parts.append(f"non-finite parameter(s) {', '.join(bad_params[:5])}")
-    if manager is not None:
-        parts.append(f"last good checkpoint: {last_ckpt}")
-    parts.append("lower lr or clip_norm, check the data for NaN/Inf, or pass on_nan='skip'")
-    return TrainingDivergedError("; ".join(parts), epoch, batch, sites, last_ckpt)
 
 
 def fit(
@@ -241,6 +144,8 @@ def fit(
     checkpoint_every: int = 1,
     keep_checkpoints: int = 2,
     resume: bool = False,
+    max_steps=None,
+    max_seconds=None,
     early_stopping_patience=None,
     val_num_samples: int = 1,
     val_batch_size=None,
@@ -272,6 +177,12 @@ def fit(
     :param bucket: length-bucketed batches (similar lengths together, less padding).
     :param checkpoint_dir: write a checkpoint every ``checkpoint_every`` epochs (and at the end),
         keeping the last ``keep_checkpoints``; ``resume=True`` continues from the newest valid one.
+    :param max_steps, max_seconds: budgets, checked before every optimisation step: stop once
+        ``max_steps`` optimisation steps have been taken in total (counting those before a
+        resume) or ``max_seconds`` of wall clock have passed in this call. The epoch in progress
+        is recorded as it stands (``record["batches"]``), validated and checkpointed as *not*
+        finished, so ``resume=True`` with a new budget continues the run (from a fresh epoch).
+        A callback's stop and early stopping, in contrast, finish the run.
     :param val_num_samples, val_batch_size: guide draws per sequence and batch size of the
         validation ELBO (computed after every epoch with beta = 1).
     :param progress: a tqdm bar (-ELBO per step, KL, beta) and one line per epoch on stderr.
@@ -303,7 +214,8 @@ def fit(
         sequence. Validation still uses the whole sequences. None: no chunking.
     """
     _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
-                early_stopping_patience, val_data, resume, checkpoint_dir, free_bits)
+                early_stopping_patience, val_data, resume, checkpoint_dir, free_bits,
+                max_steps, max_seconds)
     if free_bits_per not in FREE_BITS_PER:
         raise ValueError(f"free_bits_per: expected one of {FREE_BITS_PER}, got {free_bits_per!r}")
     if chunk_length is not None and (not isinstance(chunk_length, int)
@@ -316,7 +228,8 @@ def fit(
                     num_particles, clip_norm, lr_decay, betas, weight_decay, annealing,
                     free_bits, free_bits_per, device, seed, shuffle, bucket, checkpoint_dir,
                     checkpoint_every, keep_checkpoints, resume, early_stopping_patience,
-                    val_num_samples, val_batch_size, progress, on_nan, callbacks, chunk_length)
+                    val_num_samples, val_batch_size, progress, on_nan, callbacks, chunk_length,
+                    max_steps, max_seconds)
     finally:
         if ctx is not None:
             ctx.close()
@@ -326,7 +239,7 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
          clip_norm, lr_decay, betas, weight_decay, annealing, free_bits, free_bits_per, device,
          seed, shuffle, bucket, checkpoint_dir, checkpoint_every, keep_checkpoints, resume,
          early_stopping_patience, val_num_samples, val_batch_size, progress, on_nan, callbacks,
-         chunk_length):
+         chunk_length, max_steps, max_seconds):
     device = ctx.device if ctx is not None else resolve_device(device)
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     main = rank == 0
@@ -381,15 +294,17 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                 warnings.warn(f"resuming with annealing {schedule.to_dict()} but the checkpoint "
                               f"was made with {state['schedule']}")
         history = History.from_dict(state["history"])
+        if not state["finished"]:  # paused by a budget: this call decides anew
+            history.stop_reason = None
         start_epoch, global_step = state["epoch"], state["global_step"]
         es = state["early_stopping"]
         best = es["best"] if es["best"] is not None else math.inf
         bad_epochs, best_state, finished = es["bad_epochs"], es["best_state"], state["finished"]
         rng_ranks = state.get("rng_ranks")
         if ctx is not None and rng_ranks is not None and len(rng_ranks) == world:
-            _set_rng_state(rng_ranks[rank])
+            set_rng_state(rng_ranks[rank])
         else:
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             if ctx is not None and rank > 0:  # a different world size: fresh per-rank streams
                 pyro.set_rng_seed(int(torch.randint(2**31, ())) + rank)
         shuffle_seed = state.get("shuffle_seed")
@@ -402,15 +317,31 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
 
     bar = tqdm(total=epochs * batches_per_epoch, initial=start_epoch * batches_per_epoch,
                disable=not (progress and main), desc="fit", unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+
+    def budget_spent():
+        if max_steps is not None and global_step >= max_steps:
+            return "max_steps"
+        if max_seconds is None:
+            return None
+        over = time.perf_counter() - t_start >= max_seconds
+        if ctx is not None:  # rank 0's clock decides for every rank
+            over = broadcast_object(over)
+        return "max_seconds" if over else None
+
     try:
         for epoch in range(start_epoch, epochs):
             if finished:
+                break
+            paused = budget_spent()
+            if paused:  # e.g. resumed with a budget that is already spent
+                history.stop_reason = paused
                 break
             model_module.train()
             guide_module.train()
             t0 = time.perf_counter()
             total_loss = total_neg_elbo = total_kl = 0.0
-            num_seqs = num_steps = skipped = 0
+            num_seqs = num_steps = skipped = done = 0
             if ctx is None:
                 cpu_batches = list(batch_indices(train, batch_size, shuffle=shuffle,
                                                  bucket=bucket))
@@ -420,7 +351,12 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
             dev_batches = torch.cat(cpu_batches).to(device).split([len(b) for b in cpu_batches])
             beta = schedule(global_step)
             for b, (index, dev_index) in enumerate(zip(cpu_batches, dev_batches, strict=True)):
+                if b > 0:
+                    paused = budget_spent()
+                    if paused:
+                        break
                 beta = schedule(global_step)
+                done += 1
                 traces, value, grads_bad, failure = None, math.nan, [], None
                 neg_elbo = kl = 0.0
                 if len(index) == 0:  # a rank with nothing in a short last batch
@@ -468,7 +404,7 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                 bar.update(1)
                 if not ok:
                     if on_nan == "raise":
-                        err = _diverged(epoch + 1, b, value, traces, params, grads_bad,
+                        err = diverged_error(epoch + 1, b, value, traces, params, grads_bad,
                                         manager, last_ckpt, failure)
                         raise err from failure
                     skipped += 1
@@ -500,7 +436,8 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                 "val_neg_elbo_per_step": None,
                 "val_kl": None,
                 "seconds": seconds,
-                "steps_per_second": len(cpu_batches) / seconds if seconds > 0 else math.inf,
+                "batches": done,
+                "steps_per_second": done / seconds if seconds > 0 else math.inf,
                 "skipped_batches": skipped,
             }
             if val is not None:
@@ -520,6 +457,7 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                         bad_epochs += 1
                         if bad_epochs >= early_stopping_patience:
                             finished = history.stopped_early = True
+                            history.stop_reason = "early_stopping"
             history.records.append(record)
             if progress and main:
                 bar.write(_format_record(record), file=sys.stderr)
@@ -530,13 +468,17 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                         stop = True
             if ctx is not None:  # callbacks run on rank 0 only; all ranks follow its decision
                 stop = broadcast_object(stop)
-            finished = finished or stop
-            last_epoch = epoch + 1 == epochs or finished
+            if stop and not finished:
+                finished, history.stop_reason = True, "callback"
+            paused = None if finished else budget_spent()
+            if paused:
+                history.stop_reason = paused
+            last_epoch = epoch + 1 == epochs or finished or paused
             if manager is not None and ((epoch + 1) % checkpoint_every == 0 or last_epoch):
                 rng_ranks = None
                 if ctx is not None:
                     rng_ranks = [None] * world
-                    torch.distributed.all_gather_object(rng_ranks, _rng_state())
+                    torch.distributed.all_gather_object(rng_ranks, rng_state())
                 if main:
                     payload = {
                         "format": 1,
@@ -550,7 +492,7 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                         "param_store": {k: v.detach() for k, v in
                                         pyro.get_param_store()._params.items()},
                         "schedule": schedule.to_dict(),
-                        "rng": _rng_state(),
+                        "rng": rng_state(),
                         "history": history.to_dict(),
                         "early_stopping": {"best": None if best == math.inf else best,
                                            "bad_epochs": bad_epochs, "best_state": best_state},
@@ -563,6 +505,8 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                     last_ckpt = manager.path(epoch + 1)
                 if ctx is not None:
                     torch.distributed.barrier()  # the checkpoint exists before anyone goes on
+            if paused:
+                break
     finally:
         bar.close()
     if best_state is not None:

@@ -123,7 +123,7 @@ def evaluate(model, guide, data, *, iwae_samples: int = 100, elbo_samples: int =
     }
 
 
-def _budget_callback(minutes, log_every, name, t0):
+def _log_callback(log_every, name):
     def callback(record):
         if log_every and record["epoch"] % log_every == 0:
             val = record["val_neg_elbo_per_step"]
@@ -131,7 +131,6 @@ def _budget_callback(minutes, log_every, name, t0):
                   f"{record['train_neg_elbo_per_step']:.4f} beta {record['beta']:.3f} "
                   + (f"val -ELBO/frame {val:.4f} " if val is not None else "")
                   + f"{record['seconds']:.1f}s", flush=True)
-        return minutes is not None and (time.perf_counter() - t0) > 60 * minutes
     return callback
 
 
@@ -143,7 +142,8 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
     """Train and evaluate JSB configurations; returns ``{config: result dict}``.
 
     Each configuration trains for ``epochs`` (default 5000) or until ``minutes`` of wall clock
-    have passed (checked after each epoch), whichever comes first; the result records the epochs
+    have passed (``fit``'s ``max_seconds``: a paused run that ``resume=True`` continues),
+    whichever comes first; the result records the epochs
     done, seconds per epoch, training frames per second, the learning curve and the test
     ``neg_elbo_per_frame`` / ``iwae_nll_per_frame`` (see the module docstring).
     ``bucket=True`` batches sequences of similar lengths together (less padding, faster epochs;
@@ -174,7 +174,8 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
             weight_decay=s["weight_decay"], annealing=annealing, device=device, seed=seed,
             checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir) / config),
             resume=resume, progress=False, bucket=bucket,
-            callbacks=[_budget_callback(minutes, log_every, config, t0)],
+            max_seconds=None if minutes is None else 60.0 * minutes,
+            callbacks=[_log_callback(log_every, config)],
         )
         train_seconds = time.perf_counter() - t0
         seconds = history["seconds"]
@@ -185,11 +186,14 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
             "epochs_done": len(history),
             "epochs_planned": epochs,
             "converged": False if len(history) < epochs else None,
+            "stop_reason": history.stop_reason,
             "minutes_budget": minutes,
             "train_seconds": train_seconds,
-            "seconds_per_epoch_mean": sum(seconds) / len(seconds),
-            "train_frames_per_second": train_frames * len(seconds) / sum(seconds),
-            "final_beta": history["beta"][-1],
+            # None when the budget was spent before the first step (e.g. a resumed run)
+            "seconds_per_epoch_mean": sum(seconds) / len(seconds) if seconds else None,
+            "train_frames_per_second": (train_frames * len(seconds) / sum(seconds)
+                                        if seconds else None),
+            "final_beta": history["beta"][-1] if len(history) else None,
             "learning_curve": {k: history[k] for k in
                                ("epoch", "train_neg_elbo_per_step", "beta", "seconds")},
             "test": test_eval,
@@ -225,8 +229,9 @@ def _jsb_table(payload) -> str:
     lines = [f"{'config':<15} {'epochs':>6} {'s/epoch':>8} {'frames/s':>9} "
              f"{'-ELBO/frame':>12} {'IWAE NLL/frame':>15}"]
     for name, r in payload["results"].items():
-        lines.append(f"{name:<15} {r['epochs_done']:>6} {r['seconds_per_epoch_mean']:>8.1f} "
-                     f"{r['train_frames_per_second']:>9.0f} "
+        sec, fps = r["seconds_per_epoch_mean"], r["train_frames_per_second"]
+        speed = f"{sec:>8.1f} {fps:>9.0f}" if sec is not None else f"{'-':>8} {'-':>9}"
+        lines.append(f"{name:<15} {r['epochs_done']:>6} {speed} "
                      f"{r['test']['neg_elbo_per_frame']:>12.4f} "
                      f"{r['test']['iwae_nll_per_frame']:>15.4f}")
     return "\n".join(lines)

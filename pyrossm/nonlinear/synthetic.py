@@ -130,13 +130,12 @@ def run_synthetic(system: str = "linear", models=MODELS, *, num_train: int = 400
         pyro.set_rng_seed(seed)
         model, guide = build_synthetic(kind, data["obs_dim"], z_dim, hidden)
         t0 = time.perf_counter()
-        stop = (lambda rec, t0=t0: time.perf_counter() - t0 > 60 * minutes) if minutes else None
         history = fit(model, guide, data["train"], epochs=epochs, batch_size=batch_size, lr=lr,
                       lr_decay=0.1 ** (1 / total_steps),
                       annealing={"name": "linear", "start": 0.2,
                                  "num_steps": max(1, total_steps // 4)},
                       device="cpu", seed=seed, progress=False,
-                      callbacks=[stop] if stop else None)
+                      max_seconds=60.0 * minutes if minutes else None)
         res = evaluate(model, guide, test, iwae_samples=iwae_samples, elbo_samples=10,
                        batch_size=50, chunk_size=50)
         res.update(epochs_done=len(history), train_seconds=time.perf_counter() - t0,

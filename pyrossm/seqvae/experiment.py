@@ -78,30 +78,18 @@ RUNS = {
 }
 
 
-class _TimeUp(Exception):
-    """Raised before a training step once the time budget is spent (stops :func:`fit`)."""
+class _Progress:
+    """Forward pre-hook on the guide: counts training steps and tokens and logs progress every
+    ``log_every`` steps (:func:`fit`'s ``max_steps``/``max_seconds`` stop the training)."""
 
-
-class _Budget:
-    """Forward pre-hook on the guide: counts training steps/tokens, stops after ``max_steps``
-    steps or ``seconds`` (whichever comes first) and logs progress every ``log_every`` steps."""
-
-    def __init__(self, seconds: float, max_steps: int | None = None, log=None, log_every=50):
-        self.seconds, self.max_steps, self.start = seconds, max_steps, time.perf_counter()
-        self.cpu_start = time.process_time()
+    def __init__(self, log=None, log_every=50):
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.steps = self.tokens = 0
         self.log, self.log_every = log, log_every
-        self.reason = None
 
     def __call__(self, module, args, kwargs=None):
         if not module.training:
             return
-        if self.max_steps is not None and self.steps >= self.max_steps:
-            self.reason = "max_steps"
-            raise _TimeUp()
-        if time.perf_counter() - self.start > self.seconds:
-            self.reason = "time"
-            raise _TimeUp()
         mask = (kwargs or {}).get("mask")
         self.steps += 1
         self.tokens += int(mask.sum()) if mask is not None else args[0].numel()
@@ -165,9 +153,8 @@ def run_one(run, cfg, data_dir, seed, log=print, save=None):
     model, guide = build(run, vocab, cfg)
     spec = RUNS[run]
     full = pad_batch(vocab, train)
-    budget = _Budget(cfg["train_minutes"] * 60.0, cfg.get("max_steps"),
-                     log=lambda m: log(f"[{run}] {m}"))
-    hook = guide.register_forward_pre_hook(budget, with_kwargs=True)
+    counter = _Progress(log=lambda m: log(f"[{run}] {m}"))
+    hook = guide.register_forward_pre_hook(counter, with_kwargs=True)
     anneal = annealing_spec(spec["annealing"], cfg["anneal_steps"])
     log(f"[{run}] vocab {len(vocab)}, {len(train)} train sentences, config {cfg}, run {spec}")
     history = None
@@ -183,32 +170,32 @@ def run_one(run, cfg, data_dir, seed, log=print, save=None):
                 free_bits=spec["free_bits"],
                 free_bits_per=spec.get("free_bits_per", "sequence"), device="cpu", seed=seed,
                 bucket=True,
-                progress=False, clip_norm=10.0,
+                progress=False, clip_norm=10.0, max_steps=cfg.get("max_steps"),
+                max_seconds=cfg["train_minutes"] * 60.0,
                 callbacks=[lambda r: log(f"[{run}] epoch {r['epoch']}: -elbo/seq "
                                          f"{r['train_neg_elbo']:.2f} kl {r['train_kl']:.2f} "
                                          f"beta {r['beta']:.3f}")])
-    except _TimeUp:
-        pass  # budget.reason says whether the step or the time limit stopped training
     finally:
         hook.remove()
-    train_seconds, train_cpu = budget.elapsed, budget.cpu_seconds
+    train_seconds, train_cpu = counter.elapsed, counter.cpu_seconds
+    stop_reason = history.stop_reason if history is not None else None
     if save is not None and not cfg.get("load_dir"):
         save(run, model, guide)
-    final_beta = make_schedule(anneal)(max(budget.steps - 1, 0))
-    log(f"[{run}] trained {budget.steps} steps, {budget.tokens} tokens in {train_seconds:.0f}s "
-        f"({budget.tokens / max(train_seconds, 1e-9):.0f} tokens/s); stopped early: "
-        f"{budget.reason}; final beta {final_beta:.3f}")
+    final_beta = make_schedule(anneal)(max(counter.steps - 1, 0))
+    log(f"[{run}] trained {counter.steps} steps, {counter.tokens} tokens in {train_seconds:.0f}s "
+        f"({counter.tokens / max(train_seconds, 1e-9):.0f} tokens/s); stopped early: "
+        f"{stop_reason}; final beta {final_beta:.3f}")
 
     result = dict(
         run=run, settings=spec, config={k: (None if v == float("inf") else v)
                                         for k, v in cfg.items()},
         seed=seed, vocab_size=len(vocab),
-        train=dict(steps=budget.steps, tokens=budget.tokens, seconds=train_seconds,
-                   tokens_per_second=budget.tokens / max(train_seconds, 1e-9),
+        train=dict(steps=counter.steps, tokens=counter.tokens, seconds=train_seconds,
+                   tokens_per_second=counter.tokens / max(train_seconds, 1e-9),
                    cpu_seconds=train_cpu,
-                   tokens_per_cpu_second=budget.tokens / max(train_cpu, 1e-9),
-                   epochs_equivalent=budget.tokens / int(full.mask.sum()),
-                   stopped_early=budget.reason, final_beta=final_beta,
+                   tokens_per_cpu_second=counter.tokens / max(train_cpu, 1e-9),
+                   epochs_equivalent=counter.tokens / int(full.mask.sum()),
+                   stopped_early=stop_reason, final_beta=final_beta,
                    history=history.to_dict()["records"] if history is not None else None,
                    threads=torch.get_num_threads()),
     )

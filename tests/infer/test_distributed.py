@@ -83,6 +83,11 @@ RUNNER = textwrap.dedent(
     state, h = train(shuffle=True, checkpoint_dir=os.path.join(out, "cut"), resume=True,
                      progress=False)
     res["resumed"] = (state, h.to_dict())
+    # rank 0's clock decides: rank 1 alone would stop at once (and the ranks would deadlock)
+    state, h = train(shuffle=True, max_seconds=1e9 if rank == 0 else 0, progress=False)
+    res["budget_rank0_clock"] = (state, h.to_dict())
+    state, h = train(shuffle=True, max_steps=5, progress=False)
+    res["max_steps"] = (state, h.to_dict())
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
     """
@@ -214,6 +219,16 @@ def test_resume_equals_uninterrupted_and_rank0_writes(two_ranks):
     path, state = CheckpointManager(out / "full").latest()
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     assert state["epoch"] == EPOCHS
+
+
+def test_budgets_are_decided_together(two_ranks):
+    r0, r1, _, _ = two_ranks
+    for r in (r0, r1):
+        assert _max_diff(r["budget_rank0_clock"][0], r["shuffle"][0]) < TOL
+        assert r["budget_rank0_clock"][1]["stop_reason"] is None
+        h = r["max_steps"][1]
+        assert h["stop_reason"] == "max_steps"
+        assert [rec["batches"] for rec in h["records"]] == [3, 2]
 
 
 def test_single_process_unchanged_by_world_size_one_dataset():

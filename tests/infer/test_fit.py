@@ -185,6 +185,40 @@ def test_callback_can_stop():
     assert len(hist) == 3
 
 
+def test_max_steps_stops_midway_and_a_resume_continues(tmp_path):
+    model, x = toy_problem(num=8, steps=4)
+    guide = ToyGuide(3, 2)
+    kw = dict(epochs=10, batch_size=2, lr=1e-2, progress=False, device="cpu", seed=0,
+              checkpoint_dir=tmp_path)  # 4 batches per epoch
+    hist = fit(model, guide, x, max_steps=6, **kw)
+    assert hist.stop_reason == "max_steps" and not hist.stopped_early
+    assert hist["batches"] == [4, 2] and hist["global_step"] == [4, 6]
+    hist = fit(model, guide, x, resume=True, max_steps=13, **kw)
+    # the budget is counted in total steps; the resumed run starts a fresh epoch
+    assert hist["batches"] == [4, 2, 4, 3] and hist["global_step"][-1] == 13
+    hist = fit(model, guide, x, resume=True, **kw)
+    assert hist.stop_reason is None and len(hist) == 10 and sum(hist["batches"]) == 13 + 6 * 4
+    hist = fit(model, guide, x, resume=True, **kw)  # a finished run does not train again
+    assert len(hist) == 10
+
+
+def test_max_seconds_is_checked_before_every_step():
+    model, x = toy_problem(num=8, steps=4)
+    w = model.W.detach().clone()
+    hist = fit(model, ToyGuide(3, 2), x, epochs=5, batch_size=2, lr=1e-2, progress=False,
+               device="cpu", max_seconds=0)
+    assert hist.stop_reason == "max_seconds" and len(hist) == 0 and torch.equal(model.W, w)
+    assert History.from_dict(hist.to_dict()).stop_reason == "max_seconds"
+
+
+def test_callback_stop_finishes_the_run(tmp_path):
+    model, x = toy_problem(num=4)
+    kw = dict(epochs=10, batch_size=4, lr=1e-2, progress=False, device="cpu",
+              checkpoint_dir=tmp_path)
+    hist = fit(model, ToyGuide(3, 2), x, callbacks=[lambda r: r["epoch"] == 3], **kw)
+    assert hist.stop_reason == "callback" and len(hist) == 3
+
+
 def test_progress_bar_runs(capsys):
     model, x = toy_problem(num=4)
     fit(model, ToyGuide(3, 2), x, epochs=2, batch_size=2, lr=1e-2, progress=True, device="cpu")
@@ -207,6 +241,10 @@ def test_bad_arguments():
         fit(model, guide, (x, torch.tensor([1, 2, 3])), **kw)
     with pytest.raises(ValueError, match="device"):
         fit(model, guide, x, **{**kw, "device": "tpu9"})
+    with pytest.raises(ValueError, match="max_steps: expected a non-negative integer"):
+        fit(model, guide, x, max_steps=2.5, **kw)
+    with pytest.raises(ValueError, match="max_seconds: expected a non-negative number"):
+        fit(model, guide, x, max_seconds=-1, **kw)
 
 
 def test_resolve_device():

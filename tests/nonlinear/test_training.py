@@ -171,6 +171,25 @@ def test_experiment_cli_jsb_smoke(tmp_path):
     assert r["test"]["frames"] == 4725  # JSB test split frames (77 chorales)
 
 
+def test_experiment_cli_jsb_time_budget_pauses_and_resume_continues(tmp_path):
+    from pyrossm.nonlinear.experiment import main
+
+    args = ["jsb", "--configs", "dmm_backward", "--epochs", "2", "--z-dim", "2",
+            "--transition-dim", "4", "--emission-dim", "4", "--rnn-dim", "4", "--iwae-samples",
+            "2", "--data-dir", str(_jsb_dir()), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = main(args + ["--output", str(tmp_path / "a.json")])["results"]["dmm_backward"]
+    assert first["epochs_done"] == 2 and first["stop_reason"] is None
+    # a spent budget trains nothing (and still evaluates); more epochs continue the run
+    paused = main(args[:4] + ["3"] + args[5:] + ["--resume", "--minutes", "0", "--output",
+                                               str(tmp_path / "b.json")])
+    r = paused["results"]["dmm_backward"]
+    assert r["epochs_done"] == 2 and r["stop_reason"] == "max_seconds"
+    assert r["test"]["neg_elbo_per_frame"] == pytest.approx(
+        first["test"]["neg_elbo_per_frame"], rel=0.05)
+    done = main(args[:4] + ["3"] + args[5:] + ["--resume", "--output", str(tmp_path / "c.json")])
+    assert done["results"]["dmm_backward"]["epochs_done"] == 3
+
+
 def test_experiment_cli_synthetic_smoke(tmp_path):
     from pyrossm.nonlinear.experiment import main
 
