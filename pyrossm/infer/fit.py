@@ -22,6 +22,11 @@ over a ``torch.distributed`` group (:mod:`pyrossm.infer.distributed`: shared glo
 per-rank slices, gradients summed by ``all_reduce``, rank 0 writes). ``chunk_length=L`` trains on
 chunks of ``L`` steps (truncated backpropagation through time, see :func:`fit`).
 
+On CPUs, long runs should call ``torch.set_flush_denormal(True)`` first (the ``pyrossm train``
+and experiment commands do): parameters that never receive a gradient, decayed by
+``weight_decay``, end up as subnormal floats, and arithmetic on them made JSB epochs 3x slower.
+``fit`` leaves this process-wide switch alone.
+
 Example
 -------
 >>> # history = fit(model, guide, (x, mask), epochs=10, batch_size=32, lr=1e-2,
