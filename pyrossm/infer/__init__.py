@@ -7,8 +7,9 @@ Training
     clip_norm=10.0, lr_decay=1.0, betas=(0.9, 0.999), weight_decay=0.0, annealing=None,
     free_bits=None, free_bits_per="sequence", device="auto", seed=None, shuffle=True,
     bucket=False, checkpoint_dir=None, checkpoint_every=1, keep_checkpoints=2, resume=False,
-    max_steps=None, max_seconds=None, early_stopping_patience=None, val_num_samples=1, val_batch_size=None, progress=True,
-    on_nan="raise", callbacks=None, distributed=None, chunk_length=None)
+    max_steps=None, max_seconds=None, early_stopping_patience=None, val_num_samples=1,
+    val_batch_size=None, progress=True, on_nan="raise", callbacks=None, distributed=None,
+    chunk_length=None)
     -> History``. SVI with Pyro's Trace_ELBO estimator and ClippedAdam; ``History[key]`` gives a
     per-epoch list (``train_neg_elbo_per_step``, ``val_neg_elbo_per_step``, ``train_kl``,
     ``beta``, ``seconds``, ``batches``, ...), ``History.stop_reason`` (``"max_seconds"``, ...);
