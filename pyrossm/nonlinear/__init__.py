@@ -5,6 +5,7 @@ observed site ``"x"``) and train with :func:`pyrossm.infer.fit` and the guides o
 :mod:`pyrossm.guides`. Experiments: ``python -m pyrossm.nonlinear.experiment --help``.
 """
 
+from .diagnostics import LatentKL, kl_per_dimension
 from .distributions import TrajectoryPrior
 from .models import DeepMarkovModel, Forecast, LSTMStateSpaceModel, Reconstruction, Trajectory
 from .networks import (
@@ -24,9 +25,11 @@ __all__ = [
     "GatedTransition",
     "GaussianEmission",
     "LSTMPrior",
+    "LatentKL",
     "LSTMStateSpaceModel",
     "MarkovPrior",
     "Reconstruction",
     "Trajectory",
     "TrajectoryPrior",
+    "kl_per_dimension",
 ]

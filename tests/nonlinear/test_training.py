@@ -169,6 +169,7 @@ def test_experiment_cli_jsb_smoke(tmp_path):
     assert out.is_file() and r["epochs_done"] == 1
     assert r["test"]["iwae_nll_per_frame"] <= r["test"]["neg_elbo_per_frame"] + 1.0
     assert r["test"]["frames"] == 4725  # JSB test split frames (77 chorales)
+    assert len(r["test"]["kl_per_dimension"]) == 2 and 0 <= r["test"]["active_dims"] <= 2
 
 
 def test_experiment_cli_jsb_time_budget_pauses_and_resume_continues(tmp_path):
