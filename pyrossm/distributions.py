@@ -66,6 +66,13 @@ def _check_mask(mask, batch_shape, num_steps, name="mask"):
     return mask
 
 
+def _mask_steps(lp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the masked steps of per-coordinate log-densities ``(..., T, D)``."""
+    if mask is None:
+        return lp
+    return torch.where(mask.unsqueeze(-1), lp, lp.new_zeros(()))
+
+
 def _masked_sum(step_log_probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Sum per-step log-densities ``(..., T)`` over time, padded steps (mask False) counting 0."""
     if mask is not None:
@@ -143,6 +150,11 @@ class DiagonalGaussianSequence(TorchDistribution):
 
     def log_prob(self, value):
         return self.step_log_prob(value).sum(-1)
+
+    def coordinate_log_prob(self, value):
+        """Log-density summed over the unmasked steps, one entry per coordinate: ``(..., D)``."""
+        lp = dist.Normal(self.loc, self.scale, validate_args=False).log_prob(value)
+        return _mask_steps(lp, self.mask).sum(-2)
 
     def entropy(self):
         ent = dist.Normal(self.loc, self.scale, validate_args=False).entropy().sum(-1)
@@ -380,3 +392,13 @@ class AutoregressiveGaussianSequence(SequentialSequenceDistribution):
         if self.mask is not None:
             lp = torch.where(self.mask, lp, lp.new_zeros(()))
         return lp
+
+    def coordinate_log_prob(self, value):
+        """Log-density summed over the unmasked steps, one entry per coordinate: ``(..., D)``
+        (diagonal steps only: a full covariance does not split over coordinates)."""
+        if self.scale_tril:
+            raise NotImplementedError("coordinate_log_prob: the steps have a full covariance "
+                                      "(scale='tril'), which does not split over coordinates")
+        loc, scale = self.conditionals(value)
+        lp = dist.Normal(loc, scale, validate_args=False).log_prob(value)
+        return _mask_steps(lp, self.mask).sum(-2)

@@ -143,7 +143,9 @@ def elbo_objective(
 
     ``free_bits_per="dimension"`` applies ``lambda`` to every latent coordinate separately
     (the last event dimension of each latent site, which must be a diagonal distribution with
-    ``event_dim == 1``): ``sum_j max(lambda, mean_b KL_bj)``.
+    ``event_dim == 1``, or a trajectory distribution with diagonal steps and a
+    ``coordinate_log_prob`` -- then ``KL_bj`` sums over the steps): ``sum_j max(lambda,
+    mean_b KL_bj)``.
     """
     if free_bits_per not in FREE_BITS_PER:
         raise ValueError(f"free_bits_per: expected one of {FREE_BITS_PER}, got {free_bits_per!r}")
@@ -203,12 +205,18 @@ def elbo_objective(
 def _log_prob_per_dimension(name, site) -> torch.Tensor:
     """Scaled, masked log-density of a latent site summed over rows, one entry per coordinate."""
     fn = site["fn"]
+    if hasattr(fn, "coordinate_log_prob"):  # pyrossm's trajectory distributions, event (T, D)
+        lp = fn.coordinate_log_prob(site["value"])
+        if site.get("mask") is not None:
+            lp = torch.where(site["mask"].unsqueeze(-1), lp, lp.new_zeros(()))
+        return (site["scale"] * lp).reshape(-1, lp.shape[-1]).sum(0)
     base = getattr(fn, "base_dist", None)
     if (site["fn"].event_dim != 1 or base is None
             or getattr(fn, "reinterpreted_batch_ndims", None) != 1):
         raise NotImplementedError(
             f"free_bits_per='dimension' needs latent sites distributed as "
-            f"Independent(base, 1) with event_dim 1; site {name!r} has "
+            f"Independent(base, 1) with event_dim 1, or a pyrossm trajectory distribution with "
+            f"diagonal steps (coordinate_log_prob); site {name!r} has "
             f"{type(fn).__name__} with event_dim {fn.event_dim}"
         )
     lp = base.log_prob(site["value"])

@@ -73,6 +73,15 @@ class TrajectoryPrior(SequentialSequenceDistribution):
         log_probs = dist.Normal(loc, scale, validate_args=False).log_prob(flat).sum(-1)
         return log_probs.reshape(shape[:-1])
 
+    def coordinate_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log-density summed over the unmasked steps, one entry per coordinate: ``(..., D)``."""
+        flat = z.reshape(-1, *z.shape[-2:])
+        loc, scale = self.dynamics.trajectory_params(flat)
+        lp = dist.Normal(loc, scale, validate_args=False).log_prob(flat).reshape(z.shape)
+        if self.mask is not None:
+            lp = torch.where(self.mask.unsqueeze(-1), lp, lp.new_zeros(()))
+        return lp.sum(-2)
+
     def _init(self, shape: torch.Size):
         n = math.prod(shape)
         z_0 = self.dynamics.z_0.to(self._like).expand(shape + (self.dynamics.z_dim,))

@@ -55,7 +55,8 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 JSB_DEFAULTS = dict(
     z_dim=100, transition_dim=200, emission_dim=100, rnn_dim=600, lr=3e-4, betas=(0.96, 0.999),
     clip_norm=10.0, lr_decay=0.99996, weight_decay=2.0, batch_size=20, annealing_epochs=1000,
-    min_annealing=0.2, epochs=5000, encoder_cell="lstm",
+    min_annealing=0.2, epochs=5000, encoder_cell="lstm", free_bits=None,
+    free_bits_per="dimension",
 )
 # name -> (model, guide) description
 JSB_CONFIGS = {
@@ -182,6 +183,7 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
             model, guide, train, epochs=epochs, batch_size=s["batch_size"], lr=s["lr"],
             betas=s["betas"], clip_norm=s["clip_norm"], lr_decay=s["lr_decay"],
             weight_decay=s["weight_decay"], annealing=annealing, device=device, seed=seed,
+            free_bits=s["free_bits"], free_bits_per=s["free_bits_per"],
             checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir) / config),
             resume=resume, progress=False, bucket=bucket,
             max_seconds=None if minutes is None else 60.0 * minutes,
@@ -271,6 +273,11 @@ def main(argv=None):
                    help="length-bucketed batches (less padding; default: uniform batches)")
     for name in ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size"):
         j.add_argument("--" + name.replace("_", "-"), type=int, default=JSB_DEFAULTS[name])
+    j.add_argument("--free-bits", type=float, default=None,
+                   help="free-bits threshold in nats per sequence, against posterior collapse "
+                        "(not in the published setup)")
+    j.add_argument("--free-bits-per", choices=("sequence", "dimension"), default="dimension",
+                   help="the threshold bounds each latent coordinate's KL or the total KL")
     j.add_argument("--encoder-cell", choices=("lstm", "gru", "rnn"), default="lstm",
                    help="the backward guide's encoder (Pyro's DMM example uses an RNN)")
     for name in ("lr", "lr_decay", "clip_norm", "weight_decay", "min_annealing"):
@@ -305,7 +312,8 @@ def main(argv=None):
         torch.set_flush_denormal(True)
         sizes = {k: getattr(args, k) for k in
                  ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size", "lr",
-                  "lr_decay", "clip_norm", "weight_decay", "min_annealing", "encoder_cell")}
+                  "lr_decay", "clip_norm", "weight_decay", "min_annealing", "encoder_cell",
+                  "free_bits", "free_bits_per")}
         output = args.output or str(RESULTS_DIR / "jsb.json")
         payload = run_jsb(tuple(args.configs.split(",")), epochs=args.epochs,
                           minutes=args.minutes, annealing_epochs=args.annealing_epochs,

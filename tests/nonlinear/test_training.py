@@ -163,6 +163,7 @@ def test_experiment_cli_jsb_smoke(tmp_path):
 
     out = tmp_path / "jsb.json"
     payload = main(["jsb", "--configs", "dmm_filtering", "--epochs", "1", "--z-dim", "2",
+                    "--free-bits", "0.5",
                     "--transition-dim", "4", "--emission-dim", "4", "--rnn-dim", "4",
                     "--iwae-samples", "2", "--data-dir", str(_jsb_dir()), "--output", str(out)])
     r = payload["results"]["dmm_filtering"]
@@ -170,6 +171,8 @@ def test_experiment_cli_jsb_smoke(tmp_path):
     assert r["test"]["iwae_nll_per_frame"] <= r["test"]["neg_elbo_per_frame"] + 1.0
     assert r["test"]["frames"] == 4725  # JSB test split frames (77 chorales)
     assert len(r["test"]["kl_per_dimension"]) == 2 and 0 <= r["test"]["active_dims"] <= 2
+    assert payload["settings"]["free_bits"] == 0.5
+    assert payload["settings"]["free_bits_per"] == "dimension"
 
 
 def test_experiment_cli_jsb_time_budget_pauses_and_resume_continues(tmp_path):
