@@ -61,7 +61,8 @@ class TrajectoryPrior(SequentialSequenceDistribution):
             validate_args=False,
         )
 
-    def _step_log_probs(self, z: torch.Tensor) -> torch.Tensor:
+    def _coordinate_step_log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p(z_td | z_<t)`` of every step and coordinate, shape ``z.shape``, unmasked."""
         shape = z.shape
         if len(shape) < 3 or shape[-2:] != self.event_shape:
             raise ValueError(
@@ -70,14 +71,14 @@ class TrajectoryPrior(SequentialSequenceDistribution):
             )
         flat = z.reshape(-1, *shape[-2:])  # any leading dims -> one batch dim
         loc, scale = self.dynamics.trajectory_params(flat)
-        log_probs = dist.Normal(loc, scale, validate_args=False).log_prob(flat).sum(-1)
-        return log_probs.reshape(shape[:-1])
+        return dist.Normal(loc, scale, validate_args=False).log_prob(flat).reshape(shape)
+
+    def _step_log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        return self._coordinate_step_log_probs(z).sum(-1)
 
     def coordinate_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density summed over the unmasked steps, one entry per coordinate: ``(..., D)``."""
-        flat = z.reshape(-1, *z.shape[-2:])
-        loc, scale = self.dynamics.trajectory_params(flat)
-        lp = dist.Normal(loc, scale, validate_args=False).log_prob(flat).reshape(z.shape)
+        lp = self._coordinate_step_log_probs(z)
         if self.mask is not None:
             lp = torch.where(self.mask.unsqueeze(-1), lp, lp.new_zeros(()))
         return lp.sum(-2)
