@@ -8,8 +8,8 @@ formulation differs:
   batched computation, the guide one site drawn by
   :class:`~pyrossm.distributions.AutoregressiveGaussianSequence`;
 * per step -- sites ``"z_1".."z_T"``, ``"x_1".."x_T"`` in a ``pyro.markov`` loop
-  (:class:`~pyrossm.guides.MarkovLGSSMModel`, :class:`~pyrossm.guides.PerStepGuide`), as in
-  Pyro's DMM tutorial.
+  (:class:`~pyrossm.experiments.per_step.MarkovLGSSMModel`,
+  :class:`~pyrossm.experiments.per_step.PerStepGuide`), as in Pyro's DMM tutorial.
 
 Prints a table and writes ``benchmarks/results/svi.json``. Run from the repository root::
 
@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pyrossm.guides import MarkovLGSSMModel, PerStepGuide, StructuredGuide  # noqa: E402
+from pyrossm.experiments.per_step import MarkovLGSSMModel, PerStepGuide  # noqa: E402
+from pyrossm.guides import StructuredGuide  # noqa: E402
 from pyrossm.infer import fit  # noqa: E402
 from pyrossm.lgssm import LinearGaussianSSM  # noqa: E402
 

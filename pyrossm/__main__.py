@@ -2,7 +2,7 @@
 
 import sys
 
-from pyrossm.cli import main
+from pyrossm.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyrossm.cli import build_parser, main
+from pyrossm.app.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pyrossm.cli import main
-from pyrossm.demo import NILE_DK_LOGLIK, format_table
+from pyrossm.app.cli import main
+from pyrossm.app.demo import NILE_DK_LOGLIK, format_table
 
 PLOTS = {"nile_posterior.png", "nile_training.png", "linear_posterior.png",
          "linear_training.png", "pendulum_forecast.png", "pendulum_training.png"}

@@ -3,7 +3,6 @@
 * :class:`FilteringLSTMGuide` -- ``q(z_t | x_{<=t})``, independent steps (the seed's encoder).
 * :class:`StructuredGuide` -- ``q(z_t | z_{t-1}, h_t)``, ``h`` from a forward, backward (DKS) or
   bidirectional RNN, with a nonlinear (DMM) or linear-Gaussian combiner.
-* :class:`MarkovLGSSMModel` -- the per-time-step ``pyro.markov`` reference formulation.
 
 All follow :mod:`pyrossm.protocol`: ``guide(x, mask=None)``, ``x (batch, T, obs_dim)`` with time
 at dim -2, NaN = missing, ``mask (batch, T)`` right padding.
@@ -12,15 +11,12 @@ at dim -2, NaN = missing, ``mask (batch, T)`` right padding.
 from pyrossm.guides.combiners import LinearCombiner, NonlinearCombiner, ScaleHead
 from pyrossm.guides.encoders import RecurrentEncoder
 from pyrossm.guides.filtering import FilteringLSTMGuide, PosteriorStats
-from pyrossm.guides.reference import MarkovLGSSMModel, PerStepGuide
 from pyrossm.guides.structured import StructuredGuide
 
 __all__ = [
     "FilteringLSTMGuide",
     "LinearCombiner",
-    "MarkovLGSSMModel",
     "NonlinearCombiner",
-    "PerStepGuide",
     "PosteriorStats",
     "RecurrentEncoder",
     "ScaleHead",

@@ -2,7 +2,7 @@
 
 Models follow :mod:`pyrossm.protocol` (one latent site ``"z"`` for the whole trajectory, one
 observed site ``"x"``) and train with :func:`pyrossm.infer.fit` and the guides of
-:mod:`pyrossm.guides`. Experiments: ``python -m pyrossm.nonlinear.experiment --help``.
+:mod:`pyrossm.guides`. Experiments: ``python -m pyrossm.experiments.nonlinear --help``.
 """
 
 from .diagnostics import LatentKL, kl_per_dimension

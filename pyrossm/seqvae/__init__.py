@@ -8,8 +8,8 @@
 * :mod:`~pyrossm.seqvae.decoding` — prior samples, greedy, beam search, reconstruction,
   homotopy, imputation;
 * :mod:`~pyrossm.seqvae.metrics` — ELBO / IWAE NLL, perplexity, KL, I(x; z), active units;
-* :mod:`~pyrossm.seqvae.experiment` — the Penn Treebank experiment
-  (``python -m pyrossm.seqvae.experiment --help``).
+* :mod:`~pyrossm.experiments.ptb` — the Penn Treebank experiment
+  (``python -m pyrossm.experiments.ptb --help``).
 
 Data: ``x`` ``(batch, T)`` token ids (words then ``<eos>``), ``mask`` ``(batch, T)``; see
 :mod:`pyrossm.protocol`.

@@ -15,7 +15,8 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from pyrossm.guides import FilteringLSTMGuide, MarkovLGSSMModel, PerStepGuide, StructuredGuide
+from pyrossm.experiments.per_step import MarkovLGSSMModel, PerStepGuide
+from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
 from pyrossm.infer import elbo, fit, log_likelihood
 from pyrossm.lgssm import LinearGaussianSSM
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from pyro import poutine
 
+from pyrossm.experiments.synthetic import run_synthetic
 from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
 from pyrossm.infer import elbo, fit, importance_log_weights, log_likelihood
 from pyrossm.nonlinear import DeepMarkovModel, LSTMStateSpaceModel
-from pyrossm.nonlinear.synthetic import run_synthetic
 from pyrossm.protocol import lengths_to_mask
 
 OBS_DIM, Z_DIM, T = 3, 2, 12
@@ -159,7 +159,7 @@ def test_linear_system_iwae_close_to_kalman_full():
 @pytest.mark.skipif(_jsb_dir() is None, reason="jsb_chorales.pickle not found in "
                     "$PYROSSM_DATA_DIR or <repo>/../shared/data")
 def test_experiment_cli_jsb_smoke(tmp_path):
-    from pyrossm.nonlinear.experiment import main
+    from pyrossm.experiments.nonlinear import main
 
     out = tmp_path / "jsb.json"
     payload = main(["jsb", "--configs", "dmm_filtering", "--epochs", "1", "--z-dim", "2",
@@ -176,7 +176,7 @@ def test_experiment_cli_jsb_smoke(tmp_path):
 
 
 def test_experiment_cli_jsb_time_budget_pauses_and_resume_continues(tmp_path):
-    from pyrossm.nonlinear.experiment import main
+    from pyrossm.experiments.nonlinear import main
 
     args = ["jsb", "--configs", "dmm_backward", "--epochs", "2", "--z-dim", "2",
             "--transition-dim", "4", "--emission-dim", "4", "--rnn-dim", "4", "--iwae-samples",
@@ -195,7 +195,7 @@ def test_experiment_cli_jsb_time_budget_pauses_and_resume_continues(tmp_path):
 
 
 def test_experiment_cli_synthetic_smoke(tmp_path):
-    from pyrossm.nonlinear.experiment import main
+    from pyrossm.experiments.nonlinear import main
 
     out = tmp_path / "syn.json"
     payload = main(["synthetic", "--system", "pendulum", "--models", "lstm_ssm", "--epochs", "1",
@@ -211,7 +211,7 @@ def test_experiment_cli_synthetic_smoke(tmp_path):
 def test_build_jsb_encoder_cell():
     from torch import nn
 
-    from pyrossm.nonlinear.experiment import build_jsb
+    from pyrossm.experiments.nonlinear import build_jsb
 
     small = dict(z_dim=2, transition_dim=4, emission_dim=4, rnn_dim=4)
     _, guide = build_jsb("dmm_backward", {**small, "encoder_cell": "rnn"})

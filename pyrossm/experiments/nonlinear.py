@@ -9,10 +9,10 @@ Every figure is reported both ways, and named so:
 "Frame" = one time step of one sequence (``mask.sum()``), as in Krishnan et al. (2017) and Pyro's
 DMM example. Commands (JSON written to ``benchmarks/results/``, a table printed):
 
-    python -m pyrossm.nonlinear.experiment jsb --minutes 60          # CPU budget per model
-    python -m pyrossm.nonlinear.experiment jsb --epochs 5000         # the full published run
-    python -m pyrossm.nonlinear.experiment synthetic --system linear
-    python -m pyrossm.nonlinear.experiment synthetic --system pendulum
+    python -m pyrossm.experiments.nonlinear jsb --minutes 60          # CPU budget per model
+    python -m pyrossm.experiments.nonlinear jsb --epochs 5000         # the full published run
+    python -m pyrossm.experiments.nonlinear synthetic --system linear
+    python -m pyrossm.experiments.nonlinear synthetic --system pendulum
 
 JSB defaults are those of the published DMM setup (Krishnan et al. 2017; Pyro's ``dmm.py``):
 z 100, transition 200, emission 100, inference RNN 600, Adam lr 3e-4, betas (0.96, 0.999),
@@ -33,11 +33,10 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyrossm.experiments.common import evaluate
 from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
-from pyrossm.infer import elbo, fit, log_likelihood, make_schedule
-
-from .diagnostics import kl_per_dimension
-from .models import DeepMarkovModel, LSTMStateSpaceModel
+from pyrossm.infer import fit, make_schedule
+from pyrossm.nonlinear.models import DeepMarkovModel, LSTMStateSpaceModel
 
 __all__ = [
     "JSB_CONFIGS",
@@ -97,41 +96,6 @@ def build_jsb(config: str, sizes: dict | None = None):
         guide = StructuredGuide(88, s["z_dim"], hidden_dim=s["rnn_dim"], direction="backward",
                                 cell=s["encoder_cell"], missing_indicators=False)
     return model, guide
-
-
-def evaluate(model, guide, data, *, iwae_samples: int = 100, elbo_samples: int = 1,
-             batch_size: int = 20, chunk_size: int | None = None) -> dict:
-    """Per-frame −ELBO and IWAE NLL of ``data = (x, mask)`` (x: (N, T, obs_dim), time at -2).
-
-    Returns ``{"neg_elbo_per_frame", "iwae_nll_per_frame", "iwae_samples", "elbo_samples",
-    "frames", "sequences", "seconds"}``; IWAE uses ``iwae_samples`` guide draws per sequence.
-    With a diagonal guide also ``"kl_per_frame"``, ``"kl_per_dimension"`` and ``"active_dims"``
-    (KL > 0.01 nats/frame; :func:`~pyrossm.nonlinear.kl_per_dimension`, 4 guide draws).
-    """
-    x, mask = data
-    frames = int(mask.sum())
-    chunk = chunk_size or max(1, 512 // batch_size)
-    t0 = time.perf_counter()
-    e = elbo(model, guide, (x, mask), num_samples=elbo_samples, batch_size=batch_size,
-             chunk_size=chunk)
-    ll = log_likelihood(model, guide, (x, mask), num_samples=iwae_samples,
-                        batch_size=batch_size, chunk_size=chunk)
-    out = {
-        "neg_elbo_per_frame": -float(e.sum()) / frames,
-        "iwae_nll_per_frame": -float(ll.sum()) / frames,
-        "iwae_samples": iwae_samples,
-        "elbo_samples": elbo_samples,
-        "frames": frames,
-        "sequences": int(x.shape[0]),
-        "seconds": time.perf_counter() - t0,
-    }
-    try:
-        kl = kl_per_dimension(model, guide, (x, mask), num_samples=4, batch_size=batch_size)
-    except (TypeError, ValueError):  # e.g. a full-covariance guide: no per-coordinate split
-        return out
-    out.update(kl_per_frame=kl.kl_per_frame, active_dims=kl.active_dims,
-               kl_per_dimension=[round(v, 5) for v in kl.kl_per_dimension.tolist()])
-    return out
 
 
 def _log_callback(log_every, name):
@@ -251,7 +215,7 @@ def _jsb_table(payload) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m pyrossm.nonlinear.experiment",
+        prog="python -m pyrossm.experiments.nonlinear",
         description="Nonlinear SSM experiments (issue 4). Figures: -ELBO per frame (bound) and "
                     "IWAE NLL per frame (importance-weighted).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,7 +288,7 @@ def main(argv=None):
         _write(output, payload)
         print(_jsb_table(payload))
     else:
-        from .synthetic import run_synthetic, synthetic_table
+        from pyrossm.experiments.synthetic import run_synthetic, synthetic_table
 
         output = args.output or str(RESULTS_DIR / f"nonlinear_synthetic_{args.system}.json")
         payload = run_synthetic(args.system, models=tuple(args.models.split(",")),

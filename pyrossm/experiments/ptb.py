@@ -24,9 +24,9 @@ Results go to a JSON file per invocation; ``--table FILES`` merges JSON files in
 The default CPU configuration (8 epochs, ≈ 50 min per run on an idle core; four processes, one
 thread each)::
 
-    for r in lm a b c; do OMP_NUM_THREADS=1 python -m pyrossm.seqvae.experiment --runs $r \
+    for r in lm a b c; do OMP_NUM_THREADS=1 python -m pyrossm.experiments.ptb --runs $r \
         --data-dir ../shared/data --output benchmarks/results/ptb_$r.json & done; wait
-    python -m pyrossm.seqvae.experiment --table benchmarks/results/ptb_{lm,a,b,c}.json \
+    python -m pyrossm.experiments.ptb --table benchmarks/results/ptb_{lm,a,b,c}.json \
         --output benchmarks/results/ptb.json
 
 The runs recorded in ``benchmarks/results/ptb.json`` (merged from ``ptb_lm_27min.json``,
@@ -50,10 +50,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from .decoding import homotopy, reconstruct, sample_prior, to_text
-from .metrics import evaluate
-from .model import LSTMLanguageModel, NoLatentGuide, SequenceVAE, SequenceVAEGuide
-from .vocab import Vocabulary, pad_batch
+from pyrossm.seqvae.decoding import homotopy, reconstruct, sample_prior, to_text
+from pyrossm.seqvae.metrics import evaluate
+from pyrossm.seqvae.model import LSTMLanguageModel, NoLatentGuide, SequenceVAE, SequenceVAEGuide
+from pyrossm.seqvae.vocab import Vocabulary, pad_batch
 
 CONFIGS = {
     # Sized for tokens/s on one shared CPU thread: the 10k-way softmax dominates the cost.
@@ -275,7 +275,7 @@ def table(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pyrossm.seqvae.experiment", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pyrossm.experiments.ptb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="lm,a,b,c", help="comma-separated subset of lm,a,b,c")
     p.add_argument("--config", default="cpu", choices=sorted(CONFIGS))

@@ -26,7 +26,7 @@ Kalman filter; ``IWAE`` is the importance-weighted bound with K guide draws (Bur
 2016), a stochastic lower bound of log p(x) that tightens as K grows; ``ELBO`` is the evidence
 lower bound. ``Δ vs Kalman`` = (exact if available, else IWAE) − the ``kalman-mle`` exact value.
 
->>> # from pyrossm.demo import run_demo
+>>> # from pyrossm.app.demo import run_demo
 >>> # report = run_demo("results/demo", quick=True)      # ~1 minute on 2 CPU cores
 >>> # print(format_table(report))
 """

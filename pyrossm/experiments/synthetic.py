@@ -13,7 +13,7 @@ Figures per step (= per frame): ``iwae_nll_per_frame`` (IWAE NLL, an upper bound
 NLL that tightens with K) and ``neg_elbo_per_frame`` (−ELBO, looser); exact Kalman NLLs are
 exact. Lower is better everywhere.
 
-    python -m pyrossm.nonlinear.experiment synthetic --system linear
+    python -m pyrossm.experiments.nonlinear synthetic --system linear
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from pyrossm.datasets import (
     simulate_lorenz,
     simulate_pendulum,
 )
+from pyrossm.experiments.common import evaluate
 from pyrossm.guides import StructuredGuide
 from pyrossm.infer import fit
 from pyrossm.lgssm import LinearGaussianSSM, kalman_filter
-
-from .experiment import evaluate
-from .models import DeepMarkovModel, LSTMStateSpaceModel
+from pyrossm.nonlinear.models import DeepMarkovModel, LSTMStateSpaceModel
 
 __all__ = ["build_synthetic", "make_synthetic_data", "run_synthetic", "synthetic_table"]
 

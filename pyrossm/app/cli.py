@@ -15,10 +15,7 @@ not available in this installation). ``python -m pyrossm ...`` is the same comma
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
@@ -193,7 +190,7 @@ def _positive(name, value, allow_zero=False):
 
 def main(argv=None) -> int:
     """Entry point of the ``pyrossm`` console script; returns the exit status."""
-    from pyrossm import cli_commands as commands
+    from pyrossm.app import commands
 
     args = build_parser().parse_args(argv)
     handler = {"demo": commands.demo, "train": commands.train, "evaluate": commands.evaluate,
@@ -222,19 +219,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pyrossm: interrupted", file=sys.stderr)
         return 130
-
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def write_json(path, payload):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=1, default=_json_default))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""The commands behind :mod:`pyrossm.cli` (one function per sub-command, taking the parsed
+"""The commands behind :mod:`pyrossm.app.cli` (one function per sub-command, taking the parsed
 arguments). Kept apart from the parser so ``pyrossm --help`` stays fast."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyrossm.runs import (
+from pyrossm.app.runs import (
     ModelNotAvailable,
     build,
     default_config,
@@ -20,6 +20,7 @@ from pyrossm.runs import (
     per_step,
     save_run,
     standardize,
+    write_json,
 )
 
 __all__ = ["ModelNotAvailable", "demo", "evaluate", "forecast", "sample", "train"]
@@ -41,7 +42,7 @@ def _device(name):
 
 
 def demo(args):
-    from pyrossm.demo import run_demo
+    from pyrossm.app.demo import run_demo
 
     run_demo(args.out, device=_device(args.device), quick=args.quick, seed=args.seed,
              progress=args.progress)
@@ -106,8 +107,6 @@ def _print_metrics(m):
 
 # ------------------------------------------------------------------------------ train
 def train(args):
-    from pyrossm.cli import write_json
-
     _seed(args.seed)
     device = _device(args.device)
     # Weights that never get a gradient (e.g. the input weights of JSB keys that never sound)
@@ -200,8 +199,6 @@ def _run_data(args, cfg, split="test"):
 
 # ------------------------------------------------------------------------------ evaluate
 def evaluate(args):
-    from pyrossm.cli import write_json
-
     _seed(args.seed)
     device = _device(args.device)
     cfg, model, guide, _ = load_run(args.run, device)

@@ -17,13 +17,14 @@ the observed entries).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 __all__ = ["MODELS", "DataSplits", "ModelNotAvailable", "build", "load_data", "load_run",
-           "save_run", "standardize"]
+           "save_run", "standardize", "write_json"]
 
 MODELS = ("lgssm", "lstm-ssm", "dmm", "seqvae")
 GUIDES = ("backward", "forward", "bidirectional", "filtering-lstm")
@@ -218,3 +219,16 @@ def load_run(run_dir, device="cpu"):
 
 def per_step(total, mask) -> float:
     return float(total) / max(int(mask.sum()), 1)
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_json(path, payload):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=1, default=_json_default))
