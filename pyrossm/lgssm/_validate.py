@@ -132,3 +132,33 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
             f"batch dims broadcastable with x's {tuple(x.shape[:-2])}",
             f"shape {tuple(init_mean.shape)}",
         )
+
+
+def validate_offsets(x, init_mean, transition_offset, observation_offset):
+    """Check ``transition_offset (..., T, n)`` and ``observation_offset (..., T, p)``."""
+    T, p = x.shape[-2], x.shape[-1]
+    n = init_mean.shape[-1]
+    for name, value, size in (
+        ("transition_offset", transition_offset, n),
+        ("observation_offset", observation_offset, p),
+    ):
+        if value is None:
+            continue
+        _check_tensor(name, value)
+        if value.dim() < 2 or value.shape[-1] != size or value.shape[-2] not in (1, T):
+            _fail(
+                name,
+                f"shape (..., {T}, {size}) (time at dim -2, a time dim of 1 broadcasts)",
+                f"shape {tuple(value.shape)}",
+            )
+        if value.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {value.dtype}")
+        _check_finite(name, value)
+        try:
+            torch.broadcast_shapes(value.shape[:-2], x.shape[:-2])
+        except RuntimeError:
+            _fail(
+                name,
+                f"batch dims broadcastable with x's {tuple(x.shape[:-2])}",
+                f"shape {tuple(value.shape)}",
+            )

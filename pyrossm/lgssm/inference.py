@@ -3,8 +3,12 @@
 Generative model (column vectors, the seed's notation)::
 
     z_1 ~ N(init_mean, init_cov)
-    z_t = A_t z_{t-1} + B ε_t,   ε_t ~ N(0, I),   Q = B Bᵀ
-    x_t = C_t z_t   + D ψ_t,   ψ_t ~ N(0, I),   R = D Dᵀ
+    z_t = A_t z_{t-1} + b_t + B ε_t,   ε_t ~ N(0, I),   Q = B Bᵀ
+    x_t = C_t z_t   + d_t + D ψ_t,     ψ_t ~ N(0, I),   R = D Dᵀ
+
+The offsets ``b_t`` (``transition_offset``, ``(..., T, n)``; ``b_0`` is unused) and ``d_t``
+(``observation_offset``, ``(..., T, p)``) are optional (zero by default); exogenous regressors
+or control inputs ``u_t`` enter as ``b_t = G u_t`` and ``d_t = H u_t``.
 
 Shapes: ``x`` is ``(..., T, obs_dim)`` — time at dim -2, any leading batch dims. Parameters
 ``A (..., n, n)``, ``C (..., p, n)``, ``Q (..., n, n)``, ``R (..., p, p)``,
@@ -43,7 +47,7 @@ from typing import NamedTuple
 import torch
 
 from ._scan import associative_scan
-from ._validate import validate_inputs
+from ._validate import validate_inputs, validate_offsets
 
 __all__ = ["FilterResult", "SmootherResult", "kalman_filter", "kalman_smoother"]
 
@@ -116,6 +120,7 @@ class _Prepared(NamedTuple):
     init_cov: torch.Tensor
     tv: dict
     num_missing: torch.Tensor | None  # (..., T) number of unobserved entries
+    b: torch.Tensor | None = None  # transition offsets (..., T, n) with b_0 = 0, or None
 
 
 def _full_time(param, T):
@@ -123,16 +128,24 @@ def _full_time(param, T):
     return param.expand(param.shape[:-3] + (T,) + param.shape[-2:])
 
 
-def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate):
+def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None):
     if validate:
         validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask)
+        validate_offsets(x, init_mean, b, d)
+    if d is not None:
+        x = x - d  # NaN entries stay NaN
+    if b is not None:
+        # b_0 is never used (z_1 ~ N(init_mean, init_cov)); zero it so that sums over t can
+        # include it.
+        b = b.expand(b.shape[:-2] + (x.shape[-2], b.shape[-1]))
+        b = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., 1:, :]], -2)
     tv = {name: p.dim() == x.dim() + 1 for name, p in zip("ACQR", (A, C, Q, R))}
     A, C, Q, R = (_full_time(p, x.shape[-2]) if tv[k] else p for k, p in zip("ACQR", (A, C, Q, R)))
     obs = ~torch.isnan(x)
     if mask is not None:
         obs = obs & mask.unsqueeze(-1)
     if bool(obs.all()):
-        return _Prepared(x, None, A, C, Q, R, init_mean, init_cov, tv, None)
+        return _Prepared(x, None, A, C, Q, R, init_mean, init_cov, tv, None, b)
     x = torch.where(obs, x, torch.zeros((), dtype=x.dtype, device=x.device))
     # An unobserved entry is turned into a harmless pseudo-observation: its row of C is zeroed,
     # its row/column of R replaced by the identity and its innovation is 0, so the update
@@ -144,7 +157,7 @@ def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate):
     eye = torch.eye(R.shape[-1], dtype=x.dtype, device=x.device)
     R = R_tv * (o.unsqueeze(-1) * o.unsqueeze(-2)) + eye * (1 - o).unsqueeze(-1)
     tv = dict(tv, C=True, R=True)
-    return _Prepared(x, obs, A, C, Q, R, init_mean, init_cov, tv, (1 - o).sum(-1))
+    return _Prepared(x, obs, A, C, Q, R, init_mean, init_cov, tv, (1 - o).sum(-1), b)
 
 
 def _innovation_terms(P_pred, C, R):
@@ -284,7 +297,11 @@ def _sequential_filter(prep):
     A_all = prep.A if prep.tv["A"] else prep.A.unsqueeze(-3)
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     F = (eye - gains @ C_all) @ A_all  # (..., T or 1, n, n)
-    u = _mv(gains, x)  # (..., T, n)
+    if prep.b is None:
+        u = _mv(gains, x)  # (..., T, n)
+    else:
+        # m_t = F_t m_{t-1} + K_t x_t + (I - K_t C_t) b_t
+        u = _mv(gains, x - _mv(C_all, prep.b)) + prep.b
     m0 = prep.init_mean
     first = m0 + _mv(gains[..., 0, :, :], x[..., 0, :] - _mv(C_all[..., 0, :, :], m0))
     filt_means = [first]
@@ -301,6 +318,8 @@ def _sequential_filter(prep):
         rest = _linear_recurrence(m, F[..., -1, :, :], u[..., loop_end:, :])
         filt_means = torch.cat([filt_means, rest], -2)
     pred_rest = _mv(A_all[..., 1:, :, :] if prep.tv["A"] else A_all, filt_means[..., :-1, :])
+    if prep.b is not None:
+        pred_rest = pred_rest + prep.b[..., 1:, :]
     m0 = m0.expand(pred_rest.shape[:-2] + m0.shape[-1:])
     pred_means = torch.cat([m0.unsqueeze(-2), pred_rest], -2)
     return filt_means, filt_covs, pred_means, pred_covs
@@ -324,7 +343,10 @@ def _filter_elements(prep):
     L, K = _innovation_terms(Q, C, R)
     I_KC = eye - K @ C
     Fm = I_KC @ A  # "A" of the element
-    b = _mv(K, x)
+    x1 = x
+    if prep.b is not None:
+        x = x - _mv(C, prep.b)  # residual of the offset part of the prior mean
+    b = _mv(K, x) if prep.b is None else _mv(K, x) + prep.b
     Cov = _update_cov(Q, K, C, R)
     CA = C @ A
     Sinv_CA = torch.cholesky_solve(CA, L)
@@ -336,7 +358,7 @@ def _filter_elements(prep):
     C1, R1 = C[..., :1, :, :], R[..., :1, :, :]
     P0e = P0.unsqueeze(-3)
     _, K1 = _innovation_terms(P0e, C1, R1)
-    b1 = m0.unsqueeze(-2) + _mv(K1, x[..., :1, :] - _mv(C1, m0.unsqueeze(-2)))
+    b1 = m0.unsqueeze(-2) + _mv(K1, x1[..., :1, :] - _mv(C1, m0.unsqueeze(-2)))
     Cov1 = _update_cov(P0e, K1, C1, R1)
     # Matrices keep the parameters' batch shape (data-independent), vectors the data's: the
     # scan broadcasts them, so no covariance is computed once per sequence without need.
@@ -380,6 +402,8 @@ def _parallel_filter(prep):
     A_next = prep.A[..., 1:, :, :] if prep.tv["A"] else prep.A.unsqueeze(-3)
     Q_next = prep.Q[..., 1:, :, :] if prep.tv["Q"] else prep.Q.unsqueeze(-3)
     pm = _mv(A_next, filt_means[..., :-1, :])
+    if prep.b is not None:
+        pm = pm + prep.b[..., 1:, :]
     pc = _sym(A_next @ filt_covs[..., :-1, :, :] @ A_next.transpose(-1, -2) + Q_next)
     m0 = prep.init_mean.expand(filt_means.shape[:-2] + prep.init_mean.shape[-1:])
     P0 = prep.init_cov.expand(filt_covs.shape[:-3] + prep.init_cov.shape[-2:])
@@ -392,13 +416,30 @@ def _parallel_filter(prep):
 # public API
 
 
-def kalman_filter(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=False, validate=True):
+def kalman_filter(
+    x,
+    A,
+    C,
+    Q,
+    R,
+    init_mean,
+    init_cov,
+    mask=None,
+    parallel=False,
+    validate=True,
+    *,
+    transition_offset=None,
+    observation_offset=None,
+):
     """Kalman filter: log-likelihood, filtered and one-step predicted moments.
 
     Model and shapes as in the module docstring: ``x (..., T, p)`` with time at dim -2;
     ``mask (..., T)`` True = observed; NaN entries of ``x`` are unobserved. ``parallel=True``
     uses the O(log T)-depth associative scan (same numbers). ``validate=False`` skips the input
     checks (shapes, finiteness, positive semi-definite covariances) on hot paths.
+    ``transition_offset`` ``b (..., T, n)`` and ``observation_offset`` ``d (..., T, p)``
+    (keyword-only, time at dim -2, a time dim of 1 broadcasts) add ``b_t`` to the transition
+    mean and ``d_t`` to the observation mean; ``b_0`` is unused.
 
     Returns a :class:`FilterResult`.
 
@@ -408,12 +449,27 @@ def kalman_filter(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=False,
     >>> kalman_filter(x, I, I, I, I, torch.zeros(1), I).step_log_likelihoods.shape
     torch.Size([2, 20])
     """
-    return _expand(_filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate))
+    return _expand(
+        _filter(
+            x,
+            A,
+            C,
+            Q,
+            R,
+            init_mean,
+            init_cov,
+            mask,
+            parallel,
+            validate,
+            transition_offset,
+            observation_offset,
+        )
+    )
 
 
-def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate):
+def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None, d=None):
     """The filter without broadcasting its outputs: covariances keep the parameters' batch."""
-    prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate)
+    prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b, d)
     if prep.x.shape[-2] == 0:
         raise ValueError("x: expected at least one time step (shape (..., T, obs_dim), T >= 1)")
     run = _parallel_filter if parallel else _sequential_filter
@@ -451,10 +507,25 @@ def _smoother_gains(filt_covs, pred_covs, A):
     return torch.cholesky_solve(APf, L).transpose(-1, -2)
 
 
-def kalman_smoother(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=False, validate=True):
+def kalman_smoother(
+    x,
+    A,
+    C,
+    Q,
+    R,
+    init_mean,
+    init_cov,
+    mask=None,
+    parallel=False,
+    validate=True,
+    *,
+    transition_offset=None,
+    observation_offset=None,
+):
     """Rauch–Tung–Striebel smoother: moments of z_t | x_{1:T} and lag-one cross-covariances.
 
-    Same arguments and shapes as :func:`kalman_filter` (``x (..., T, p)``, time at dim -2).
+    Same arguments and shapes as :func:`kalman_filter` (``x (..., T, p)``, time at dim -2,
+    optional ``transition_offset (..., T, n)`` and ``observation_offset (..., T, p)``).
     Returns a :class:`SmootherResult`; ``smoothed_cross_covs[..., t, :, :]`` is
     ``Cov(z_{t+1}, z_t | x_{1:T})``.
 
@@ -464,7 +535,20 @@ def kalman_smoother(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=Fals
     >>> torch.allclose(res.smoothed_means[-1], res.filtered_means[-1])
     True
     """
-    filt = _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate)
+    filt = _filter(
+        x,
+        A,
+        C,
+        Q,
+        R,
+        init_mean,
+        init_cov,
+        mask,
+        parallel,
+        validate,
+        transition_offset,
+        observation_offset,
+    )
     fm, fc, pm, pc = (
         filt.filtered_means,
         filt.filtered_covs,
@@ -486,7 +570,9 @@ def kalman_smoother(x, A, C, Q, R, init_mean, init_cov, mask=None, parallel=Fals
         E = torch.cat([G, torch.zeros_like(fc[..., -1:, :, :])], -3)
         A_next = torch.cat([A_all[..., 1:, :, :], torch.zeros_like(A_all[..., :1, :, :])], -3)
         EA = E @ A_next
-        g = fm - _mv(EA, fm)
+        # g_t = m_t^f - E_t m_{t+1}^- (the predicted mean includes any transition offset)
+        pm_next = torch.cat([pm[..., 1:, :], torch.zeros_like(pm[..., :1, :])], -2)
+        g = fm - _mv(E, pm_next)
         Lc = _sym(fc - EA @ fc)
 
         def combine(later, earlier):
