@@ -44,6 +44,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyrossm.build import ModelSpec, build
 from pyrossm.datasets import (
     nile_tensor,
     random_stable_system,
@@ -134,18 +135,12 @@ def _svi(model, guide, train, cfg, epochs, device, seed, progress, batch_size=No
 
 
 def _guide(kind, obs_dim, state_dim, hidden):
-    from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
-
-    if kind == "filtering-lstm":
-        return FilteringLSTMGuide(obs_dim, state_dim, hidden_dim=hidden)
-    return StructuredGuide(obs_dim, state_dim, hidden_dim=hidden, direction="backward")
+    """The guide ``kind`` of the pyrossm builder (the demo's LGSSM models are built apart)."""
+    return build(ModelSpec("lgssm", obs_dim, state_dim, hidden, guide=kind))[1]
 
 
 def _lstm_ssm(obs_dim, z_dim, hidden):
-    from pyrossm.nonlinear import LSTMStateSpaceModel
-
-    return LSTMStateSpaceModel(obs_dim, z_dim, rnn_dim=hidden, emission="gaussian",
-                               emission_dim=hidden, hidden_dim=hidden)
+    return build(ModelSpec("lstm-ssm", obs_dim, z_dim, hidden, guide="none"))[0]
 
 
 def _row(dataset, model, fit, guide=None, exact=None, iwae=None, elbo=None, seconds=None,

@@ -23,16 +23,15 @@ from typing import NamedTuple
 
 import torch
 
+from pyrossm.build import ModelNotAvailable, ModelSpec
+from pyrossm.build import build as build_from_spec
+
 __all__ = ["MODELS", "DataSplits", "ModelNotAvailable", "build", "load_data", "load_run",
            "save_run", "standardize", "write_json"]
 
 MODELS = ("lgssm", "lstm-ssm", "dmm", "seqvae")
 GUIDES = ("backward", "forward", "bidirectional", "filtering-lstm")
 BUILTIN = ("nile", "jsb", "ptb")
-
-
-class ModelNotAvailable(RuntimeError):
-    """The requested model family is not part of this installation (yet)."""
 
 
 class DataSplits(NamedTuple):
@@ -145,40 +144,20 @@ def default_config(model, data_kind, obs_dim, args) -> dict:
             "emission": "bernoulli" if data_kind == "binary" else "gaussian"}
 
 
+def spec_of(cfg) -> ModelSpec:
+    """The :class:`~pyrossm.build.ModelSpec` of a ``run.json`` model section."""
+    mle = cfg["model"] == "lgssm" and cfg.get("method") == "mle"
+    return ModelSpec(
+        cfg["model"], obs_dim=cfg.get("obs_dim"), state_dim=cfg["state_dim"],
+        hidden=cfg["hidden"], guide="none" if mle else cfg["guide"],
+        emission=cfg.get("emission", "gaussian"), dtype="float64" if mle else "float32",
+        word_dropout=cfg.get("word_dropout", 0.0),
+    )
+
+
 def build(cfg, vocab=None):
     """``(model, guide)`` from a ``run.json`` model section (guide is None for an MLE LGSSM)."""
-    kind, obs_dim, n, h = cfg["model"], cfg["obs_dim"], cfg["state_dim"], cfg["hidden"]
-    if kind == "seqvae":
-        try:
-            from pyrossm.seqvae.model import SequenceVAE, SequenceVAEGuide
-        except ImportError as e:
-            raise ModelNotAvailable(f"--model seqvae: pyrossm.seqvae is not available ({e})") from e
-        return (SequenceVAE(vocab, embed_dim=h, hidden_dim=h, latent_dim=n,
-                            word_dropout=cfg.get("word_dropout", 0.0)),
-                SequenceVAEGuide(vocab, embed_dim=h, hidden_dim=h, latent_dim=n))
-    from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
-
-    if cfg["guide"] == "filtering-lstm":
-        guide = FilteringLSTMGuide(obs_dim, n, hidden_dim=h)
-    else:
-        guide = StructuredGuide(obs_dim, n, hidden_dim=h, direction=cfg["guide"])
-    if kind == "lgssm":
-        from pyrossm.lgssm import LinearGaussianSSM
-
-        dtype = torch.float64 if cfg["method"] == "mle" else torch.float32
-        model = LinearGaussianSSM(n, obs_dim, dtype=dtype)
-        return model, (None if cfg["method"] == "mle" else guide)
-    try:
-        from pyrossm.nonlinear import DeepMarkovModel, LSTMStateSpaceModel
-    except ImportError as e:
-        raise ModelNotAvailable(f"--model {kind}: pyrossm.nonlinear is not available ({e})") from e
-    if kind == "lstm-ssm":
-        model = LSTMStateSpaceModel(obs_dim, n, rnn_dim=h, emission=cfg["emission"],
-                                    emission_dim=h, hidden_dim=h)
-    else:
-        model = DeepMarkovModel(obs_dim, n, transition_dim=h, emission_dim=h,
-                                emission=cfg["emission"])
-    return model, guide
+    return build_from_spec(spec_of(cfg), vocab)
 
 
 def save_run(out, cfg, model, guide, history=None):

@@ -33,10 +33,9 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyrossm.build import ModelSpec, build
 from pyrossm.experiments.common import evaluate
-from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
 from pyrossm.infer import fit, make_schedule
-from pyrossm.nonlinear.models import DeepMarkovModel, LSTMStateSpaceModel
 
 __all__ = [
     "JSB_CONFIGS",
@@ -79,23 +78,14 @@ def build_jsb(config: str, sizes: dict | None = None):
     s = {**JSB_DEFAULTS, **(sizes or {})}
     if config not in JSB_CONFIGS:
         raise ValueError(f"config: expected one of {sorted(JSB_CONFIGS)}, got {config!r}")
-    if config == "lstm_ssm":
-        model = LSTMStateSpaceModel(88, s["z_dim"], s["rnn_dim"], emission="bernoulli",
-                                    emission_dim=s["emission_dim"],
-                                    hidden_dim=s["transition_dim"])
-    else:
-        model = DeepMarkovModel(88, s["z_dim"], s["transition_dim"], s["emission_dim"],
-                                emission="bernoulli")
-    if config == "dmm_filtering":
-        if s["encoder_cell"] != "lstm":
-            raise ValueError(f"encoder_cell: the filtering guide's encoder is an LSTM, got "
-                             f"{s['encoder_cell']!r} (other cells are for the backward guide)")
-        guide = FilteringLSTMGuide(88, s["z_dim"], hidden_dim=s["rnn_dim"],
-                                   missing_indicators=False)
-    else:
-        guide = StructuredGuide(88, s["z_dim"], hidden_dim=s["rnn_dim"], direction="backward",
-                                cell=s["encoder_cell"], missing_indicators=False)
-    return model, guide
+    spec = ModelSpec(
+        "lstm-ssm" if config == "lstm_ssm" else "dmm", obs_dim=88, state_dim=s["z_dim"],
+        guide="filtering-lstm" if config == "dmm_filtering" else "backward",
+        emission="bernoulli", transition_dim=s["transition_dim"],
+        emission_dim=s["emission_dim"], rnn_dim=s["rnn_dim"], encoder_cell=s["encoder_cell"],
+        missing_indicators=False,
+    )
+    return build(spec)
 
 
 def _log_callback(log_every, name):

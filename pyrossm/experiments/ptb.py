@@ -50,9 +50,9 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyrossm.build import ModelSpec, build
 from pyrossm.seqvae.decoding import homotopy, reconstruct, sample_prior, to_text
 from pyrossm.seqvae.metrics import evaluate
-from pyrossm.seqvae.model import LSTMLanguageModel, NoLatentGuide, SequenceVAE, SequenceVAEGuide
 from pyrossm.seqvae.vocab import Vocabulary, pad_batch
 
 CONFIGS = {
@@ -118,15 +118,14 @@ def annealing_spec(name, anneal_steps):
     raise ValueError(f"annealing: unknown schedule {name!r}")
 
 
-def build(run, vocab, cfg):
+def build_run(run, vocab, cfg):
+    """``(model, guide)`` of run ``run`` (a key of :data:`RUNS`)."""
     spec = RUNS[run]
-    common = dict(embed_dim=cfg["embed_dim"], hidden_dim=cfg["hidden_dim"],
-                  word_dropout=spec["word_dropout"])
-    if spec["kind"] == "lm":
-        return LSTMLanguageModel(vocab, **common), NoLatentGuide()
-    model = SequenceVAE(vocab, latent_dim=cfg["latent_dim"], z_to_inputs=True, **common)
-    guide = SequenceVAEGuide(vocab, cfg["embed_dim"], cfg["hidden_dim"], cfg["latent_dim"])
-    return model, guide
+    return build(ModelSpec(
+        "lm" if spec["kind"] == "lm" else "seqvae", state_dim=cfg["latent_dim"],
+        hidden=cfg["hidden_dim"], embed_dim=cfg["embed_dim"],
+        word_dropout=spec["word_dropout"], z_to_inputs=True,
+    ), vocab)
 
 
 def _batches(vocab, sentences, batch_size):
@@ -150,7 +149,7 @@ def run_one(run, cfg, data_dir, seed, log=print, save=None):
     vocab = Vocabulary.from_corpus(train)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model, guide = build(run, vocab, cfg)
+    model, guide = build_run(run, vocab, cfg)
     spec = RUNS[run]
     full = pad_batch(vocab, train)
     counter = _Progress(log=lambda m: log(f"[{run}] {m}"))

@@ -24,6 +24,7 @@ import time
 import pyro
 import torch
 
+from pyrossm.build import ModelSpec, build
 from pyrossm.datasets import (
     random_stable_system,
     simulate_linear_gaussian,
@@ -31,10 +32,8 @@ from pyrossm.datasets import (
     simulate_pendulum,
 )
 from pyrossm.experiments.common import evaluate
-from pyrossm.guides import StructuredGuide
 from pyrossm.infer import fit
 from pyrossm.lgssm import LinearGaussianSSM, kalman_filter
-from pyrossm.nonlinear.models import DeepMarkovModel, LSTMStateSpaceModel
 
 __all__ = ["build_synthetic", "make_synthetic_data", "run_synthetic", "synthetic_table"]
 
@@ -73,18 +72,15 @@ def make_synthetic_data(system: str, num_train: int, num_test: int, num_steps: i
 
 def build_synthetic(kind: str, obs_dim: int, z_dim: int, hidden: int = 32):
     """``(model, guide)``: a small DMM or LSTM-SSM (Gaussian emission) + backward guide."""
-    if kind == "dmm":
-        # a first state of its own: the systems start from a spread wider than their noise
-        model = DeepMarkovModel(obs_dim, z_dim, transition_dim=hidden, emission_dim=hidden,
-                                emission="gaussian", initial="learned")
-    elif kind == "lstm_ssm":
-        model = LSTMStateSpaceModel(obs_dim, z_dim, rnn_dim=hidden, emission="gaussian",
-                                    emission_dim=hidden, hidden_dim=hidden)
-    else:
+    if kind not in MODELS:
         raise ValueError(f"kind: expected one of {MODELS}, got {kind!r}")
-    guide = StructuredGuide(obs_dim, z_dim, hidden_dim=hidden, direction="backward",
-                            missing_indicators=False)
-    return model, guide
+    # the DMM gets a first state of its own: the systems start from a spread wider than their noise
+    spec = ModelSpec(
+        "dmm" if kind == "dmm" else "lstm-ssm", obs_dim=obs_dim, state_dim=z_dim, hidden=hidden,
+        emission="gaussian", initial="learned" if kind == "dmm" else "transition",
+        missing_indicators=False,
+    )
+    return build(spec)
 
 
 def best_lgssm_nll(train, test, state_dims=(1, 2, 3, 4), num_steps=100) -> dict:
