@@ -223,17 +223,29 @@ def test_autoregressive_prepare_step_combiner_same_as_plain():
     torch.testing.assert_close(split.log_prob(z1), plain.log_prob(z1), **EXACT)
 
 
-def test_autoregressive_gradients_flow_through_rsample_and_log_prob():
-    lin = torch.nn.Linear(3, 4)  # [z (2), h (1)] -> loc (2), raw scale (2)
+def test_autoregressive_gradients_through_rsample_and_log_prob_match_finite_differences():
+    # d/dθ [sum(z) + log q(z)] with z = rsample(θ, fixed noise): autograd against central
+    # finite differences (float64), through both the reparameterised sample and the density.
+    h = torch.randn(3, 7, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-    def comb(z, h):
-        out = lin(torch.cat([z, h.expand(z.shape[:-1] + h.shape[-1:])], -1))
-        return out[..., :2], torch.nn.functional.softplus(out[..., 2:]) + 1e-3
+    def objective(weight, bias):
+        def comb(z, h_t):
+            out = torch.nn.functional.linear(
+                torch.cat([z, h_t.expand(z.shape[:-1] + h_t.shape[-1:])], -1), weight, bias
+            )
+            return out[..., :2], torch.nn.functional.softplus(out[..., 2:]) + 1e-3
 
-    d = AutoregressiveGaussianSequence(comb, torch.randn(3, 7, 1), torch.zeros(2))
-    z = d.rsample()
-    (z.sum() + d.log_prob(z).sum()).backward()
-    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+        d = AutoregressiveGaussianSequence(comb, h, torch.zeros(2, dtype=torch.float64))
+        torch.manual_seed(1)  # the same noise on every call
+        z = d.rsample()
+        return z.sum() + d.log_prob(z).sum()
+
+    g = torch.Generator().manual_seed(2)
+    weight = (0.5 * torch.randn(4, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    bias = (0.5 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(objective, (weight, bias), eps=1e-6, atol=1e-6, rtol=1e-5)
+    grad_w, _ = torch.autograd.grad(objective(weight, bias), (weight, bias))
+    assert grad_w.abs().sum() > 0
 
 
 @pytest.mark.parametrize("tril", [False, True])
