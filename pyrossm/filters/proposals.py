@@ -1,0 +1,275 @@
+"""Per-step Gaussian densities for sequential Monte Carlo: the model's side and the proposal's.
+
+A particle filter needs, at every step ``t`` and for every particle, the model's transition
+``p(z_t | z_{<t})`` and emission ``p(x_t | z_t)``, and a proposal ``q(z_t | z_{t-1}, x)`` it can
+sample and evaluate. This module adapts pyrossm's models and guides to that per-step view:
+
+* :func:`as_state_space` — ``LinearGaussianSSM``, ``DeepMarkovModel``, ``LSTMStateSpaceModel``
+  (their ``dynamics`` ``initial_state / predict / update`` and ``emitter``) → :class:`StateSpace`;
+* :func:`as_proposal` — :class:`~pyrossm.guides.StructuredGuide` (``q(z_t | z_{t-1}, h_t)``
+  from its combiner's ``prepare``/``step``, the same conditionals its trajectory distribution
+  samples) and :class:`~pyrossm.guides.FilteringLSTMGuide` (``q(z_t | x_{≤t})``) →
+  :class:`Proposal`; a user's own proposal subclasses :class:`Proposal`.
+
+Particles are laid out ``(batch, num_particles, dim)``; networks see them flattened to
+``(batch * num_particles, dim)`` rows (batch-major). Sequences are ``(batch, time, obs_dim)``
+with time at dim -2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["Gaussian", "Proposal", "StateSpace", "as_proposal", "as_state_space"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class Gaussian:
+    """``N(loc, diag scale²)`` (``tril=False``) or ``N(loc, scale scaleᵀ)`` (``tril=True``) over the
+    last dim; ``loc (..., D)``, ``scale (..., D)`` or ``(..., D, D)``; :meth:`rsample` and
+    :meth:`log_prob` (summed over ``D``)."""
+
+    def __init__(self, loc, scale, tril=False):
+        self.loc, self.scale, self.tril = loc, scale, tril
+
+    def rsample(self):
+        eps = torch.randn_like(self.loc)
+        if self.tril:
+            return self.loc + (self.scale @ eps.unsqueeze(-1)).squeeze(-1)
+        return self.loc + self.scale * eps
+
+    def log_prob(self, z):
+        d = z - self.loc
+        D = z.shape[-1]
+        if self.tril:
+            L = self.scale.expand(d.shape[:-1] + self.scale.shape[-2:])
+            w = torch.linalg.solve_triangular(L, d.unsqueeze(-1), upper=False).squeeze(-1)
+            logdet = torch.log(torch.diagonal(self.scale, dim1=-2, dim2=-1)).sum(-1)
+        else:
+            w = d / self.scale
+            logdet = torch.log(self.scale).expand_as(d).sum(-1)
+        return -0.5 * (w.pow(2).sum(-1) + D * _LOG_2PI) - logdet
+
+
+def _rows(t, B, N):
+    """``(B, ...)`` → ``(B * N, ...)``: one copy per particle (batch-major)."""
+    return t.unsqueeze(1).expand((B, N) + t.shape[1:]).reshape((B * N,) + t.shape[1:])
+
+
+class StateSpace:
+    """The model's side of a particle filter (subclass for a new model).
+
+    ``start(x, mask, num_particles)`` prepares a batch; ``initial_state()``;
+    ``transition(state) -> Gaussian`` of ``z_t`` given the particles' past (rows
+    ``(B * N, D)``); ``advance(state, z_t) -> state``; ``emission_log_prob(t, z_t)`` →
+    ``(B, N)``, 0 for unobserved entries; ``gather(state, index)`` reorders particles (rows).
+    """
+
+    z_dim: int
+
+    def start(self, x, mask, num_particles):
+        raise NotImplementedError
+
+    def initial_state(self):
+        raise NotImplementedError
+
+    def transition(self, state) -> Gaussian:
+        raise NotImplementedError
+
+    def advance(self, state, z_t):
+        raise NotImplementedError
+
+    def emission_log_prob(self, t, z_t):
+        raise NotImplementedError
+
+    def gather(self, state, index):
+        return _gather_tree(state, index)
+
+
+def _gather_tree(state, index):
+    """Reorder the rows of every tensor in ``state`` (rows at dim 0, or dim 1 for an RNN's
+    ``(layers, rows, hidden)`` state)."""
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return type(state)(_gather_tree(s, index) for s in state)
+    rows = index.shape[0]
+    if state.dim() == 3 and state.shape[1] == rows and state.shape[0] != rows:
+        return state.index_select(1, index)
+    return state.index_select(0, index)
+
+
+class _LinearGaussian(StateSpace):
+    """``LinearGaussianSSM``: ``z_1 ~ N(m0, P0)``, ``z_t ~ N(A z_{t-1}, Q)``, ``x_t ~ N(C z_t, R)``
+    with full covariances; partially observed ``x_t`` use the marginal of the observed entries."""
+
+    def __init__(self, ssm):
+        self.ssm = ssm
+        self.z_dim = ssm.state_dim
+
+    def start(self, x, mask, num_particles):
+        if x.dim() != 3 or x.shape[-1] != self.ssm.obs_dim:
+            raise ValueError(f"x: expected shape (batch, time, obs_dim={self.ssm.obs_dim}), "
+                             f"got {tuple(x.shape)}")
+        mats = {k: v.to(x) for k, v in self.ssm.matrices().items()}
+        self.A, self.C = mats["A"], mats["C"]
+        self.LQ = torch.linalg.cholesky(mats["Q"])
+        self.L0 = torch.linalg.cholesky(mats["init_cov"])
+        self.m0, self.R = mats["init_mean"], mats["R"]
+        self.LR = torch.linalg.cholesky(self.R)
+        obs = ~torch.isnan(x)
+        if mask is not None:
+            obs = obs & mask.unsqueeze(-1)
+        self.obs = obs
+        self.x = torch.where(obs, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        self.B, self.N = x.shape[0], num_particles
+
+    def initial_state(self):
+        return None
+
+    def transition(self, state):
+        if state is None:
+            loc = self.m0.expand(self.B * self.N, self.z_dim)
+            return Gaussian(loc, self.L0, tril=True)
+        return Gaussian(state @ self.A.T, self.LQ, tril=True)
+
+    def advance(self, state, z_t):
+        return z_t
+
+    def emission_log_prob(self, t, z_t):
+        B, N = self.B, self.N
+        v = self.x[:, t].unsqueeze(1) - (z_t @ self.C.T).reshape(B, N, -1)  # (B, N, p)
+        o = self.obs[:, t]
+        if bool(o.all()):
+            return Gaussian(torch.zeros_like(v), self.LR, tril=True).log_prob(v)
+        of = o.to(v.dtype)
+        eye = torch.eye(o.shape[-1], dtype=v.dtype, device=v.device)
+        R_o = self.R * (of.unsqueeze(-1) * of.unsqueeze(-2)) + eye * (1 - of).unsqueeze(-1)
+        L = torch.linalg.cholesky(R_o).unsqueeze(1)  # (B, 1, p, p)
+        lp = Gaussian(torch.zeros_like(v), L, tril=True).log_prob(v * of.unsqueeze(1))
+        return lp + 0.5 * _LOG_2PI * (1 - of).sum(-1, keepdim=True)
+
+
+class _NeuralStateSpace(StateSpace):
+    """DeepMarkovModel / LSTMStateSpaceModel: ``dynamics`` (``initial_state``, ``predict``,
+    ``update``) and the pointwise ``emitter`` (NaN entries / negative class ids missing)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.z_dim = model.z_dim
+
+    def start(self, x, mask, num_particles):
+        steps_mask = mask if mask is not None else torch.ones(
+            x.shape[:2], dtype=torch.bool, device=x.device)
+        self.value, self.observed = self.model.emitter.observed(x, steps_mask)
+        self.B, self.N = x.shape[0], num_particles
+        self.like = x if x.is_floating_point() else next(self.model.parameters())
+
+    def initial_state(self):
+        return self.model.dynamics.initial_state(self.B * self.N, self.like)
+
+    def transition(self, state):
+        loc, scale = self.model.dynamics.predict(state)
+        return Gaussian(loc, scale)
+
+    def advance(self, state, z_t):
+        return self.model.dynamics.update(state, z_t)
+
+    def emission_log_prob(self, t, z_t):
+        B, N = self.B, self.N
+        dist = self.model.emitter(z_t.reshape(B, N, -1))
+        value, obs = self.value[:, t].unsqueeze(1), self.observed[:, t].unsqueeze(1)
+        lp = dist.log_prob(value.expand(dist.batch_shape))
+        lp = torch.where(obs, lp, lp.new_zeros(()))
+        return lp.sum(-1) if lp.dim() == 3 else lp
+
+
+def as_state_space(model) -> StateSpace:
+    """Adapt a pyrossm model (``LinearGaussianSSM``, ``DeepMarkovModel``,
+    ``LSTMStateSpaceModel``) or pass a :class:`StateSpace` through."""
+    if isinstance(model, StateSpace):
+        return model
+    from pyrossm.lgssm import LinearGaussianSSM
+
+    if isinstance(model, LinearGaussianSSM):
+        return _LinearGaussian(model)
+    dyn = getattr(model, "dynamics", None)
+    if dyn is not None and all(hasattr(dyn, k) for k in ("initial_state", "predict", "update")) \
+            and hasattr(model, "emitter"):
+        return _NeuralStateSpace(model)
+    raise TypeError(
+        "model: expected a LinearGaussianSSM, DeepMarkovModel, LSTMStateSpaceModel or a "
+        f"pyrossm.filters.StateSpace, got {type(model).__name__}")
+
+
+class Proposal:
+    """The proposal's side of a particle filter (subclass for a new proposal).
+
+    ``start(x, mask, num_particles)`` runs whatever looks at the whole batch once (e.g. an
+    RNN over ``x``); ``initial()`` → the ``z_0`` rows the first step conditions on (or None);
+    ``step(t, z_prev) -> Gaussian`` over ``z_t`` for every particle row ``(B * N, D)``.
+    """
+
+    def start(self, x, mask, num_particles):
+        raise NotImplementedError
+
+    def initial(self):
+        return None
+
+    def step(self, t, z_prev) -> Gaussian:
+        raise NotImplementedError
+
+
+class _StructuredProposal(Proposal):
+    """``q(z_t | z_{t-1}, h_t)`` of a :class:`~pyrossm.guides.StructuredGuide`."""
+
+    def __init__(self, guide):
+        self.guide = guide
+
+    def start(self, x, mask, num_particles):
+        comb = self.guide.combiner
+        self.ctx = comb.prepare(self.guide.features(x, mask))  # each (B, T, ...)
+        self.B, self.N = x.shape[0], num_particles
+
+    def initial(self):
+        z0 = self.guide.combiner.z0
+        return z0.expand(self.B * self.N, z0.shape[-1])
+
+    def step(self, t, z_prev):
+        ctx_t = tuple(_rows(c[:, t], self.B, self.N) for c in self.ctx)
+        loc, scale = self.guide.combiner.step(z_prev, ctx_t)
+        return Gaussian(loc, scale, tril=self.guide.scale_tril)
+
+
+class _FilteringProposal(Proposal):
+    """``q(z_t | x_{≤t})`` of a :class:`~pyrossm.guides.FilteringLSTMGuide` (no ``z_{t-1}``)."""
+
+    def __init__(self, guide):
+        self.guide = guide
+
+    def start(self, x, mask, num_particles):
+        q = self.guide.distribution(x, mask)
+        self.loc, self.scale = q.loc, q.scale  # (B, T, D)
+        self.B, self.N = x.shape[0], num_particles
+
+    def step(self, t, z_prev):
+        return Gaussian(_rows(self.loc[:, t], self.B, self.N),
+                        _rows(self.scale[:, t], self.B, self.N))
+
+
+def as_proposal(guide) -> Proposal | None:
+    """``None`` (bootstrap: the model's transition), a ``StructuredGuide``, a
+    ``FilteringLSTMGuide`` or a :class:`Proposal`."""
+    if guide is None or isinstance(guide, Proposal):
+        return guide
+    from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
+
+    if isinstance(guide, StructuredGuide):
+        return _StructuredProposal(guide)
+    if isinstance(guide, FilteringLSTMGuide):
+        return _FilteringProposal(guide)
+    raise TypeError("guide: expected None (bootstrap), a StructuredGuide, a FilteringLSTMGuide or "
+                    f"a pyrossm.filters.Proposal, got {type(guide).__name__}")
