@@ -92,27 +92,6 @@ def _resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
-def _psd_sqrt(name: str, M: torch.Tensor) -> torch.Tensor:
-    """A factor L with L Lᵀ = M for a symmetric positive semi-definite M (Cholesky when M is
-    positive definite, else a symmetric square root from the eigendecomposition)."""
-    if not torch.isfinite(M).all():
-        raise ValueError(f"{name}: expected finite entries, got NaN or inf")
-    scale = M.abs().max().clamp_min(1.0)
-    tol = 1e3 * torch.finfo(M.dtype).eps * scale
-    if (M - M.T).abs().max() > tol:
-        raise ValueError(f"{name}: expected a symmetric matrix, got an asymmetric one")
-    L, info = torch.linalg.cholesky_ex(M)
-    if int(info) == 0:
-        return L
-    evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
-    if evals.min() < -tol:
-        raise ValueError(
-            f"{name}: expected a positive semi-definite matrix, got smallest eigenvalue "
-            f"{evals.min().item():.3g}"
-        )
-    return evecs * evals.clamp_min(0).sqrt()
-
-
 def random_stable_system(
     state_dim: int,
     obs_dim: int,
@@ -187,6 +166,9 @@ def simulate_linear_gaussian(
     Shapes: A (n, n), C (p, n), Q (n, n), R (p, p), init_mean (n,), init_cov (n, n).
     Returns ``Simulation(z (num_sequences, num_steps, n), x (num_sequences, num_steps, p))``
     on A's device and dtype. Q, R and init_cov may be singular (positive semi-definite).
+    The sampler is :func:`pyrossm.lgssm.sampling.sample_lgssm` (shared with
+    ``LinearGaussianSSM.sample`` and ``.forecast``); without ``seed``/``generator`` it draws from
+    the global RNG on A's device.
 
     >>> p = random_stable_system(2, 1, seed=0)
     >>> z, x = simulate_linear_gaussian(*p, num_steps=50, num_sequences=4, seed=1)
@@ -229,20 +211,12 @@ def simulate_linear_gaussian(
     C, Q, R, init_mean, init_cov = (
         t.to(device=device, dtype=dtype) for t in (C, Q, R, init_mean, init_cov)
     )
-    L_Q, L_R, L_0 = _psd_sqrt("Q", Q), _psd_sqrt("R", R), _psd_sqrt("init_cov", init_cov)
-    gen = _make_generator(seed, generator)
-    N, T = num_sequences, num_steps
-    eps0 = _randn((N, n), gen, dtype, device)
-    eps = _randn((N, T - 1, n), gen, dtype, device)
-    eta = _randn((N, T, p), gen, dtype, device)
-    w = eps @ L_Q.T  # process noise, (N, T-1, n)
-    z_t = init_mean + eps0 @ L_0.T
-    states = [z_t]
-    for t in range(T - 1):
-        z_t = z_t @ A.T + w[:, t]
-        states.append(z_t)
-    z = torch.stack(states, dim=-2)
-    x = z @ C.T + eta @ L_R.T
+    # The one LGSSM sampler (also behind LinearGaussianSSM.sample and .forecast).
+    from ..lgssm.sampling import sample_lgssm
+
+    gen = _make_generator(seed, generator)  # None: the global RNG, on A's device
+    z, x = sample_lgssm(A, C, Q, R, init_mean, init_cov, num_steps, (num_sequences,),
+                        generator=gen)
     return Simulation(z, x)
 
 

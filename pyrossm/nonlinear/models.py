@@ -13,13 +13,11 @@ state still evolves there).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import pyro
+import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.nn import PyroModule
 
+from ..forecast import Forecast
+from ..protocol import Reconstruction, StateSpaceModel, Trajectory
 from .distributions import TrajectoryPrior
 from .networks import LSTMPrior, MarkovPrior, make_emission
 
@@ -32,66 +30,13 @@ __all__ = [
 ]
 
 
-class Trajectory(NamedTuple):
-    """Samples from the prior: ``z`` (num_samples, time, z_dim), ``x`` (num_samples, time, obs_dim)
-    (``(num_samples, time)`` class ids for a categorical emission)."""
-
-    z: torch.Tensor
-    x: torch.Tensor
-
-
-class Forecast(NamedTuple):
-    """Forecast of ``horizon`` steps after each sequence's last real step.
-
-    ``z``: (num_samples, batch, horizon, z_dim) latent paths; ``samples``: (num_samples, batch,
-    horizon, obs_dim) sampled observations (``(num_samples, batch, horizon)`` ids for a categorical
-    emission); ``means``: (num_samples, batch, horizon, obs_dim) emission means E[x_t | z_t]
-    (Gaussian mean, Bernoulli / class probabilities); ``mean``: (batch, horizon, obs_dim) the
-    average of ``means`` over samples (the Monte Carlo predictive mean).
-    """
-
-    z: torch.Tensor
-    samples: torch.Tensor
-    means: torch.Tensor
-    mean: torch.Tensor
-
-
-class Reconstruction(NamedTuple):
-    """``z`` (num_samples, batch, time, z_dim) drawn from the guide and ``means`` (num_samples,
-    batch, time, obs_dim) the emission means E[x_t | z_t]."""
-
-    z: torch.Tensor
-    means: torch.Tensor
-
-
-def _check_x(x, mask, name="x"):
-    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-        raise ValueError(
-            f"{name}: expected a tensor of shape (batch, time, obs_dim) "
-            f"(or (batch, time) class ids), got {getattr(x, 'shape', type(x).__name__)}"
-        )
-    if x.dim() == 3 and not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor (batch, time, obs_dim), got "
-                        f"dtype {x.dtype} (class ids go in a (batch, time) long tensor)")
-    batch, steps = x.shape[:2]
-    if steps == 0:
-        raise ValueError(f"{name}: expected at least one time step, shape (batch, T >= 1, ...), "
-                         f"got {tuple(x.shape)}")
-    if mask is None:
-        return torch.ones(batch, steps, dtype=torch.bool, device=x.device)
-    if tuple(mask.shape) != (batch, steps) or mask.dtype != torch.bool:
-        raise ValueError(
-            f"mask: expected a bool tensor of shape (batch, time) = {(batch, steps)}, "
-            f"got {mask.dtype} {tuple(mask.shape)}"
-        )
-    return mask
-
-
-class _StateSpaceModel(PyroModule):
-    """Shared machinery: emissions, the Pyro model, sampling, forecasting, reconstruction."""
+class _StateSpaceModel(StateSpaceModel):
+    """A :class:`pyrossm.StateSpaceModel` whose dynamics are a module ``self.dynamics``
+    (:mod:`pyrossm.nonlinear.networks`) and whose emission is a named network: the
+    vectorized ``prior`` (:class:`TrajectoryPrior`) and ``state_after`` come from the dynamics;
+    the Pyro model, ``sample``, ``forecast`` and ``reconstruct`` from the base class."""
 
     dynamics: torch.nn.Module  # set by subclasses
-    max_plate_nesting = 1
 
     def __init__(self, obs_dim: int, z_dim: int, emission: str, emission_dim: int):
         super().__init__()
@@ -102,7 +47,20 @@ class _StateSpaceModel(PyroModule):
         self.emission_kind = emission
         self.emitter = make_emission(emission, z_dim, obs_dim, emission_dim)
 
-    # ----------------------------------------------------------------- the Pyro model
+    # ----------------------------------------------------------------- StateSpaceModel
+    def initial_state(self, batch_size: int, like: torch.Tensor):
+        return self.dynamics.initial_state(batch_size, like)
+
+    def transition(self, state):
+        loc, scale = self.dynamics.predict(state)
+        return dist.Normal(loc, scale, validate_args=False).to_event(1)
+
+    def update(self, state, z_t: torch.Tensor):
+        return self.dynamics.update(state, z_t)
+
+    def state_after(self, z: torch.Tensor, lengths: torch.Tensor):
+        return self.dynamics.state_after(z, lengths)
+
     def prior(self, batch_size: int, num_steps: int, mask=None, like=None) -> TrajectoryPrior:
         """The distribution of the latent site ``"z"`` (see :class:`TrajectoryPrior`)."""
         return TrajectoryPrior(self.dynamics, batch_size, num_steps, mask=mask, like=like)
@@ -111,89 +69,14 @@ class _StateSpaceModel(PyroModule):
         """Pointwise emission ``p(x | z)``, batch shape ``z.shape[:-1] (+ (obs_dim,))``."""
         return self.emitter(z)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """Pyro model ``p(z_{1:T}) ∏_t p(x_t | z_t)``; returns the latent trajectory."""
-        mask = _check_x(x, mask)
-        value, observed = self.emitter.observed(x, mask)
-        batch, steps = x.shape[:2]
-        like = x if x.is_floating_point() else self._param_like()
-        with pyro.plate("sequences", batch, dim=-1):
-            z = pyro.sample("z", self.prior(batch, steps, mask, like=like))
-            likelihood = self.emitter(z)
-            event_dims = len(likelihood.batch_shape) - 1  # time (and obs_dim)
-            pyro.sample("x", likelihood.mask(observed).to_event(event_dims), obs=value)
-        return z
+    def emission_mean(self, z: torch.Tensor) -> torch.Tensor:
+        return self.emitter.mean(z)
 
-    model = forward  # protocol name
+    def observed(self, x: torch.Tensor, mask: torch.Tensor):
+        return self.emitter.observed(x, mask)
 
     def _param_like(self) -> torch.Tensor:
         return next(self.parameters())
-
-    # ----------------------------------------------------------------- trajectories
-    @torch.no_grad()
-    def sample(self, num_steps: int, num_samples: int = 1) -> Trajectory:
-        """Draw ``(z, x)`` from the prior: ``z`` (num_samples, num_steps, z_dim), ``x``
-        (num_samples, num_steps, obs_dim). Uses torch's global RNG (``pyro.set_rng_seed``)."""
-        if num_steps < 0 or num_samples < 1:
-            raise ValueError(
-                f"num_steps, num_samples: expected >= 0 and >= 1, got {num_steps}, {num_samples}"
-            )
-        z = self.prior(num_samples, num_steps).rsample()
-        return Trajectory(z, self.emitter(z).sample())
-
-    def _guide_latent(self, guide, x, mask):
-        trace = poutine.trace(guide).get_trace(x, mask)
-        if "z" not in trace.nodes:
-            raise ValueError("guide: expected a guide with a latent sample site named 'z'")
-        return trace.nodes["z"]["value"]
-
-    @torch.no_grad()
-    def reconstruct(self, x, guide, mask=None, num_samples: int = 1) -> Reconstruction:
-        """Draw ``z ~ q(z | x)`` with ``guide``; emission means, see :class:`Reconstruction`."""
-        mask = _check_x(x, mask)
-        batch = x.size(0)
-        xs = x.repeat_interleave(num_samples, dim=0)
-        ms = mask.repeat_interleave(num_samples, dim=0)
-        z = self._guide_latent(guide, xs, ms)
-        means = self.emitter.mean(z)
-        z = z.reshape(batch, num_samples, *z.shape[1:]).transpose(0, 1)
-        means = means.reshape(batch, num_samples, *means.shape[1:]).transpose(0, 1)
-        return Reconstruction(z, means)
-
-    @torch.no_grad()
-    def forecast(self, x, horizon: int, num_samples: int = 100, guide=None, mask=None) -> Forecast:
-        """Forecast ``horizon`` steps past the observed prefix of each sequence.
-
-        The latent trajectory of the prefix ``x`` (batch, time, obs_dim) — its real steps given
-        by ``mask`` (right padding allowed) — is drawn from ``guide`` (``num_samples`` draws per
-        sequence); the prior is then rolled forward from each sequence's last real step.
-        Returns a :class:`Forecast` (samples first: (num_samples, batch, horizon, ...)).
-        """
-        if guide is None:
-            raise ValueError("guide: forecast needs a guide to infer the latent state of x")
-        if horizon < 1 or num_samples < 1:
-            raise ValueError(f"horizon, num_samples: expected >= 1, got {horizon}, {num_samples}")
-        mask = _check_x(x, mask)
-        batch = x.size(0)
-        xs = x.repeat_interleave(num_samples, dim=0)
-        ms = mask.repeat_interleave(num_samples, dim=0)
-        z_prefix = self._guide_latent(guide, xs, ms)
-        state = self.dynamics.state_after(z_prefix, ms.sum(-1))
-        steps = []
-        for _ in range(horizon):
-            loc, scale = self.dynamics.predict(state)
-            z_t = loc + scale * torch.randn_like(loc)
-            steps.append(z_t)
-            state = self.dynamics.update(state, z_t)
-        z = torch.stack(steps, dim=1)  # (batch * num_samples, horizon, z_dim)
-        samples = self.emitter(z).sample()
-        means = self.emitter.mean(z)
-
-        def samples_first(t):
-            return t.reshape(batch, num_samples, *t.shape[1:]).transpose(0, 1)
-
-        z, samples, means = samples_first(z), samples_first(samples), samples_first(means)
-        return Forecast(z, samples, means, means.mean(0))
 
 
 class LSTMStateSpaceModel(_StateSpaceModel):

@@ -150,7 +150,8 @@ def test_forecast_and_reconstruct_shapes(kind, emission):
     pyro.set_rng_seed(1)
     fc = model.forecast(x, horizon=3, num_samples=5, guide=guide, mask=mask)
     assert fc.z.shape == (5, 4, 3, Z_DIM)
-    assert fc.means.shape == (5, 4, 3, OBS_DIM) and fc.mean.shape == (4, 3, OBS_DIM)
+    assert fc.emission_means.shape == (5, 4, 3, OBS_DIM) and fc.mean.shape == (4, 3, OBS_DIM)
+    assert torch.allclose(fc.mean, fc.emission_means.mean(0)) and fc.covariance is None
     assert fc.samples.shape == ((5, 4, 3) if emission == "categorical" else (5, 4, 3, OBS_DIM))
     pyro.set_rng_seed(1)
     assert torch.equal(model.forecast(x, 3, 5, guide, mask=mask).samples, fc.samples)
