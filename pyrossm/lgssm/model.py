@@ -13,34 +13,21 @@ site ``"z"`` for the latent trajectory, one observed site ``"x"``) for SVI with 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import pyro
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
+from ..forecast import Forecast, sequence_lengths
 from .distributions import LinearGaussianChain, LinearGaussianObservations
 from .inference import kalman_filter, kalman_smoother
+from .sampling import forecast_moments, sample_lgssm, sample_posterior
 
 __all__ = ["Forecast", "LinearGaussianSSM"]
 
 _NAMES = ("A", "C", "Q", "R", "init_mean", "init_cov")
 # Covariances are learned through Cholesky factors, stored under these names.
 _FACTORS = {"Q": "Q_tril", "R": "R_tril", "init_cov": "init_tril"}
-
-
-class Forecast(NamedTuple):
-    """Forecast of the next ``horizon`` observations given ``x`` (batch of B sequences).
-
-    samples ``(num_samples, B, horizon, obs_dim)``, latent_samples ``(num_samples, B, horizon,
-    state_dim)``, means ``(B, horizon, obs_dim)``, covs ``(B, horizon, obs_dim, obs_dim)``.
-    """
-
-    samples: torch.Tensor
-    latent_samples: torch.Tensor
-    means: torch.Tensor
-    covs: torch.Tensor
 
 
 def _as_tensor(name, value, shape, dtype, device):
@@ -244,58 +231,56 @@ class LinearGaussianSSM(PyroModule):
         return self.filter(x, mask).log_likelihood
 
     # ------------------------------------------------------------------ generation
-    def sample(self, num_steps, num_samples=1):
-        """Sample from the model: z (num_samples, T, state_dim), x (num_samples, T, obs_dim)."""
+    def sample(self, num_steps, num_samples=1, generator=None):
+        """Sample from the model: ``Trajectory(z (num_samples, T, state_dim), x (num_samples, T,
+        obs_dim))`` (:func:`~pyrossm.lgssm.sampling.sample_lgssm`; ``generator`` optional)."""
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
         with torch.no_grad():
-            chain = LinearGaussianChain(
-                self.A, self._factor("Q"), self.init_mean, self._factor("init_cov"), num_steps
-            )
-            z = chain.rsample((num_samples,))
-            x = LinearGaussianObservations(z, self.C, self._factor("R")).rsample()
-        return z, x
+            return sample_lgssm(*self.matrices().values(), num_steps, (num_samples,),
+                                generator=generator)
 
-    def forecast(self, x, horizon, num_samples=100, mask=None):
-        """Forecast ``horizon`` steps after each sequence of ``x (B, T, obs_dim)``.
+    def sample_posterior(self, x, num_samples=1, mask=None, generator=None):
+        """Exact draws of the latent trajectories given ``x (..., T, obs_dim)`` (time at dim
+        -2; NaN / ``mask`` False = missing) by forward filtering, backward sampling:
+        ``z (num_samples, ..., T, state_dim)``. See :func:`~pyrossm.lgssm.sample_posterior`."""
+        with torch.no_grad():
+            return sample_posterior(self._check_x(x), *self.matrices().values(), num_samples,
+                                    mask, generator=generator)
 
-        The filtered state at the last step is propagated through the model: exact predictive
-        means and covariances, and sampled trajectories (latent and observed). Returns a
-        :class:`Forecast`.
+    def forecast(self, x, horizon, num_samples=100, mask=None, generator=None):
+        """Forecast ``horizon`` steps after each sequence of ``x (..., T, obs_dim)``.
+
+        Each sequence is forecast from its own length: the last True step of ``mask (..., T)``
+        (trailing False steps are right padding; to forecast past trailing missing steps mark
+        them NaN in ``x`` instead). Its filtered state is propagated through the model: exact
+        predictive means and covariances, and ``num_samples`` sampled paths (``0``: moments
+        only). Returns a :class:`~pyrossm.forecast.Forecast` (``samples (S, ..., H, p)``,
+        ``mean (..., H, p)``, ``covariance (..., H, p, p)``, latent moments, ``lengths``).
         """
         if not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"horizon: expected a positive int, got {horizon!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"num_samples: expected a non-negative int, got {num_samples!r}")
+        x = self._check_x(x)
+        lengths = sequence_lengths(mask, x.shape[-2], x.shape[:-2], x.device)
+        if bool((lengths < 1).any()):
+            raise ValueError("mask: expected at least one True step in every sequence, got a "
+                             "sequence with none")
         with torch.no_grad():
             filt = self.filter(x, mask)
+            n = self.state_dim
+            idx = (lengths - 1).reshape(lengths.shape + (1, 1))
+            m = filt.filtered_means.gather(-2, idx.expand(lengths.shape + (1, n))).squeeze(-2)
+            P = filt.filtered_covs.gather(-3, idx.unsqueeze(-1).expand(lengths.shape + (1, n, n)))
+            P = P.squeeze(-3)
             A, C, Q, R = self.A, self.C, self.Q, self.R
-            m, P = filt.filtered_means[..., -1, :], filt.filtered_covs[..., -1, :, :]
-            means, covs = [], []
-            for _ in range(horizon):
-                m = m @ A.T
-                P = A @ P @ A.T + Q
-                means.append(m @ C.T)
-                covs.append(C @ P @ C.T + R)
-            means, covs = torch.stack(means, -2), torch.stack(covs, -3)
-            L0 = torch.linalg.cholesky(filt.filtered_covs[..., -1, :, :])
-            eps = torch.randn(
-                (num_samples,) + filt.filtered_means[..., -1, :].shape,
-                dtype=x.dtype,
-                device=x.device,
-            )
-            z = filt.filtered_means[..., -1, :] + (L0 @ eps.unsqueeze(-1)).squeeze(-1)
-            LQ, LR = self._factor("Q"), self._factor("R")
-            zs, xs = [], []
-            for _ in range(horizon):
-                z = z @ A.T + torch.randn_like(z) @ LQ.T
-                zs.append(z)
-                xs.append(
-                    z @ C.T
-                    + torch.randn(z.shape[:-1] + (self.obs_dim,), dtype=z.dtype, device=z.device)
-                    @ LR.T
-                )
-        return Forecast(torch.stack(xs, -2), torch.stack(zs, -2), means, covs)
+            zm, zP, xm, xP = forecast_moments(A, C, Q, R, m, P, horizon)
+            z, xs = sample_lgssm(A, C, Q, R, m, P, horizon, (num_samples,), start="transition",
+                                 generator=generator)
+        return Forecast(xs, z, xm, xP, zm, zP, lengths=lengths)
 
     # ------------------------------------------------------------------ Pyro model
     def model(self, x, mask=None):
