@@ -52,12 +52,15 @@ _EXPORTS = {
         "kalman_smoother",
     ],
     "pyrossm.nonlinear": ["DeepMarkovModel", "LSTMStateSpaceModel"],
-    "pyrossm.protocol": ["lengths_to_mask"],
+    "pyrossm.forecast": ["Forecast"],
+    "pyrossm.protocol": ["StateSpaceModel", "lengths_to_mask"],
+    "pyrossm.scoring": ["backtest", "crps_gaussian", "crps_samples"],
     "pyrossm.seqvae": ["LSTMLanguageModel", "SequenceVAE", "Vocabulary"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = [
     "datasets",
+    "forecast",
     "guides",
     "infer",
     "inference_data",
@@ -65,6 +68,7 @@ _SUBMODULES = [
     "nonlinear",
     "plotting",
     "protocol",
+    "scoring",
     "seqvae",
 ]
 

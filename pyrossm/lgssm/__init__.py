@@ -8,6 +8,7 @@ Model (column vectors; sequences ``(batch, time, dim)`` with time at dim -2)::
 from .distributions import LinearGaussianChain, LinearGaussianObservations
 from .inference import FilterResult, SmootherResult, kalman_filter, kalman_smoother
 from .model import Forecast, LinearGaussianSSM
+from .sampling import forecast_moments, sample_lgssm, sample_posterior
 
 __all__ = [
     "FilterResult",
@@ -16,6 +17,9 @@ __all__ = [
     "LinearGaussianObservations",
     "LinearGaussianSSM",
     "SmootherResult",
+    "forecast_moments",
     "kalman_filter",
     "kalman_smoother",
+    "sample_lgssm",
+    "sample_posterior",
 ]
