@@ -90,12 +90,19 @@ def resample(log_weights: torch.Tensor, method: str = "systematic") -> torch.Ten
     w = torch.softmax(log_weights.detach(), dim=-1)
     if method == "multinomial":
         return torch.multinomial(w, N, replacement=True)
-    shape = (B, 1) if method == "systematic" else (B, N)
-    u = torch.rand(shape, dtype=w.dtype, device=w.device)
-    points = (torch.arange(N, dtype=w.dtype, device=w.device) + u) / N
     cdf = torch.cumsum(w, dim=-1)
     cdf[:, -1] = 1.0 + 1e-12  # guard against rounding at the top
-    return torch.searchsorted(cdf, points).clamp_max(N - 1)
+    if method == "stratified":
+        u = torch.rand((B, N), dtype=w.dtype, device=w.device)
+        points = (torch.arange(N, dtype=w.dtype, device=w.device) + u) / N
+        return torch.searchsorted(cdf, points).clamp_max(N - 1)
+    # Systematic, in O(N): point j = (j + u) / N has ancestor #{i : cdf_i < (j + u) / N}
+    # = #{i : k_i <= j} with k_i = floor(N cdf_i - u) + 1, a cumulative histogram of k.
+    u = torch.rand((B, 1), dtype=w.dtype, device=w.device)
+    k = (torch.floor(N * cdf - u) + 1).clamp(0, N).long()
+    hist = torch.zeros(B, N + 1, dtype=torch.long, device=w.device)
+    hist.scatter_add_(1, k, torch.ones_like(k))
+    return torch.cumsum(hist, dim=-1)[:, :N].clamp_max(N - 1)
 
 
 def _check(x, mask, num_particles, ess_threshold, resampling):
@@ -172,8 +179,12 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
         alpha = alpha.to(dtype)
         unnorm = lw + alpha
         inc = torch.logsumexp(unnorm, dim=-1)  # log p̂(x_t | x_<t)
+        if not bool(on.all()):  # exactly 0 and unchanged weights without an observation
+            inc = torch.where(on, inc, inc.new_zeros(()))
+            lw = torch.where(on.unsqueeze(-1), unnorm - inc.unsqueeze(-1), lw)
+        else:
+            lw = unnorm - inc.unsqueeze(-1)
         step_ll.append(inc)
-        lw = unnorm - inc.unsqueeze(-1)
         w = lw.detach().exp()
         zb = z.detach().reshape(B, N, -1).to(dtype)
         mean = (w.unsqueeze(-1) * zb).sum(1)

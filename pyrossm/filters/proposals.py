@@ -37,6 +37,8 @@ class Gaussian:
 
     def rsample(self):
         eps = torch.randn_like(self.loc)
+        if self.tril and self.scale.dim() == 2:  # one factor for every row: one GEMM
+            return self.loc + eps @ self.scale.T
         if self.tril:
             return self.loc + (self.scale @ eps.unsqueeze(-1)).squeeze(-1)
         return self.loc + self.scale * eps
@@ -45,8 +47,14 @@ class Gaussian:
         d = z - self.loc
         D = z.shape[-1]
         if self.tril:
-            L = self.scale.expand(d.shape[:-1] + self.scale.shape[-2:])
-            w = torch.linalg.solve_triangular(L, d.unsqueeze(-1), upper=False).squeeze(-1)
+            # Invert the (often shared) factor once and multiply: much faster than a batched
+            # triangular solve over every particle.
+            eye = torch.eye(D, dtype=self.scale.dtype, device=self.scale.device)
+            L_inv = torch.linalg.solve_triangular(self.scale, eye, upper=False)
+            if L_inv.dim() == 2:
+                w = d @ L_inv.T
+            else:
+                w = (L_inv @ d.unsqueeze(-1)).squeeze(-1)
             logdet = torch.log(torch.diagonal(self.scale, dim1=-2, dim2=-1)).sum(-1)
         else:
             w = d / self.scale
@@ -148,8 +156,11 @@ class _LinearGaussian(StateSpace):
         of = o.to(v.dtype)
         eye = torch.eye(o.shape[-1], dtype=v.dtype, device=v.device)
         R_o = self.R * (of.unsqueeze(-1) * of.unsqueeze(-2)) + eye * (1 - of).unsqueeze(-1)
-        L = torch.linalg.cholesky(R_o).unsqueeze(1)  # (B, 1, p, p)
-        lp = Gaussian(torch.zeros_like(v), L, tril=True).log_prob(v * of.unsqueeze(1))
+        L = torch.linalg.cholesky(R_o)  # (B, p, p), one per sequence
+        L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        w = (v * of.unsqueeze(1)) @ L_inv.transpose(-1, -2)  # (B, N, p)
+        logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1, keepdim=True)
+        lp = -0.5 * (w.pow(2).sum(-1) + v.shape[-1] * _LOG_2PI) - logdet
         return lp + 0.5 * _LOG_2PI * (1 - of).sum(-1, keepdim=True)
 
 
