@@ -9,6 +9,10 @@ For a sequence ``x`` (shape ``(T, obs_dim)``, time at dim -2 of a batch) and ``K
   with K and tends to ``log p(x)``)
 * ``kl_per_step = mean_k (log q(z_k | x) - log p(z_k)) / steps``  (the single-sample KL
   estimate over the latent sites divided by the number of observed steps ``mask.sum()``)
+* ``smc_log_likelihood``: a third estimate of ``log p(x)``, the log of the particle filter's
+  unbiased estimate ``p̂(x)`` (:func:`pyrossm.filters.particle_filter`, bootstrap or with the
+  guide's per-step conditionals as proposals). It resamples, so with a poor guide (or none) it
+  stays useful on long sequences where the IWAE weights degenerate.
 
 Weights are computed from ``poutine.trace(guide)`` and ``poutine.replay(model)`` traces, with
 every site's log-density summed per sequence (batch dim -1). The ``K`` draws are made by
@@ -44,6 +48,7 @@ __all__ = [
     "importance_log_weights",
     "kl_per_step",
     "log_likelihood",
+    "smc_log_likelihood",
 ]
 
 
@@ -211,3 +216,44 @@ def kl_per_step(model, guide, data, num_samples: int = 1, batch_size: int = 64,
     """Per-sequence ``(log q(z|x) - log p(z)) / steps``, shape ``(N,)`` (mean over draws)."""
     res = elbo_terms(model, guide, data, num_samples, batch_size, chunk_size, device)
     return res.kl / res.num_steps.clamp(min=1).to(res.kl.dtype)
+
+
+def smc_log_likelihood(model, data, num_particles: int = 1000, guide=None, batch_size: int = 64,
+                       resampling: str = "systematic", ess_threshold: float = 0.5,
+                       device=None) -> torch.Tensor:
+    """Sequential Monte Carlo estimate of ``log p(x)`` per sequence, shape ``(N,)``.
+
+    ``log p̂(x)`` of :func:`pyrossm.filters.particle_filter` with ``num_particles`` particles per
+    sequence: the model's transition as proposal (``guide=None``, bootstrap) or the guide's
+    per-step conditionals (``StructuredGuide``: ``q(z_t | z_{t-1}, h_t)``;
+    ``FilteringLSTMGuide``: ``q(z_t | x_{≤t})``); resampling when the effective sample size
+    drops below ``ess_threshold * num_particles``. ``p̂`` is unbiased, so ``E[log p̂] ≤ log p``
+    like the ELBO and IWAE bounds, and it tends to ``log p(x)`` as ``num_particles`` grows.
+
+    :param model: ``LinearGaussianSSM``, ``DeepMarkovModel``, ``LSTMStateSpaceModel`` (or a
+        bound method of one, e.g. ``ssm.model``).
+    :param data: ``x`` (N, T, D) (time at dim -2), ``(x, mask)``, ``(x, lengths)`` or a
+        :class:`~pyrossm.infer.data.SequenceDataset`.
+
+    >>> import pyrossm
+    >>> ssm = pyrossm.LinearGaussianSSM.from_matrices(A=[[0.9]], C=[[1.0]], Q=[[0.5]], R=[[1.0]])
+    >>> _, x = ssm.sample(30, num_samples=5)
+    >>> smc_log_likelihood(ssm, x, num_particles=100).shape
+    torch.Size([5])
+    """
+    from pyrossm.filters import particle_filter  # the filters import the models; keep it lazy
+
+    _check_positive("num_particles", num_particles)
+    _check_positive("batch_size", batch_size)
+    module = owner_module(model, "model")
+    modules = (module,) if guide is None else (module, owner_module(guide, "guide"))
+    if device is None:
+        device = _device_of(module, modules[-1], None)
+    out = []
+    with _eval_mode(*modules):
+        for x, mask, _ in _batches(data, batch_size, device):
+            res = particle_filter(module, x, mask=mask, num_particles=num_particles,
+                                  guide=modules[1] if guide is not None else None,
+                                  resampling=resampling, ess_threshold=ess_threshold)
+            out.append(res.log_likelihood)
+    return torch.cat(out)
