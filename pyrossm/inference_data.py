@@ -3,7 +3,8 @@
 Sampled trajectories are tensors (or arrays) with draws first and time at dim -2:
 
 * ``(draws, sequences, time, dim)`` -- the standard layout (e.g. ``z`` drawn from a guide for a
-  batch of sequences, ``Forecast.samples``);
+  batch of sequences, ``Forecast.samples``; a whole :class:`~pyrossm.forecast.Forecast` is
+  accepted as ``predictions``);
 * ``(chains, draws, sequences, time, dim)`` -- with independent chains / runs in front;
 * ``(draws, time, dim)`` -- one sequence (e.g. ``model.sample(T, num_samples)``), stored with a
   ``sequence`` dimension of size 1.
@@ -24,6 +25,8 @@ coordinates continuing after the observed ones (``forecast_start``).
 from __future__ import annotations
 
 import numpy as np
+
+from .forecast import Forecast
 
 __all__ = ["to_inference_data", "trajectory_dims"]
 
@@ -74,6 +77,14 @@ def _sampled(group, name, value, has_chain, latent):
 def _as_dict(group, value, default_name):
     if value is None:
         return {}
+    if isinstance(value, Forecast):
+        if value.samples.shape[0] == 0:
+            raise ValueError(f"{group}: expected a Forecast with sample paths, got num_samples=0 "
+                             "(forecast with num_samples >= 1)")
+        out = {"x": value.samples}
+        if value.latent_samples is not None and value.latent_samples.shape[0] > 0:
+            out["z"] = value.latent_samples
+        return out
     if isinstance(value, dict):
         return dict(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named result, e.g. Trajectory
@@ -95,7 +106,9 @@ def to_inference_data(posterior=None, *, prior=None, posterior_predictive=None,
             ``(draws, time, dim)``, its ``sequence`` axis may differ from the data's.
         posterior_predictive: replicated data ``{name: samples}`` (one tensor: ``"x"``).
         predictions: forecast trajectories ``{name: samples}`` (one tensor: ``"x"``), e.g.
-            ``Forecast.samples`` of shape ``(num_samples, batch, horizon, obs_dim)``.
+            ``Forecast.samples`` of shape ``(num_samples, batch, horizon, obs_dim)``, or a
+            :class:`~pyrossm.forecast.Forecast` itself (``"x"``: its samples, ``"z"``: its
+            latent samples; ``forecast_start`` defaults to its ``lengths`` when they agree).
         observed_data: the data ``{name: x}`` (one tensor: ``"x"``) of shape ``(sequences, time,
             dim)`` or ``(time, dim)``; NaN (missing) is kept.
         latent: names (besides ``"z"``) whose last dimension is a state, not an observation.
@@ -171,6 +184,11 @@ def to_inference_data(posterior=None, *, prior=None, posterior_predictive=None,
             return t
         return list(range(length))
 
+    if forecast_start is None and isinstance(predictions, Forecast) and (
+        predictions.lengths is not None and predictions.lengths.numel()
+        and bool((predictions.lengths == predictions.lengths.reshape(-1)[0]).all())
+    ):
+        forecast_start = int(predictions.lengths.reshape(-1)[0])
     if forecast_start is None:
         forecast_start = num_observed_steps if num_observed_steps is not None else 0
 

@@ -8,8 +8,9 @@ trajectories are ``(draws, time, dim)`` (one sequence) with draws first.
 
 * :func:`plot_bands` -- a mean line and a shaded band (given ``std`` or explicit bounds).
 * :func:`plot_trajectories` -- sampled trajectories: median, credible band, a few paths, data.
-* :func:`plot_forecast` -- the observed past, then a forecast band (from samples or from
-  Gaussian predictive means/covariances), and optionally the held-out truth.
+* :func:`plot_forecast` -- the observed past, then a forecast band (from a
+  :class:`~pyrossm.forecast.Forecast`, samples, or Gaussian predictive means/covariances), and
+  optionally the held-out truth.
 * :func:`plot_posterior_comparison` -- exact (Kalman smoothed) vs approximate (guide) bands.
 * :func:`plot_piano_roll` -- a binary piano roll ``(time, 88)`` as an image.
 * :func:`plot_training_curves` -- -ELBO per step, KL and the annealing factor from one or
@@ -144,16 +145,31 @@ def plot_trajectories(samples, *, observed=None, time=None, dim=0, level=0.9, nu
     return ax
 
 
-def plot_forecast(past, *, samples=None, means=None, covs=None, future=None, dim=0, level=0.9,
-                  num_paths=0, ax=None, label="forecast"):
+def plot_forecast(past, *, forecast=None, sequence=0, samples=None, means=None, covs=None,
+                  future=None, dim=0, level=0.9, num_paths=0, ax=None, label="forecast"):
     """The observed ``past (time, dim)`` and a forecast of the next ``horizon`` steps.
 
-    Give either ``samples (draws, horizon, dim)`` (empirical quantile band, e.g.
-    ``Forecast.samples[:, b]``) or Gaussian ``means (horizon, dim)`` with ``covs (horizon, dim,
-    dim)`` (exact band ``mean ± z sd``). ``future (horizon, dim)``: held-out truth, drawn as
-    crosses. Returns the Axes.
+    Give a :class:`~pyrossm.forecast.Forecast` (``forecast=``, one ``sequence`` of its batch:
+    exact Gaussian band when its moments are exact, else the empirical band of its samples;
+    ``past`` is cut at that sequence's length, so a padded row may be passed), or
+    ``samples (draws, horizon, dim)`` (empirical quantile band), or Gaussian ``means (horizon,
+    dim)`` with ``covs (horizon, dim, dim)`` (exact band ``mean ± z sd``). ``future (horizon,
+    dim)``: held-out truth, drawn as crosses. Returns the Axes.
     """
     ax = _ax(ax)
+    if forecast is not None:
+        if samples is not None or means is not None or covs is not None:
+            raise ValueError("forecast, samples, means/covs: expected a Forecast or arrays, "
+                             "got both")
+        if not -forecast.mean.shape[0] <= sequence < forecast.mean.shape[0]:
+            raise ValueError(f"sequence: expected an index below {forecast.mean.shape[0]}, got "
+                             f"{sequence}")
+        if forecast.exact:
+            means, covs = forecast.mean[sequence], forecast.covariance[sequence]
+        else:
+            samples = forecast.samples[:, sequence]
+        if forecast.lengths is not None:
+            past = _np("past", past)[: int(forecast.lengths[sequence])]
     past_1d = _select("past", _np("past", past), dim, keep_draws=False)
     T = len(past_1d)
     ax.plot(np.arange(T), past_1d, color="k", linewidth=1, label="observed")

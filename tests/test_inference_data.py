@@ -80,3 +80,19 @@ def test_latent_option_and_coordinates():
 def test_bad_input_names_the_argument(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         to_inference_data(**kwargs)
+
+
+def test_forecast_object_as_predictions():
+    """A Forecast goes to the predictions group whole: x = samples, z = latent samples, time
+    continuing after each sequence's length."""
+    ssm = LinearGaussianSSM.from_matrices(A=[[0.9]], C=[[1.0], [0.5]], Q=[[0.5]],
+                                          R=0.1 * torch.eye(2))
+    _, x = ssm.sample(15, num_samples=3)
+    fc = ssm.forecast(x, horizon=4, num_samples=30)
+    idata = to_inference_data(predictions=fc)
+    assert idata.predictions["x"].dims == ("chain", "draw", "sequence", "time", "obs")
+    assert idata.predictions["z"].dims[-1] == "state"
+    assert idata.predictions["x"].coords["time"].values.tolist() == [15, 16, 17, 18]
+    np.testing.assert_array_equal(idata.predictions["x"].values[0], fc.samples.numpy())
+    with pytest.raises(ValueError, match="num_samples"):
+        to_inference_data(predictions=ssm.forecast(x, horizon=2, num_samples=0))

@@ -85,3 +85,31 @@ def test_bad_input_raises_named_errors():
         plotting.plot_trajectories(torch.randn(2, 3, 4, 5))
     with pytest.raises(TypeError, match="history"):
         plotting.plot_training_curves(42)
+
+
+def test_forecast_object_exact_band_and_padding():
+    """plot_forecast(forecast=...): exact Gaussian band of the LGSSM forecast (its 90% interval),
+    from each sequence's own length; sampled forecasts give the empirical band."""
+    from pyrossm.forecast import Forecast
+    from pyrossm.lgssm import LinearGaussianSSM
+    from pyrossm.protocol import lengths_to_mask
+
+    ssm = LinearGaussianSSM.from_matrices(A=[[0.9]], C=[[1.0]], Q=[[0.5]], R=[[1.0]],
+                                          dtype=torch.float64)
+    _, x = ssm.sample(12, 2)
+    mask = lengths_to_mask(torch.tensor([12, 8]), 12)
+    fc = ssm.forecast(x, 3, num_samples=0, mask=mask)
+    ax = plotting.plot_forecast(x[1], forecast=fc, sequence=1, level=0.9)
+    assert ax.lines[0].get_xdata().tolist() == list(range(8))  # past cut at its length
+    assert ax.lines[1].get_xdata().tolist() == [8, 9, 10]
+    verts = ax.collections[0].get_paths()[0].vertices
+    lower, upper = fc.interval(0.9)
+    np.testing.assert_allclose(verts[:, 1].max(), float(upper[1, :, 0].max()), rtol=1e-9)
+    np.testing.assert_allclose(verts[:, 1].min(), float(lower[1, :, 0].min()), rtol=1e-9)
+    sampled = Forecast(torch.randn(50, 2, 3, 1), None, torch.zeros(2, 3, 1))
+    ax = plotting.plot_forecast(x[0], forecast=sampled, sequence=0)
+    assert ax.lines[1].get_xdata().tolist() == [12, 13, 14]
+    with pytest.raises(ValueError, match="sequence"):
+        plotting.plot_forecast(x[0], forecast=fc, sequence=5)
+    with pytest.raises(ValueError, match="forecast, samples"):
+        plotting.plot_forecast(x[0], forecast=fc, samples=torch.randn(5, 3, 1))
