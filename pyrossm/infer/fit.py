@@ -60,6 +60,7 @@ from pyrossm.infer.distributed import (
 )
 from pyrossm.infer.distributed import setup as setup_distributed
 from pyrossm.infer.evaluate import elbo_terms
+from pyrossm.infer.fivo import fivo_objective
 from pyrossm.infer.handlers import (
     FREE_BITS_PER,
     elbo_objective,
@@ -159,6 +160,7 @@ def fit(
     callbacks=None,
     distributed=None,
     chunk_length=None,
+    objective: str = "elbo",
 ) -> History:
     """Train ``model`` and ``guide`` by SVI; returns the :class:`History`.
 
@@ -217,7 +219,13 @@ def fit(
         recurrence from its initial hidden state), so dependencies longer than a chunk are not
         learned and the training ELBO is the sum of the chunks' ELBOs, not the ELBO of the whole
         sequence. Validation still uses the whole sequences. None: no chunking.
+    :param objective: ``"elbo"`` (default) or ``"fivo"``: the filtering variational objective
+        of :mod:`pyrossm.infer.fivo` (a particle filter with ``num_particles`` particles and the
+        guide's per-step proposals; annealing and free bits do not apply). Validation and the
+        reported ``train_neg_elbo`` then hold the ELBO resp. the negative FIVO bound.
     """
+    if objective not in ("elbo", "fivo"):
+        raise ValueError(f"objective: expected 'elbo' or 'fivo', got {objective!r}")
     _check_args(epochs, batch_size, lr, num_particles, on_nan, checkpoint_every,
                 early_stopping_patience, val_data, resume, checkpoint_dir, free_bits,
                 max_steps, max_seconds)
@@ -234,7 +242,7 @@ def fit(
                     free_bits, free_bits_per, device, seed, shuffle, bucket, checkpoint_dir,
                     checkpoint_every, keep_checkpoints, resume, early_stopping_patience,
                     val_num_samples, val_batch_size, progress, on_nan, callbacks, chunk_length,
-                    max_steps, max_seconds)
+                    max_steps, max_seconds, objective)
     finally:
         if ctx is not None:
             ctx.close()
@@ -244,7 +252,7 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
          clip_norm, lr_decay, betas, weight_decay, annealing, free_bits, free_bits_per, device,
          seed, shuffle, bucket, checkpoint_dir, checkpoint_every, keep_checkpoints, resume,
          early_stopping_patience, val_num_samples, val_batch_size, progress, on_nan, callbacks,
-         chunk_length, max_steps, max_seconds):
+         chunk_length, max_steps, max_seconds, objective="elbo"):
     device = ctx.device if ctx is not None else resolve_device(device)
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     main = rank == 0
@@ -369,9 +377,12 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                 else:
                     x, mask = train.batch(index, device_index=dev_index)
                     try:
-                        traces = elbo_traces(model, guide, x, mask, num_particles, beta)
-                        obj = elbo_objective(*traces, num_particles, beta, free_bits,
-                                             free_bits_per)
+                        if objective == "fivo":  # pyrossm.infer.fivo: the SMC bound
+                            obj = fivo_objective(model, guide, x, mask, num_particles)
+                        else:
+                            traces = elbo_traces(model, guide, x, mask, num_particles, beta)
+                            obj = elbo_objective(*traces, num_particles, beta, free_bits,
+                                                 free_bits_per)
                         value, neg_elbo, kl = torch.stack(
                             [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
                     except ValueError as e:
