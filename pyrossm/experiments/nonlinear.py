@@ -40,6 +40,7 @@ from pyrossm.infer import fit, make_schedule
 __all__ = [
     "JSB_CONFIGS",
     "JSB_DEFAULTS",
+    "PYRO_EXAMPLE_OPTIONS",
     "build_jsb",
     "default_data_dir",
     "evaluate",
@@ -54,7 +55,14 @@ JSB_DEFAULTS = dict(
     z_dim=100, transition_dim=200, emission_dim=100, rnn_dim=600, lr=3e-4, betas=(0.96, 0.999),
     clip_norm=10.0, lr_decay=0.99996, weight_decay=2.0, batch_size=20, annealing_epochs=1000,
     min_annealing=0.2, epochs=5000, encoder_cell="lstm", free_bits=None,
-    free_bits_per="dimension",
+    free_bits_per="dimension", transition_scale_floor=1e-3, guide_scale_floor=1e-4,
+    bernoulli="logits",
+)
+# What Pyro's examples/dmm.py does where pyrossm's defaults differ (``--match-pyro``): a plain
+# ReLU RNN encoder, no floor under the softplus scales, Bernoulli from (clamped) probabilities.
+# Its ``--rnn-dropout-rate 0.1`` is inactive: the example sets it to 0 for a one-layer RNN.
+PYRO_EXAMPLE_OPTIONS = dict(
+    encoder_cell="relu", transition_scale_floor=0.0, guide_scale_floor=0.0, bernoulli="probs",
 )
 # name -> (model, guide) description
 JSB_CONFIGS = {
@@ -74,10 +82,27 @@ def default_data_dir() -> str | None:
 
 
 def build_jsb(config: str, sizes: dict | None = None):
-    """``(model, guide)`` of a JSB configuration (see :data:`JSB_CONFIGS`), 88-key piano rolls."""
+    """``(model, guide)`` of a JSB configuration (see :data:`JSB_CONFIGS`), 88-key piano rolls.
+
+    ``sizes`` overrides :data:`JSB_DEFAULTS`; besides the sizes it may set ``encoder_cell``,
+    ``transition_scale_floor`` (the DMM transition's floor under its softplus scale),
+    ``guide_scale_floor`` (the structured guide's) and ``bernoulli`` (``"logits"`` or
+    ``"probs"``, see :class:`~pyrossm.nonlinear.networks.BernoulliEmission`);
+    :data:`PYRO_EXAMPLE_OPTIONS` are Pyro's example's choices.
+
+    >>> small = dict(z_dim=2, transition_dim=4, emission_dim=4, rnn_dim=4)
+    >>> model, guide = build_jsb("dmm_backward", {**small, **PYRO_EXAMPLE_OPTIONS})
+    >>> model.emitter.parameterization, guide.encoders[0].rnn.nonlinearity
+    ('probs', 'relu')
+    """
     s = {**JSB_DEFAULTS, **(sizes or {})}
     if config not in JSB_CONFIGS:
         raise ValueError(f"config: expected one of {sorted(JSB_CONFIGS)}, got {config!r}")
+    if s["bernoulli"] not in ("logits", "probs"):
+        raise ValueError(f"bernoulli: expected 'logits' or 'probs', got {s['bernoulli']!r}")
+    for name in ("transition_scale_floor", "guide_scale_floor"):
+        if not float(s[name]) >= 0:
+            raise ValueError(f"{name}: expected a non-negative float, got {s[name]!r}")
     spec = ModelSpec(
         "lstm-ssm" if config == "lstm_ssm" else "dmm", obs_dim=88, state_dim=s["z_dim"],
         guide="filtering-lstm" if config == "dmm_filtering" else "backward",
@@ -85,7 +110,14 @@ def build_jsb(config: str, sizes: dict | None = None):
         emission_dim=s["emission_dim"], rnn_dim=s["rnn_dim"], encoder_cell=s["encoder_cell"],
         missing_indicators=False,
     )
-    return build(spec)
+    model, guide = build(spec)
+    model.emitter.parameterization = s["bernoulli"]
+    if hasattr(model.dynamics, "transition"):  # the DMM's gated transition
+        model.dynamics.transition.scale_floor = float(s["transition_scale_floor"])
+    combiner = getattr(guide, "combiner", None)
+    if combiner is not None:  # structured guides
+        combiner.hidden_to_scale.floor = float(s["guide_scale_floor"])
+    return model, guide
 
 
 def _log_callback(log_every, name):

@@ -14,7 +14,7 @@ from torch import nn
 
 __all__ = ["CELLS", "LinearRecurrence", "RecurrentEncoder", "prepare_inputs", "reverse_padded"]
 
-CELLS = ("lstm", "gru", "rnn", "linear")
+CELLS = ("lstm", "gru", "rnn", "relu", "linear")
 
 
 def prepare_inputs(x: torch.Tensor, missing_indicators: bool = True) -> torch.Tensor:
@@ -96,8 +96,9 @@ class RecurrentEncoder(nn.Module):
         obs_dim: ``p``, size of each observation ``x_t``.
         hidden_dim: size of ``h_t``.
         num_layers: stacked recurrent layers.
-        cell: ``"lstm"`` (default), ``"gru"``, ``"rnn"`` (tanh) or ``"linear"``
-            (:class:`LinearRecurrence`).
+        cell: ``"lstm"`` (default), ``"gru"``, ``"rnn"`` (tanh), ``"relu"`` (a plain ReLU RNN,
+            :math:`h_t = \max(0, W_u u_t + W_h h_{t\mp1} + b)`, as in Pyro's DMM example) or
+            ``"linear"`` (:class:`LinearRecurrence`).
         reverse: run from ``t = T`` down to 1 (``h_t`` summarises ``x_{t:T}``).
         missing_indicators: append the NaN indicators to the input.
 
@@ -127,8 +128,11 @@ class RecurrentEncoder(nn.Module):
         if cell == "linear":
             self.rnn = LinearRecurrence(input_dim, hidden_dim, num_layers)
         else:
-            rnn_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell]
-            self.rnn = rnn_class(input_dim, hidden_dim, num_layers=num_layers, batch_first=True)
+            rnn_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "relu": nn.RNN}[cell]
+            extra = {"nonlinearity": "relu"} if cell == "relu" else {}
+            self.rnn = rnn_class(
+                input_dim, hidden_dim, num_layers=num_layers, batch_first=True, **extra
+            )
         self.h0 = nn.Parameter(torch.zeros(num_layers, hidden_dim))
         if cell == "lstm":
             self.c0 = nn.Parameter(torch.zeros(num_layers, hidden_dim))

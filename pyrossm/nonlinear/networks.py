@@ -31,6 +31,7 @@ from pyro import distributions as dist
 from torch.nn.utils.rnn import pack_padded_sequence
 
 __all__ = [
+    "PARAMETERIZATIONS",
     "BernoulliEmission",
     "CategoricalEmission",
     "GatedTransition",
@@ -91,19 +92,38 @@ class GaussianEmission(_VectorEmission):
         return self.loc_net(z)
 
 
+PARAMETERIZATIONS = ("logits", "probs")
+
+
 class BernoulliEmission(_VectorEmission):
     """``x_{t,d} ~ Bernoulli(sigmoid(f(z_t))_d)`` (binary vectors, e.g. 88-key piano rolls).
 
     ``f`` is the DMM emitter: two hidden ReLU layers of width ``hidden_dim``. ``forward(z)`` returns
     ``Bernoulli`` with batch shape ``(..., obs_dim)``; :meth:`mean` the probabilities.
+
+    ``parameterization="logits"`` (default) scores ``x`` from the logits ``f(z)`` (exact for any
+    logit); ``"probs"`` builds ``Bernoulli(probs=sigmoid(f(z)))`` as Pyro's DMM example does,
+    where torch clamps the probabilities to ``[eps, 1 - eps]`` (float32: ``eps ≈ 1.2e-7``), so a
+    logit beyond about ±16 gets no gradient. The attribute may be changed after construction.
+
+    >>> e = BernoulliEmission(2, 3, 4, parameterization="probs")
+    >>> e(torch.zeros(5, 2)).batch_shape
+    torch.Size([5, 3])
     """
 
-    def __init__(self, z_dim: int, obs_dim: int, hidden_dim: int = 100):
+    def __init__(self, z_dim: int, obs_dim: int, hidden_dim: int = 100,
+                 parameterization: str = "logits"):
         super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got "
+                             f"{parameterization!r}")
         self.obs_dim = obs_dim
+        self.parameterization = parameterization
         self.logits_net = _mlp(z_dim, hidden_dim, obs_dim)
 
     def forward(self, z: torch.Tensor) -> dist.Bernoulli:
+        if self.parameterization == "probs":
+            return dist.Bernoulli(probs=torch.sigmoid(self.logits_net(z)), validate_args=False)
         return dist.Bernoulli(logits=self.logits_net(z))
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
@@ -178,11 +198,16 @@ class GatedTransition(nn.Module):
 
     with the linear path ``W_0`` initialised to the identity and ``b_0`` to zero, so that at
     initialisation the latent state tends to persist. Works on any leading shape ``(..., z_dim)``,
-    in particular on a whole trajectory ``(batch, time, z_dim)`` at once.
+    in particular on a whole trajectory ``(batch, time, z_dim)`` at once. ``scale_floor`` (the
+    ``10^{-3}`` above; Pyro's DMM example has none, ``0.0``) is an attribute that may be changed
+    after construction.
     """
 
-    def __init__(self, z_dim: int, transition_dim: int = 200):
+    def __init__(self, z_dim: int, transition_dim: int = 200, scale_floor: float = MIN_SCALE):
         super().__init__()
+        if not float(scale_floor) >= 0:
+            raise ValueError(f"scale_floor: expected a non-negative float, got {scale_floor!r}")
+        self.scale_floor = float(scale_floor)
         self.gate_hidden = nn.Linear(z_dim, transition_dim)
         self.gate_out = nn.Linear(transition_dim, z_dim)
         self.proposal_hidden = nn.Linear(z_dim, transition_dim)
@@ -197,7 +222,7 @@ class GatedTransition(nn.Module):
         gate = torch.sigmoid(self.gate_out(F.relu(self.gate_hidden(z_prev))))
         proposal = self.proposal_out(F.relu(self.proposal_hidden(z_prev)))
         loc = (1 - gate) * self.linear(z_prev) + gate * proposal
-        scale = F.softplus(self.scale(F.relu(proposal))) + MIN_SCALE
+        scale = F.softplus(self.scale(F.relu(proposal))) + self.scale_floor
         return loc, scale
 
 
