@@ -38,8 +38,8 @@ def test_nile_reproduces_durbin_koopman(demo_run):
     assert nile["loglik_dk_values"] == pytest.approx(NILE_DK_LOGLIK, abs=5e-4)
     # the MLE is at least as likely as the published values, and close to them
     assert nile["mle"]["loglik"] >= nile["loglik_dk_values"] - 1e-6
-    assert nile["mle"]["sigma2_obs"] == pytest.approx(15099.0, rel=0.03)
-    assert nile["mle"]["sigma2_level"] == pytest.approx(1469.1, rel=0.05)
+    assert nile["mle"]["sigma2_obs"] == pytest.approx(15099.0, rel=0.01)
+    assert nile["mle"]["sigma2_level"] == pytest.approx(1469.1, rel=0.01)
 
 
 def test_rows_cover_every_model_and_bounds_are_ordered(demo_run):
