@@ -55,11 +55,22 @@ _EXPORTS = {
     "pyrossm.forecast": ["Forecast"],
     "pyrossm.protocol": ["StateSpaceModel", "lengths_to_mask"],
     "pyrossm.scoring": ["backtest", "crps_gaussian", "crps_samples"],
+    "pyrossm.filters": [
+        "ParticleFilterResult",
+        "extended_kalman_filter",
+        "extended_kalman_smoother",
+        "particle_filter",
+        "unscented_kalman_filter",
+        "unscented_kalman_smoother",
+    ],
+    "pyrossm.infer.evaluate": ["smc_log_likelihood"],
+    "pyrossm.infer.fivo": ["fivo_objective"],
     "pyrossm.seqvae": ["LSTMLanguageModel", "SequenceVAE", "Vocabulary"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = [
     "datasets",
+    "filters",
     "forecast",
     "guides",
     "infer",
