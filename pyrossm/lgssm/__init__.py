@@ -1,4 +1,5 @@
-"""Exact linear-Gaussian state-space models: Kalman filter, RTS smoother, LinearGaussianSSM.
+"""Exact linear-Gaussian state-space models: Kalman filter, RTS smoother, LinearGaussianSSM,
+maximum-likelihood fitting with a results object, and structural components.
 
 Model (column vectors; sequences ``(batch, time, dim)`` with time at dim -2)::
 
@@ -7,19 +8,39 @@ Model (column vectors; sequences ``(batch, time, dim)`` with time at dim -2)::
 
 from .distributions import LinearGaussianChain, LinearGaussianObservations
 from .inference import FilterResult, SmootherResult, kalman_filter, kalman_smoother
+from .initial import diffuse_covariance, stationary_covariance
 from .model import Forecast, LinearGaussianSSM
+from .results import MLEResults, ljung_box
 from .sampling import forecast_moments, sample_lgssm, sample_posterior
+from .structural import (
+    Autoregressive,
+    LocalLevel,
+    LocalLinearTrend,
+    Regression,
+    Seasonal,
+    structural,
+)
 
 __all__ = [
+    "Autoregressive",
     "FilterResult",
     "Forecast",
     "LinearGaussianChain",
     "LinearGaussianObservations",
     "LinearGaussianSSM",
+    "LocalLevel",
+    "LocalLinearTrend",
+    "MLEResults",
+    "Regression",
+    "Seasonal",
     "SmootherResult",
+    "diffuse_covariance",
     "forecast_moments",
     "kalman_filter",
     "kalman_smoother",
+    "ljung_box",
     "sample_lgssm",
     "sample_posterior",
+    "stationary_covariance",
+    "structural",
 ]

@@ -21,6 +21,7 @@ from pyro.nn import PyroModule, PyroParam
 from ..forecast import Forecast, sequence_lengths
 from .distributions import LinearGaussianChain, LinearGaussianObservations
 from .inference import kalman_filter, kalman_smoother
+from .initial import DIFFUSE_VARIANCE, INIT_OPTIONS, diffuse_covariance, stationary_covariance
 from .sampling import forecast_moments, sample_lgssm, sample_posterior
 
 __all__ = ["Forecast", "LinearGaussianSSM"]
@@ -41,11 +42,23 @@ def _as_tensor(name, value, shape, dtype, device):
     return t.clone()
 
 
-def _cholesky_of(name, cov):
+def _psd_factor(cov):
+    """A lower-triangular L with L Lᵀ = cov for a positive semi-definite cov (None if not)."""
+    evals, evecs = torch.linalg.eigh(cov)
+    if float(evals.min()) < -1e-10 * float(evals.abs().max().clamp_min(1e-300)):
+        return None
+    B = evecs * evals.clamp_min(0).sqrt()  # cov = B Bᵀ; QR of Bᵀ gives a triangular factor
+    return torch.linalg.qr(B.T, mode="r")[1].T
+
+
+def _cholesky_of(name, cov, allow_singular=False):
     L, info = torch.linalg.cholesky_ex(cov)
-    if int(info) != 0 or not torch.allclose(
-        cov, cov.transpose(-1, -2), atol=1e-8 * float(cov.abs().max())
-    ):
+    symmetric = torch.allclose(cov, cov.transpose(-1, -2), atol=1e-8 * float(cov.abs().max()))
+    if int(info) != 0 and symmetric and allow_singular:
+        L = _psd_factor(cov)
+        if L is not None:
+            return L
+    if int(info) != 0 or not symmetric:
         raise ValueError(
             f"{name}: expected a symmetric positive-definite matrix, got {cov.tolist()}"
         )
@@ -61,6 +74,14 @@ class LinearGaussianSSM(PyroModule):
         learn: names of the learnable parameters among ``A, C, Q, R, init_mean, init_cov``
             (default all); the others are fixed buffers.
         dtype, device: of the parameters.
+        init: the initial state (see :mod:`pyrossm.lgssm.initial`): ``"stationary"`` (mean 0,
+            covariance from the Lyapunov equation P = A P Aᵀ + Q), ``"diffuse"`` (approximate
+            diffuse: mean 0, covariance ``diffuse_variance · I``, the first ``state_dim``
+            log-likelihood terms dropped by :meth:`fit`), ``"fixed"`` or ``"learned"``
+            (default: ``"learned"`` when ``learn`` names init_mean/init_cov, else ``"fixed"``).
+        stationary: keep a learned A stable in :meth:`fit` (all singular values < 1); implied
+            by ``init="stationary"``.
+        diagonal: names among ``Q, R, init_cov`` that :meth:`fit` keeps diagonal.
 
     Covariances are learned through lower-Cholesky factors (``constraints.lower_cholesky``),
     so they stay positive definite. Reference: Durbin & Koopman, *Time Series Analysis by State
@@ -73,7 +94,19 @@ class LinearGaussianSSM(PyroModule):
     torch.Size([4])
     """
 
-    def __init__(self, state_dim, obs_dim, learn=_NAMES, dtype=torch.float32, device=None):
+    def __init__(
+        self,
+        state_dim,
+        obs_dim,
+        learn=_NAMES,
+        dtype=torch.float32,
+        device=None,
+        *,
+        init=None,
+        stationary=False,
+        diagonal=(),
+        diffuse_variance=DIFFUSE_VARIANCE,
+    ):
         super().__init__()
         for name, value in (("state_dim", state_dim), ("obs_dim", obs_dim)):
             if not isinstance(value, int) or value < 1:
@@ -81,6 +114,22 @@ class LinearGaussianSSM(PyroModule):
         unknown = set(learn) - set(_NAMES)
         if unknown:
             raise ValueError(f"learn: expected names among {_NAMES}, got {sorted(unknown)}")
+        if init is None:
+            init = "learned" if {"init_mean", "init_cov"} & set(learn) else "fixed"
+        if init not in INIT_OPTIONS:
+            raise ValueError(f"init: expected one of {INIT_OPTIONS}, got {init!r}")
+        if set(diagonal) - {"Q", "R", "init_cov"}:
+            raise ValueError(
+                f"diagonal: expected names among ('Q', 'R', 'init_cov'), got {diagonal}"
+            )
+        init_names = ("init_mean", "init_cov")
+        learn = tuple(k for k in learn if k not in init_names)
+        if init == "learned":
+            learn = learn + init_names
+        self.init, self.diagonal = init, tuple(diagonal)
+        # init='stationary' needs a stable A: a learned A is then kept stable by fit().
+        self.stationary = bool(stationary) or (init == "stationary" and "A" in learn)
+        self.diffuse_variance = float(diffuse_variance)
         self.state_dim, self.obs_dim = state_dim, obs_dim
         n, p = state_dim, obs_dim
         kw = dict(dtype=dtype, device=device)
@@ -100,7 +149,7 @@ class LinearGaussianSSM(PyroModule):
         """(Re)define parameter ``name`` with ``value``, learnable or as a buffer."""
         store = _FACTORS.get(name, name)
         if name in _FACTORS:
-            value = _cholesky_of(name, value)
+            value = _cholesky_of(name, value, allow_singular=name not in self._learn)
         for attr in (store, store + "_unconstrained"):
             if attr in self._buffers:
                 del self._buffers[attr]
@@ -125,18 +174,36 @@ class LinearGaussianSSM(PyroModule):
         init_mean=None,
         init_cov=None,
         learn=(),
-        dtype=torch.float32,
+        dtype=None,
         device=None,
+        **options,
     ):
         """Build from given values; ``B=``/``D=`` (noise factors) may replace ``Q=``/``R=``.
 
-        Q, R and init_cov must be positive definite here (they are stored as Cholesky factors,
-        and the Pyro ``model`` needs a density); the pure functions
-        :func:`~pyrossm.lgssm.kalman_filter`/``kalman_smoother`` also accept singular ones.
+        Learnable Q, R and init_cov must be positive definite (they are learned as Cholesky
+        factors); fixed ones may be singular positive semi-definite (then the Pyro ``model``
+        has no density, but filtering, smoothing, ``log_prob`` and forecasts work).
 
         Scalars are accepted for 1-D models. ``learn`` names the parameters that stay
         learnable (default none: a fixed model). ``init_mean`` defaults to 0, ``init_cov`` to I.
+        ``dtype``/``device`` default to those of the first tensor among the inputs (else
+        float32). ``options``: ``init``, ``stationary``, ``diagonal``, ``diffuse_variance`` of
+        the constructor.
         """
+        given = (A, C, Q, R, B, D, init_mean, init_cov)
+        first = next((t for t in given if isinstance(t, torch.Tensor) and t.is_floating_point()),
+                     None)
+        if dtype is None:
+            dtype = first.dtype if first is not None else torch.float32
+        if device is None and first is not None:
+            device = first.device
+        if options.get("init") in ("stationary", "diffuse") and (
+            init_mean is not None or init_cov is not None
+        ):
+            raise ValueError(
+                f"init_mean, init_cov: expected none with init={options['init']!r} (they are "
+                "derived from A and Q), got values"
+            )
         A = torch.as_tensor(A, dtype=dtype, device=device)
         if A.dim() == 0:
             A = A.reshape(1, 1)
@@ -161,14 +228,14 @@ class LinearGaussianSSM(PyroModule):
         if R is None:
             D = torch.as_tensor(D, dtype=dtype, device=device).reshape(p, -1)
             R = D @ D.T
-        model = cls(n, p, learn=learn, dtype=dtype, device=device)
+        model = cls(n, p, learn=learn, dtype=dtype, device=device, **options)
         values = dict(
             A=A,
             C=C,
             Q=Q,
             R=R,
-            init_mean=torch.zeros(n) if init_mean is None else init_mean,
-            init_cov=torch.eye(n) if init_cov is None else init_cov,
+            init_mean=torch.zeros(n, dtype=dtype) if init_mean is None else init_mean,
+            init_cov=torch.eye(n, dtype=dtype) if init_cov is None else init_cov,
         )
         shapes = dict(A=(n, n), C=(p, n), Q=(n, n), R=(p, p), init_mean=(n,), init_cov=(n, n))
         for name in _NAMES:
@@ -177,6 +244,8 @@ class LinearGaussianSSM(PyroModule):
 
     # ------------------------------------------------------------------ parameter values
     def _factor(self, name):
+        if name == "init_cov" and self.init in ("stationary", "diffuse"):
+            return torch.linalg.cholesky(self.init_cov)
         return getattr(self, _FACTORS[name])
 
     @property
@@ -191,8 +260,21 @@ class LinearGaussianSSM(PyroModule):
 
     @property
     def init_cov(self):
+        """The initial covariance; derived from A and Q for ``init='stationary'`` (discrete
+        Lyapunov equation) and ``diffuse_variance · I`` for ``init='diffuse'``."""
+        if self.init == "stationary":
+            return stationary_covariance(self.A, self.Q)
+        if self.init == "diffuse":
+            return diffuse_covariance(self.state_dim, self.diffuse_variance,
+                                      dtype=self.A.dtype, device=self.A.device)
         L = self._factor("init_cov")
         return L @ L.transpose(-1, -2)
+
+    @property
+    def loglikelihood_burn(self):
+        """Number of first steps whose log-likelihood terms ``fit`` drops: ``state_dim`` with
+        the approximate diffuse initial state (as statsmodels), else 0."""
+        return self.state_dim if self.init == "diffuse" else 0
 
     def matrices(self):
         """Current values as a dict ``A, C, Q, R, init_mean, init_cov`` (tensors)."""
@@ -313,67 +395,43 @@ class LinearGaussianSSM(PyroModule):
         self,
         x,
         mask=None,
-        num_steps=200,
-        lr=1.0,
+        num_steps=10,
+        lr=None,
         optimizer="lbfgs",
-        burn=0,
-        tolerance=1e-10,
+        burn=None,
+        tolerance=1e-12,
         parallel=False,
+        *,
+        start="auto",
+        std_errors=True,
+        gtol=1e-6,
     ):
-        """Maximum-likelihood fit by gradient: maximises the exact Kalman log-likelihood.
+        """Maximum likelihood: L-BFGS on the exact Kalman log-likelihood (missing data allowed).
 
-        ``x (batch, T, obs_dim)``. ``optimizer``: ``"lbfgs"`` (default; full-batch, converges
-        to the MLE in tens of steps) or ``"adam"`` (``lr`` then is Adam's step size).
-        ``burn`` drops the first ``burn`` steps' terms (statsmodels' ``loglikelihood_burn``,
-        e.g. 1 with an approximately diffuse initial state). Returns the loss history (negative
-        log-likelihood per observed step).
+        ``x (batch, T, obs_dim)`` (time at dim -2; NaN = missing entry), ``mask (batch, T)``.
+        Fitted in float64 over an unconstrained parameterisation that keeps Q, R, init_cov
+        positive definite (a floor of 1e-8 times the data variance), the ``diagonal`` ones
+        diagonal, and A stable when ``stationary`` (see :mod:`pyrossm.lgssm.mle`); starts from
+        a principal-component moment estimate (``start="auto"``) or the current values
+        (``start="current"``). ``num_steps``: the L-BFGS budget, ``50 · num_steps``
+        iterations (as before); ``tolerance``, ``gtol``: relative change of the loss and max
+        gradient at which it stops. ``burn``:
+        steps whose log-likelihood terms are dropped (default ``loglikelihood_burn``: the state
+        dimension with ``init="diffuse"``, else 0). Warns when the optimum is on the boundary
+        or the optimiser did not converge. ``lr``/``parallel`` are ignored (kept for old calls).
+
+        Writes the estimates into the model and returns a :class:`~pyrossm.lgssm.MLEResults`
+        (estimates, standard errors, log-likelihood, AIC/BIC, residual diagnostics,
+        ``summary()``), which is also the list of the loss history per iteration (negative
+        log-likelihood per observed entry).
         """
+        from .mle import fit_model
+
         self._check_x(x)
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("learn: the model has no learnable parameters to fit")
-        m = x.new_ones(x.shape[:-1], dtype=torch.bool) if mask is None else mask
-        observed = (m & ~torch.isnan(x).all(-1))[..., burn:].sum().clamp_min(1)
-
-        def loss_fn():
-            steps = self.filter(x, mask, parallel=parallel).step_log_likelihoods
-            return -steps[..., burn:].sum() / observed
-
-        history = []
-        if optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(
-                params,
-                lr=lr,
-                max_iter=50,
-                line_search_fn="strong_wolfe",
-                tolerance_change=tolerance,
-                tolerance_grad=1e-12,
-            )
-
-            def closure():
-                opt.zero_grad()
-                loss = loss_fn()
-                loss.backward()
-                return loss
-
-            # opt.step returns the loss at the start of each step: record it, then the final one.
-            for _ in range(num_steps):
-                history.append(float(opt.step(closure).detach()))
-                if len(history) > 1 and abs(history[-2] - history[-1]) < tolerance:
-                    break
-            with torch.no_grad():
-                history.append(float(loss_fn()))
-        elif optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr)
-            for _ in range(num_steps):
-                opt.zero_grad()
-                loss = loss_fn()
-                loss.backward()
-                opt.step()
-                history.append(float(loss))
-        else:
-            raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
-        return history
+        if optimizer != "lbfgs":
+            raise ValueError(f"optimizer: expected 'lbfgs', got {optimizer!r}")
+        return fit_model(self, x, mask, burn=burn, start=start, max_iter=50 * num_steps,
+                         gtol=gtol, ftol=tolerance, std_errors=std_errors)
 
     def fit_em(self, x, mask=None, num_iters=100, tolerance=1e-8):
         """Maximum likelihood by expectation-maximisation (Shumway & Stoffer 1982).
