@@ -41,7 +41,7 @@ _EXPORTS = {
         "simulate_lorenz",
         "simulate_pendulum",
     ],
-    "pyrossm.guides": ["FilteringLSTMGuide", "StructuredGuide"],
+    "pyrossm.guides": ["ConjugateGuide", "FilteringLSTMGuide", "StructuredGuide"],
     "pyrossm.infer": ["History", "elbo", "fit", "kl_per_step", "log_likelihood", "make_schedule"],
     "pyrossm.inference_data": ["to_inference_data"],
     "pyrossm.lgssm": [
