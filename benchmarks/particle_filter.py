@@ -1,0 +1,248 @@
+"""Benchmark: the particle filter against the Kalman filter, and FIVO against ELBO training.
+
+``speed`` (default problem of issue 16): B = 64 held-out sequences of a random stable LGSSM,
+T = 1000 steps, N = 1000 particles per sequence (64,000 particles), float32 on CPU, no
+gradients. Times (median of --repeats runs after a warm-up) ``pyrossm.filters.particle_filter``
+(bootstrap, systematic resampling at ESS < N/2; also multinomial) and the peer on the same
+data, ``pyrossm.kalman_filter`` (exact). Accuracy: ``|log p̂(x) - log p(x)| / T`` in nats per
+step against the float64 Kalman value (mean and max over sequences).
+
+``fivo``: a deep Markov model on the simulated pendulum (``simulate_pendulum``) trained twice
+from the same initialisation with the same structured guide, epochs and K particles: with the
+ELBO (``fit(objective="elbo", num_particles=K)``) and with FIVO (``objective="fivo"``). Both are
+scored on held-out sequences by the particle filter's log-likelihood (bootstrap with
+--eval-particles, and with each model's own guide as proposal), beside the IWAE bound.
+
+Run (1 torch thread; about a minute for ``speed`` and a few minutes for ``fivo`` on an idle
+core)::
+
+    python benchmarks/particle_filter.py speed --threads 1
+    python benchmarks/particle_filter.py fivo --threads 1
+    python benchmarks/particle_filter.py speed --batch 8 --steps 200 --repeats 1   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import pyro  # noqa: E402
+
+from pyrossm import DeepMarkovModel, LinearGaussianSSM, StructuredGuide  # noqa: E402
+from pyrossm.datasets import simulate_pendulum  # noqa: E402
+from pyrossm.filters import particle_filter  # noqa: E402
+from pyrossm.infer import fit  # noqa: E402
+from pyrossm.infer.evaluate import elbo, log_likelihood, smc_log_likelihood  # noqa: E402
+from pyrossm.lgssm import kalman_filter  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine():
+    return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(),
+                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                versions=dict(python=platform.python_version(), torch=torch.__version__,
+                              pyro=pyro.__version__))
+
+
+def write(result, path):
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# speed and accuracy on an LGSSM
+def make_system(state_dim, obs_dim, seed):
+    """A random stable system (singular values 0.5..0.9), float64."""
+    g = torch.Generator().manual_seed(seed)
+    d = dict(dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(state_dim, state_dim, generator=g, **d))
+    V, _ = torch.linalg.qr(torch.randn(state_dim, state_dim, generator=g, **d))
+    A = U @ torch.diag(torch.linspace(0.5, 0.9, state_dim, **d)) @ V.T
+    C = torch.randn(obs_dim, state_dim, generator=g, **d) / math.sqrt(state_dim)
+    Fq = torch.randn(state_dim, state_dim, generator=g, **d) / math.sqrt(state_dim)
+    Q = 0.5 * Fq @ Fq.T + 0.1 * torch.eye(state_dim, **d)
+    R = 0.5 * torch.eye(obs_dim, **d)
+    return LinearGaussianSSM.from_matrices(A=A, C=C, Q=Q, R=R, dtype=torch.float64)
+
+
+def timeit(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def run_speed(args):
+    ssm64 = make_system(args.state_dim, args.obs_dim, args.seed)
+    pyro.set_rng_seed(args.seed + 1)  # held-out: not the data anything was fitted to
+    _, x64 = ssm64.sample(args.steps, num_samples=args.batch)
+    exact = ssm64.log_prob(x64)
+    ssm = LinearGaussianSSM.from_matrices(**{k: v.float() for k, v in
+                                             ssm64.matrices().items()})
+    x = x64.float()
+    mats = {k: v for k, v in ssm.matrices().items()}
+    print(f"B={args.batch} T={args.steps} N={args.particles} n={args.state_dim} "
+          f"p={args.obs_dim} float32, torch threads={torch.get_num_threads()}", flush=True)
+    rows = []
+
+    def kalman():
+        return kalman_filter(x, mats["A"], mats["C"], mats["Q"], mats["R"], mats["init_mean"],
+                             mats["init_cov"], validate=False).log_likelihood
+
+    def record(name, fn, note):
+        with torch.no_grad():
+            pyro.set_rng_seed(args.seed + 2)
+            ll = fn().double()
+            seconds, times = timeit(fn, args.repeats)
+        err = ((ll - exact).abs() / args.steps)
+        rows.append(dict(method=name, seconds=seconds, all_times=times,
+                         mean_abs_err_nats_per_step=float(err.mean()),
+                         max_abs_err_nats_per_step=float(err.max()),
+                         mean_err_nats_per_step=float(((ll - exact) / args.steps).mean()),
+                         note=note))
+        print(f"  {name:<34s} {seconds:9.3f} s   |err|/step mean {float(err.mean()):.4f} "
+              f"max {float(err.max()):.4f}", flush=True)
+
+    record("kalman_filter (exact, peer)", kalman, "one batched call")
+    for method in args.resampling:
+        record(f"particle_filter {method}",
+               lambda m=method: particle_filter(ssm, x, num_particles=args.particles,
+                                                resampling=m).log_likelihood,
+               f"bootstrap, ESS < N/2, {args.particles} particles per sequence")
+    kal = rows[0]["seconds"]
+    print(f"\n{'method':<34s} {'seconds':>9s} {'x kalman':>9s} {'|err|/step':>11s}")
+    for r in rows:
+        r["ratio_vs_kalman"] = r["seconds"] / kal
+        print(f"{r['method']:<34s} {r['seconds']:9.3f} {r['ratio_vs_kalman']:9.1f} "
+              f"{r['mean_abs_err_nats_per_step']:11.4f}")
+    pf = [r for r in rows if r["method"].startswith("particle")]
+    target = dict(max_abs_err_nats_per_step=max(r["max_abs_err_nats_per_step"] for r in pf),
+                  target_0p01_nats_per_step_met=all(r["max_abs_err_nats_per_step"] < 0.01
+                                                     for r in pf))
+    print("\n" + ", ".join(f"{k} = {v}" for k, v in target.items()))
+    return dict(benchmark="particle filter vs kalman filter",
+                command="python benchmarks/particle_filter.py " + " ".join(sys.argv[1:]),
+                config=dict(batch=args.batch, steps=args.steps, particles=args.particles,
+                            state_dim=args.state_dim, obs_dim=args.obs_dim, dtype="float32",
+                            repeats=args.repeats, seed=args.seed),
+                machine=machine(), timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                               time.gmtime()),
+                results=rows, targets=target)
+
+
+# ---------------------------------------------------------------------------------------------
+# FIVO vs ELBO on the pendulum
+def run_fivo(args):
+    _, x = simulate_pendulum(args.train + args.test, args.steps, seed=args.seed)
+    x_train, x_test = x[: args.train], x[args.train:]
+    torch.manual_seed(args.seed)
+    base_model = DeepMarkovModel(obs_dim=2, z_dim=args.z_dim, transition_dim=args.hidden,
+                                 emission_dim=args.hidden, emission="gaussian")
+    base_guide = StructuredGuide(obs_dim=2, state_dim=args.z_dim, hidden_dim=args.hidden,
+                                 direction=args.direction)
+    results = {}
+    for objective in ("elbo", "fivo"):
+        model = type(base_model)(obs_dim=2, z_dim=args.z_dim, transition_dim=args.hidden,
+                                 emission_dim=args.hidden, emission="gaussian")
+        guide = type(base_guide)(obs_dim=2, state_dim=args.z_dim, hidden_dim=args.hidden,
+                                 direction=args.direction)
+        model.load_state_dict(base_model.state_dict())
+        guide.load_state_dict(base_guide.state_dict())
+        t0 = time.perf_counter()
+        hist = fit(model, guide, x_train, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, num_particles=args.k, objective=objective, seed=args.seed,
+                   progress=False, device="cpu")
+        seconds = time.perf_counter() - t0
+        steps = x_test.shape[0] * x_test.shape[1]
+        pyro.set_rng_seed(args.seed + 10)
+        boot = smc_log_likelihood(model, x_test, num_particles=args.eval_particles)
+        guided = smc_log_likelihood(model, x_test, num_particles=args.eval_particles // 10,
+                                    guide=guide)
+        iwae = log_likelihood(model, guide, x_test, num_samples=args.eval_particles // 10)
+        e = elbo(model, guide, x_test, num_samples=10)
+        results[objective] = dict(
+            train_seconds=seconds, epochs=args.epochs,
+            final_train_objective_per_step=hist["train_neg_elbo_per_step"][-1],
+            test_smc_bootstrap_per_step=float(boot.sum()) / steps,
+            test_smc_guided_per_step=float(guided.sum()) / steps,
+            test_iwae_per_step=float(iwae.sum()) / steps,
+            test_elbo_per_step=float(e.sum()) / steps)
+        r = results[objective]
+        print(f"{objective}: {seconds:.1f} s, test log-lik per step: SMC bootstrap "
+              f"{r['test_smc_bootstrap_per_step']:.4f}, SMC guided "
+              f"{r['test_smc_guided_per_step']:.4f}, IWAE {r['test_iwae_per_step']:.4f}, "
+              f"ELBO {r['test_elbo_per_step']:.4f}", flush=True)
+    diff = (results["fivo"]["test_smc_bootstrap_per_step"]
+            - results["elbo"]["test_smc_bootstrap_per_step"])
+    target = dict(fivo_minus_elbo_smc_bootstrap_per_step=diff, fivo_no_worse=diff >= -0.01)
+    print(", ".join(f"{k} = {v}" for k, v in target.items()))
+    return dict(benchmark="FIVO vs ELBO training of a DMM on the pendulum",
+                command="python benchmarks/particle_filter.py " + " ".join(sys.argv[1:]),
+                config={k: v for k, v in vars(args).items() if k not in ("out", "what")},
+                machine=machine(), timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                               time.gmtime()),
+                results=results, targets=target)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", nargs="?", choices=["speed", "fivo"], default="speed")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path ('' to skip; default "
+                    "benchmarks/results/particle_filter.json or fivo_pendulum.json)")
+    g = ap.add_argument_group("speed")
+    g.add_argument("--batch", type=int, default=64)
+    g.add_argument("--steps", type=int, default=None, help="T (speed: 1000, fivo: 50)")
+    g.add_argument("--particles", type=int, default=1000)
+    g.add_argument("--state-dim", type=int, default=2)
+    g.add_argument("--obs-dim", type=int, default=2)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--resampling", nargs="+", default=["systematic", "multinomial"])
+    f = ap.add_argument_group("fivo")
+    f.add_argument("--train", type=int, default=64)
+    f.add_argument("--test", type=int, default=32)
+    f.add_argument("--z-dim", type=int, default=2)
+    f.add_argument("--hidden", type=int, default=32)
+    f.add_argument("--direction", default="backward")
+    f.add_argument("--epochs", type=int, default=60)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--k", type=int, default=8, help="particles of both objectives")
+    f.add_argument("--eval-particles", type=int, default=2000)
+    args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if args.what == "speed":
+        args.steps = args.steps or 1000
+        result, default = run_speed(args), RESULTS / "particle_filter.json"
+    else:
+        args.steps = args.steps or 50
+        result, default = run_fivo(args), RESULTS / "fivo_pendulum.json"
+    write(result, default if args.out is None else args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
