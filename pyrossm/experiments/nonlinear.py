@@ -11,6 +11,22 @@ DMM example. Commands (JSON written to ``benchmarks/results/``, a table printed)
 
     python -m pyrossm.experiments.nonlinear jsb --minutes 60          # CPU budget per model
     python -m pyrossm.experiments.nonlinear jsb --epochs 5000         # the full published run
+
+The published schedule (5,000 epochs, about 3.5 h of one CPU core) in resumable pieces: run the
+same command again until ``epochs_done`` reaches 5000; each call trains for at most
+``--minutes`` and checkpoints every epoch (the test curve of ``--eval-every`` is kept too), then
+score the end with K = 1000 (``--minutes 0`` trains nothing and only evaluates):
+
+    PYROSSM_DATA_DIR=/work/shared/data nice -n 10 python -m pyrossm.experiments.nonlinear jsb \
+        --configs dmm_backward --match-pyro --epochs 5000 --minutes 60 --eval-every 50 \
+        --checkpoint-dir runs/jsb_published --resume \
+        --output benchmarks/results/jsb_published.json
+    # ... repeated until epochs_done == 5000, then the same command with
+    #     --minutes 0 --iwae-samples 1000 --output benchmarks/results/jsb_published_k1000.json
+
+``--match-pyro`` takes Pyro's example's choices where pyrossm's defaults differ (ReLU RNN
+encoder, no scale floors, Bernoulli by probabilities: :data:`PYRO_EXAMPLE_OPTIONS`); without it
+the guide's encoder is an LSTM (``--encoder-cell``).
     python -m pyrossm.experiments.nonlinear synthetic --system linear
     python -m pyrossm.experiments.nonlinear synthetic --system pendulum
 
@@ -35,7 +51,7 @@ import torch
 
 from pyrossm.build import ModelSpec, build
 from pyrossm.experiments.common import evaluate
-from pyrossm.infer import fit, make_schedule
+from pyrossm.infer import elbo, fit, make_schedule
 
 __all__ = [
     "JSB_CONFIGS",
@@ -131,11 +147,45 @@ def _log_callback(log_every, name):
     return callback
 
 
+class _TestCurve:
+    """Callback: test −ELBO per frame every ``every`` epochs, saved to ``<ckpt>/test_curve.json``
+    (and reloaded on resume, dropping points past the checkpoint's epoch)."""
+
+    def __init__(self, model, guide, test, every, draws, ckpt, resume):
+        self.model, self.guide, self.test, self.every, self.draws = model, guide, test, every, draws
+        self.path = None if ckpt is None else Path(ckpt) / "test_curve.json"
+        self.points = {"epoch": [], "neg_elbo_per_frame": [], "draws": draws}
+        if resume and self.path is not None and self.path.is_file():
+            self.points = json.loads(self.path.read_text())
+
+    def __call__(self, record):
+        epoch = record["epoch"]
+        if epoch in self.points["epoch"]:  # resumed before this point was checkpointed
+            keep = self.points["epoch"].index(epoch)
+            for k in ("epoch", "neg_elbo_per_frame"):
+                del self.points[k][keep:]
+        if not self.every or epoch % self.every:
+            return None
+        rng = torch.get_rng_state()
+        x, mask = self.test
+        e = elbo(self.model, self.guide, (x, mask), num_samples=self.draws, batch_size=len(x))
+        torch.set_rng_state(rng)  # scoring does not change the training's random stream
+        self.points["epoch"].append(epoch)
+        self.points["neg_elbo_per_frame"].append(-float(e.sum()) / float(mask.sum()))
+        print(f"  test -ELBO/frame at epoch {epoch}: {self.points['neg_elbo_per_frame'][-1]:.4f}",
+              flush=True)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.points))
+        return None
+
+
 def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: float | None = None,
             annealing_epochs: int | None = None, iwae_samples: int = 100, elbo_samples: int = 1,
             data_dir=None, seed: int = 0, sizes: dict | None = None,
             checkpoint_dir=None, resume: bool = False, log_every: int = 1,
-            bucket: bool = False, output: str | None = None, device="cpu") -> dict:
+            bucket: bool = False, output: str | None = None, device="cpu",
+            eval_every: int = 0, curve_draws: int = 4) -> dict:
     """Train and evaluate JSB configurations; returns ``{config: result dict}``.
 
     Each configuration trains for ``epochs`` (default 5000) or until ``minutes`` of wall clock
@@ -144,7 +194,10 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
     done, seconds per epoch, training frames per second, the learning curve and the test
     ``neg_elbo_per_frame`` / ``iwae_nll_per_frame`` (see the module docstring).
     ``bucket=True`` batches sequences of similar lengths together (less padding, faster epochs;
-    Pyro's example draws batches uniformly).
+    Pyro's example draws batches uniformly). ``eval_every=N`` also scores the test split every
+    ``N`` epochs (−ELBO per frame, the mean of ``curve_draws`` guide draws) into the result's
+    ``test_curve``; with a ``checkpoint_dir`` that curve is saved beside the checkpoints, so a
+    resumed run keeps it.
     """
     from pyrossm.datasets import load_jsb_chorales
 
@@ -164,16 +217,21 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         model, guide = build_jsb(config, s)
+        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / config
+        callbacks = [_log_callback(log_every, config)]
+        curve = _TestCurve(model, guide, test, eval_every, curve_draws, ckpt, resume)
+        if eval_every:
+            callbacks.append(curve)
         t0 = time.perf_counter()
         history = fit(
             model, guide, train, epochs=epochs, batch_size=s["batch_size"], lr=s["lr"],
             betas=s["betas"], clip_norm=s["clip_norm"], lr_decay=s["lr_decay"],
             weight_decay=s["weight_decay"], annealing=annealing, device=device, seed=seed,
             free_bits=s["free_bits"], free_bits_per=s["free_bits_per"],
-            checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir) / config),
+            checkpoint_dir=None if ckpt is None else str(ckpt),
             resume=resume, progress=False, bucket=bucket,
             max_seconds=None if minutes is None else 60.0 * minutes,
-            callbacks=[_log_callback(log_every, config)],
+            callbacks=callbacks,
         )
         train_seconds = time.perf_counter() - t0
         seconds = history["seconds"]
@@ -195,6 +253,7 @@ def run_jsb(configs=tuple(JSB_CONFIGS), *, epochs: int | None = None, minutes: f
             "learning_curve": {k: history[k] for k in
                                ("epoch", "train_neg_elbo_per_step", "beta", "seconds")},
             "test": test_eval,
+            "test_curve": curve.points if eval_every else None,
         }
         print(f"[{config}] done: {len(history)} epochs, test -ELBO/frame "
               f"{test_eval['neg_elbo_per_frame']:.4f}, IWAE NLL/frame (K={iwae_samples}) "
@@ -264,8 +323,25 @@ def main(argv=None):
                         "(not in the published setup)")
     j.add_argument("--free-bits-per", choices=("sequence", "dimension"), default="dimension",
                    help="the threshold bounds each latent coordinate's KL or the total KL")
-    j.add_argument("--encoder-cell", choices=("lstm", "gru", "rnn"), default="lstm",
-                   help="the backward guide's encoder (Pyro's DMM example uses an RNN)")
+    j.add_argument("--encoder-cell", choices=("lstm", "gru", "rnn", "relu"), default=None,
+                   help="the backward guide's encoder (default lstm; rnn = tanh RNN; Pyro's DMM "
+                        "example uses a ReLU RNN, 'relu')")
+    j.add_argument("--transition-scale-floor", type=float, default=None,
+                   help=f"floor under the transition's softplus scale "
+                        f"(default {JSB_DEFAULTS['transition_scale_floor']}; Pyro's example: 0)")
+    j.add_argument("--guide-scale-floor", type=float, default=None,
+                   help=f"floor under the guide's softplus scale "
+                        f"(default {JSB_DEFAULTS['guide_scale_floor']}; Pyro's example: 0)")
+    j.add_argument("--bernoulli", choices=("logits", "probs"), default=None,
+                   help="emission parameterisation (default logits; Pyro's example: probs)")
+    j.add_argument("--match-pyro", action="store_true",
+                   help="Pyro's example's choices where pyrossm's defaults differ: "
+                        f"{PYRO_EXAMPLE_OPTIONS} (explicit flags override)")
+    j.add_argument("--eval-every", type=int, default=0,
+                   help="also score the test split every N epochs (-ELBO/frame, "
+                        "--curve-draws guide draws; kept across --resume in the checkpoint "
+                        "folder)")
+    j.add_argument("--curve-draws", type=int, default=4)
     for name in ("lr", "lr_decay", "clip_norm", "weight_decay", "min_annealing"):
         j.add_argument("--" + name.replace("_", "-"), type=float, default=JSB_DEFAULTS[name],
                        help=f"(published: {JSB_DEFAULTS[name]})")
@@ -298,15 +374,21 @@ def main(argv=None):
         torch.set_flush_denormal(True)
         sizes = {k: getattr(args, k) for k in
                  ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size", "lr",
-                  "lr_decay", "clip_norm", "weight_decay", "min_annealing", "encoder_cell",
+                  "lr_decay", "clip_norm", "weight_decay", "min_annealing",
                   "free_bits", "free_bits_per")}
+        if args.match_pyro:
+            sizes.update(PYRO_EXAMPLE_OPTIONS)
+        for k in ("encoder_cell", "transition_scale_floor", "guide_scale_floor", "bernoulli"):
+            if getattr(args, k) is not None:
+                sizes[k] = getattr(args, k)
         output = args.output or str(RESULTS_DIR / "jsb.json")
         payload = run_jsb(tuple(args.configs.split(",")), epochs=args.epochs,
                           minutes=args.minutes, annealing_epochs=args.annealing_epochs,
                           iwae_samples=args.iwae_samples, elbo_samples=args.elbo_samples,
                           data_dir=args.data_dir, seed=args.seed, sizes=sizes,
                           checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                          bucket=args.bucket, output=output)
+                          bucket=args.bucket, output=output, eval_every=args.eval_every,
+                          curve_draws=args.curve_draws)
         _write(output, payload)
         print(_jsb_table(payload))
     else:

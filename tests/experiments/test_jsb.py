@@ -142,3 +142,31 @@ def test_annealing_factor_and_example_log_parser():
     seconds, tests = bench.parse_example_log(log)
     assert seconds == [7.012, 6.988] and tests == {50: 11.65}
     assert math.isfinite(sum(seconds))
+
+
+def _jsb_dir():
+    from pyrossm.experiments.nonlinear import default_data_dir
+
+    path = default_data_dir()
+    return path if path and (Path(path) / "jsb_chorales.pickle").is_file() else None
+
+
+@pytest.mark.skipif(_jsb_dir() is None, reason="jsb_chorales.pickle not found (PYROSSM_DATA_DIR)")
+def test_cli_match_pyro_test_curve_survives_resume(tmp_path):
+    from pyrossm.experiments.nonlinear import main
+
+    args = ["jsb", "--configs", "dmm_backward", "--epochs", "2", "--z-dim", "2",
+            "--transition-dim", "4", "--emission-dim", "4", "--rnn-dim", "4", "--iwae-samples",
+            "2", "--match-pyro", "--guide-scale-floor", "1e-4", "--eval-every", "1",
+            "--curve-draws", "1", "--data-dir", _jsb_dir(),
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = main(args + ["--resume", "--output", str(tmp_path / "a.json")])  # nothing to resume
+    settings = first["settings"]
+    assert settings["encoder_cell"] == "relu" and settings["bernoulli"] == "probs"
+    assert settings["transition_scale_floor"] == 0.0 and settings["guide_scale_floor"] == 1e-4
+    curve = first["results"]["dmm_backward"]["test_curve"]
+    assert curve["epoch"] == [1, 2] and all(math.isfinite(v) for v in curve["neg_elbo_per_frame"])
+    done = main(args[:4] + ["3"] + args[5:] + ["--resume", "--output", str(tmp_path / "b.json")])
+    resumed = done["results"]["dmm_backward"]["test_curve"]
+    assert resumed["epoch"] == [1, 2, 3]
+    assert resumed["neg_elbo_per_frame"][:2] == curve["neg_elbo_per_frame"]
