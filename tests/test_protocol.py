@@ -119,3 +119,44 @@ def test_missing_methods_and_bad_input():
         check_sequences(torch.randn(2, 3, 2), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="x"):
         check_sequences(torch.zeros(2, 3, 2, dtype=torch.long), None)
+
+
+def test_iwae_of_a_custom_linear_model_with_its_exact_posterior_is_exact():
+    """With b = 0 the custom model is an LGSSM (A = 0.8, Q = 0.25, C = W, R = 0.09 I, z_1 ~
+    N(0, 0.25)). With the exact posterior (dense Gaussian) as guide every importance weight is
+    p(x): pyrossm.infer.log_likelihood must equal the Kalman log-likelihood (float64)."""
+    from torch.distributions.transforms import ReshapeTransform
+
+    from pyrossm.infer import log_likelihood
+    from pyrossm.lgssm import kalman_filter
+
+    m = AR1()
+    with torch.no_grad():
+        m.b.zero_()
+    T = 4
+    W = m.W.detach()
+    steps = torch.arange(T)
+    lag = (steps[:, None] - steps[None, :]).to(F64)
+    L = torch.where(lag >= 0, 0.5 * 0.8**lag, torch.zeros((), dtype=F64))
+    prior_cov = L @ L.T  # Cov(z_1..z_T)
+    H = torch.kron(torch.eye(T, dtype=F64), W)  # x = H z + v
+    post_prec = torch.linalg.inv(prior_cov) + H.T @ H / 0.09
+    post_cov = torch.linalg.inv(post_prec)
+    post_cov = 0.5 * (post_cov + post_cov.T)
+
+    class ExactPosterior(torch.nn.Module):
+        def forward(self, x, mask=None):
+            loc = (x.reshape(x.shape[0], -1) @ H / 0.09) @ post_cov
+            q = dist.TransformedDistribution(dist.MultivariateNormal(loc, post_cov),
+                                             [ReshapeTransform((T,), (T, 1))])
+            with pyro.plate("sequences", x.shape[0], dim=-1):
+                return pyro.sample("z", q)
+
+    guide = ExactPosterior()
+
+    x = torch.randn(3, T, 2, dtype=F64)
+    iwae = log_likelihood(m, guide, x, num_samples=4)
+    one = torch.ones(1, 1, dtype=F64)
+    exact = kalman_filter(x, 0.8 * one, W, 0.25 * one, 0.09 * torch.eye(2, dtype=F64),
+                          torch.zeros(1, dtype=F64), 0.25 * one).log_likelihood
+    torch.testing.assert_close(iwae, exact, rtol=1e-8, atol=1e-8)
