@@ -72,7 +72,7 @@ JSB_DEFAULTS = dict(
     clip_norm=10.0, lr_decay=0.99996, weight_decay=2.0, batch_size=20, annealing_epochs=1000,
     min_annealing=0.2, epochs=5000, encoder_cell="lstm", free_bits=None,
     free_bits_per="dimension", transition_scale_floor=1e-3, guide_scale_floor=1e-4,
-    bernoulli="logits",
+    bernoulli="logits", num_iafs=0, iaf_dim=100,
 )
 # What Pyro's examples/dmm.py does where pyrossm's defaults differ (``--match-pyro``): a plain
 # ReLU RNN encoder, no floor under the softplus scales, Bernoulli from (clamped) probabilities.
@@ -102,8 +102,10 @@ def build_jsb(config: str, sizes: dict | None = None):
 
     ``sizes`` overrides :data:`JSB_DEFAULTS`; besides the sizes it may set ``encoder_cell``,
     ``transition_scale_floor`` (the DMM transition's floor under its softplus scale),
-    ``guide_scale_floor`` (the structured guide's) and ``bernoulli`` (``"logits"`` or
-    ``"probs"``, see :class:`~pyrossm.nonlinear.networks.BernoulliEmission`);
+    ``guide_scale_floor`` (the structured guide's), ``bernoulli`` (``"logits"`` or
+    ``"probs"``, see :class:`~pyrossm.nonlinear.networks.BernoulliEmission`) and ``num_iafs``,
+    ``iaf_dim`` (flows on every guide step, :class:`~pyrossm.nonlinear.iaf.IAFGuide`, as Pyro's
+    example's ``--num-iafs``);
     :data:`PYRO_EXAMPLE_OPTIONS` are Pyro's example's choices.
 
     >>> small = dict(z_dim=2, transition_dim=4, emission_dim=4, rnn_dim=4)
@@ -133,6 +135,13 @@ def build_jsb(config: str, sizes: dict | None = None):
     combiner = getattr(guide, "combiner", None)
     if combiner is not None:  # structured guides
         combiner.hidden_to_scale.floor = float(s["guide_scale_floor"])
+    if s["num_iafs"]:
+        if config == "dmm_filtering":
+            raise ValueError("num_iafs: IAFs augment the structured (backward) guide, not the "
+                             "filtering guide of 'dmm_filtering'")
+        from pyrossm.nonlinear.iaf import IAFGuide
+
+        guide = IAFGuide(guide, int(s["num_iafs"]), int(s["iaf_dim"]))
     return model, guide
 
 
@@ -337,6 +346,9 @@ def main(argv=None):
     j.add_argument("--match-pyro", action="store_true",
                    help="Pyro's example's choices where pyrossm's defaults differ: "
                         f"{PYRO_EXAMPLE_OPTIONS} (explicit flags override)")
+    j.add_argument("--num-iafs", type=int, default=0,
+                   help="affine autoregressive flows on every guide step (Pyro's --num-iafs)")
+    j.add_argument("--iaf-dim", type=int, default=JSB_DEFAULTS["iaf_dim"])
     j.add_argument("--eval-every", type=int, default=0,
                    help="also score the test split every N epochs (-ELBO/frame, "
                         "--curve-draws guide draws; kept across --resume in the checkpoint "
@@ -375,7 +387,7 @@ def main(argv=None):
         sizes = {k: getattr(args, k) for k in
                  ("z_dim", "transition_dim", "emission_dim", "rnn_dim", "batch_size", "lr",
                   "lr_decay", "clip_norm", "weight_decay", "min_annealing",
-                  "free_bits", "free_bits_per")}
+                  "free_bits", "free_bits_per", "num_iafs", "iaf_dim")}
         if args.match_pyro:
             sizes.update(PYRO_EXAMPLE_OPTIONS)
         for k in ("encoder_cell", "transition_scale_floor", "guide_scale_floor", "bernoulli"):

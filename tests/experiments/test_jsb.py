@@ -99,6 +99,10 @@ def test_build_jsb_options():
         build_jsb("dmm_backward", {**SMALL, "bernoulli": "probit"})
     with pytest.raises(ValueError, match="guide_scale_floor"):
         build_jsb("dmm_backward", {**SMALL, "guide_scale_floor": -1e-3})
+    _, guide = build_jsb("dmm_backward", {**SMALL, "num_iafs": 2, "iaf_dim": 5})
+    assert type(guide).__name__ == "IAFGuide" and len(guide.flows) == 2
+    with pytest.raises(ValueError, match="num_iafs"):
+        build_jsb("dmm_filtering", {**SMALL, "num_iafs": 1})
 
 
 def test_pyro_program_is_the_same_model_and_guide():
