@@ -41,17 +41,30 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
+from . import _steps
 from ._scan import associative_scan
+from ._steps import (
+    _LOG_2PI,
+    _param_batch,
+    at,
+    cholesky,
+    gaussian_log_density,
+    innovation_terms,
+    linear_recurrence,
+    missing_filter,
+    mv,
+    shared_covariances,
+    shared_filter,
+    sym,
+    update_cov,
+)
 from ._validate import validate_inputs, validate_offsets
 
 __all__ = ["FilterResult", "SmootherResult", "kalman_filter", "kalman_smoother"]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class FilterResult(NamedTuple):
@@ -87,26 +100,12 @@ class SmootherResult(NamedTuple):
     step_log_likelihoods: torch.Tensor
 
 
-# ----------------------------------------------------------------------------------------------
-# small linear-algebra helpers
-
-
-def _sym(P):
-    return 0.5 * (P + P.transpose(-1, -2))
-
-
-def _mv(M, v):
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def _cholesky(M):
-    # cholesky_ex skips the per-call error check (which costs milliseconds per small matrix
-    # under OpenMP); failures show up as non-finite results, checked once in _filter.
-    return torch.linalg.cholesky_ex(M)[0]
-
-
-def _at(param, t, time_varying):
-    return param[..., t, :, :] if time_varying else param
+_sym, _mv, _cholesky, _at = sym, mv, cholesky, at
+_innovation_terms, _update_cov, _gaussian_log_density = (
+    innovation_terms,
+    update_cov,
+    gaussian_log_density,
+)
 
 
 class _Prepared(NamedTuple):
@@ -121,6 +120,7 @@ class _Prepared(NamedTuple):
     tv: dict
     num_missing: torch.Tensor | None  # (..., T) number of unobserved entries
     b: torch.Tensor | None = None  # transition offsets (..., T, n) with b_0 = 0, or None
+    raw: tuple | None = None  # (C, R, tv_C, tv_R) before masking, when obs is given
 
 
 def _full_time(param, T):
@@ -151,36 +151,14 @@ def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None)
     # its row/column of R replaced by the identity and its innovation is 0, so the update
     # ignores it; its N(0; 0, 1) factor is removed from the log-likelihood afterwards.
     o = obs.to(x.dtype)
+    raw = (C, R, tv["C"], tv["R"])
     C_tv = C if tv["C"] else C.unsqueeze(-3)
     R_tv = R if tv["R"] else R.unsqueeze(-3)
     C = C_tv * o.unsqueeze(-1)
     eye = torch.eye(R.shape[-1], dtype=x.dtype, device=x.device)
     R = R_tv * (o.unsqueeze(-1) * o.unsqueeze(-2)) + eye * (1 - o).unsqueeze(-1)
     tv = dict(tv, C=True, R=True)
-    return _Prepared(x, obs, A, C, Q, R, init_mean, init_cov, tv, (1 - o).sum(-1), b)
-
-
-def _innovation_terms(P_pred, C, R):
-    """S = C P Cᵀ + R, its Cholesky factor, and the gain K = P Cᵀ S⁻¹."""
-    CP = C @ P_pred
-    S = _sym(CP @ C.transpose(-1, -2) + R)
-    L = _cholesky(S)
-    K = torch.cholesky_solve(CP, L).transpose(-1, -2)
-    return L, K
-
-
-def _update_cov(P_pred, K, C, R):
-    # Joseph form keeps the covariance symmetric positive semi-definite in float32.
-    n = P_pred.shape[-1]
-    I_KC = torch.eye(n, dtype=P_pred.dtype, device=P_pred.device) - K @ C
-    return _sym(I_KC @ P_pred @ I_KC.transpose(-1, -2) + K @ R @ K.transpose(-1, -2))
-
-
-def _gaussian_log_density(v, L):
-    """log N(v; 0, L Lᵀ) for residuals v (..., p) and Cholesky factors L (..., p, p)."""
-    w = torch.linalg.solve_triangular(L, v.unsqueeze(-1), upper=False).squeeze(-1)
-    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (w.pow(2).sum(-1) + v.shape[-1] * _LOG_2PI) - half_logdet
+    return _Prepared(x, obs, A, C, Q, R, init_mean, init_cov, tv, (1 - o).sum(-1), b, raw)
 
 
 def _step_log_likelihoods(prep, pred_means, pred_covs):
@@ -200,97 +178,40 @@ def _step_log_likelihoods(prep, pred_means, pred_covs):
 # sequential filter
 
 
-def _steady_state_possible(prep):
-    return prep.obs is None and not any(prep.tv.values())
+def _no_batch(param, tv):
+    return param.dim() == (3 if tv else 2)
 
 
-def _sequential_covariances(prep, T, batch_shape):
-    """Predicted and filtered covariances and gains for all steps (a loop over time).
-
-    Also returns ``t_steady``: with time-invariant parameters and no missing data the Riccati
-    recursion converges; once the predicted covariance stops changing (to a few ulps), all
-    later steps equal the current one and are filled in without iterating (the steady-state
-    Kalman filter; exact to rounding). ``t_steady`` is None when it did not converge.
-    """
-    P = prep.init_cov.expand(batch_shape + prep.init_cov.shape[-2:])
-    pred_covs, filt_covs, gains = [], [], []
-    check = _steady_state_possible(prep)
-    eps = 8 * torch.finfo(P.dtype).eps
-    t_steady = None
-    for t in range(T):
-        if t > 0:
-            At = _at(prep.A, t, prep.tv["A"])
-            P = _sym(At @ P @ At.transpose(-1, -2) + _at(prep.Q, t, prep.tv["Q"]))
-        if check and t >= 2 and t % 4 == 0:
-            # Relative to each entry's own scale (sqrt(P_ii P_jj)), so that a state with a
-            # tiny variance next to a large one is still followed until it has converged.
-            d = torch.diagonal(P, dim1=-2, dim2=-1).clamp_min(torch.finfo(P.dtype).tiny).sqrt()
-            change = ((P - pred_covs[-1]).abs() / (d.unsqueeze(-1) * d.unsqueeze(-2))).max()
-            if bool(change <= eps):
-                t_steady = t
-                break
-        Ct, Rt = _at(prep.C, t, prep.tv["C"]), _at(prep.R, t, prep.tv["R"])
-        _, K = _innovation_terms(P, Ct, Rt)
-        pred_covs.append(P)
-        gains.append(K)
-        P = _update_cov(P, K, Ct, Rt)
-        filt_covs.append(P)
-    stacked = []
-    for seq in (pred_covs, filt_covs, gains):
-        out = torch.stack(seq, -3)
-        if t_steady is not None:
-            last = out[..., -1:, :, :]
-            out = torch.cat(
-                [out, last.expand(last.shape[:-3] + (T - t_steady,) + last.shape[-2:])], -3
-            )
-        stacked.append(out)
-    return (*stacked, t_steady)
-
-
-def _linear_recurrence(m, F, u, block=32):
-    """Solve m_t = F m_{t-1} + u_t for all t, given m (..., n) before the first input.
-
-    ``F (n, n)`` is constant and ``u (..., L, n)``. Blocks of ``block`` steps are solved with
-    one matrix product each, using the powers of F (a lower block-Toeplitz matrix), instead of
-    one product per step.
-    """
-    n = F.shape[-1]
-    L = u.shape[-2]
-    blk = min(block, L)
-    powers = [torch.eye(n, dtype=F.dtype, device=F.device)]
-    for _ in range(blk):
-        powers.append(F @ powers[-1])
-    P = torch.stack(powers)  # (blk+1, n, n): P[k] = F^k
-    # Row-vector form: m_tᵀ = m_{t-1}ᵀ Fᵀ + u_tᵀ. W[j, i] = (F^{i-j})ᵀ for i >= j.
-    idx = torch.arange(blk, device=F.device)
-    diff = idx.unsqueeze(0) - idx.unsqueeze(1)  # [j, i] = i - j
-    W = P[diff.clamp_min(0)].transpose(-1, -2) * (diff >= 0).to(F.dtype)[..., None, None]
-    W = W.permute(0, 2, 1, 3).reshape(blk * n, blk * n)
-    V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
-    out = []
-    for start in range(0, L, blk):
-        ub = u[..., start : start + blk, :]
-        k = ub.shape[-2]
-        flat = ub.reshape(ub.shape[:-2] + (k * n,))
-        mb = flat @ W[: k * n, : k * n] + m @ V[:, : k * n]
-        mb = mb.reshape(ub.shape)
-        out.append(mb)
-        m = mb[..., -1, :]
-    return torch.cat(out, -2)
-
-
-def _sequential_filter(prep):
+def _sequential_filter(prep, allow_steady=None):
+    """Dispatch to the fast kernels of :mod:`._steps`; the general case (parameters with batch
+    dims) is handled here. Returns the moments and the step log-likelihoods (or None)."""
+    if prep.obs is None and _param_batch(prep) == ():
+        return shared_filter(prep, allow_steady)
+    if prep.obs is not None:
+        C, R, tvC, tvR = prep.raw
+        if all(
+            _no_batch(M, tv)
+            for M, tv in ((prep.A, prep.tv["A"]), (prep.Q, prep.tv["Q"]), (C, tvC), (R, tvR))
+        ):
+            return missing_filter(prep)
+    if allow_steady is None:
+        allow_steady = _steps.STEADY_STATE
     x = prep.x
     T = x.shape[-2]
     n = prep.init_mean.shape[-1]
-    params = (prep.A, prep.C, prep.Q, prep.R)
-    param_batch = torch.broadcast_shapes(
-        prep.init_cov.shape[:-2],
-        *[p.shape[:-3] if prep.tv[k] else p.shape[:-2] for k, p in zip("ACQR", params)],
-    )
     # The covariance recursion does not depend on the data: it runs over the parameters' batch
     # shape only (once for the whole batch when the parameters are shared and nothing is missing).
-    pred_covs, filt_covs, gains, t_steady = _sequential_covariances(prep, T, param_batch)
+    pred_covs, filt_covs, gains, _, Td = shared_covariances(
+        prep, T, _param_batch(prep), allow_steady
+    )
+    t_steady = Td if Td < T else None
+    if t_steady is not None:
+        ext = (
+            lambda M: torch.cat(  # noqa: E731
+                [M, M[..., -1:, :, :].expand(M.shape[:-3] + (T - Td,) + M.shape[-2:])], -3
+            )
+        )
+        pred_covs, filt_covs, gains = ext(pred_covs), ext(filt_covs), ext(gains)
     # Mean recursion m_t = F_t m_{t-1} + K_t x_t with F_t = (I - K_t C_t) A_t: the gains are
     # known, so each step is one batched matrix product; K_t x_t is computed for all t at once.
     C_all = prep.C if prep.tv["C"] else prep.C.unsqueeze(-3)
@@ -315,14 +236,14 @@ def _sequential_filter(prep):
     filt_means = torch.stack(filt_means, -2)
     if loop_end < T:
         # Steady state: the rest is a linear recurrence with a constant F, solved in blocks.
-        rest = _linear_recurrence(m, F[..., -1, :, :], u[..., loop_end:, :])
+        rest = linear_recurrence(m, F[..., -1, :, :], u[..., loop_end:, :])
         filt_means = torch.cat([filt_means, rest], -2)
     pred_rest = _mv(A_all[..., 1:, :, :] if prep.tv["A"] else A_all, filt_means[..., :-1, :])
     if prep.b is not None:
         pred_rest = pred_rest + prep.b[..., 1:, :]
     m0 = m0.expand(pred_rest.shape[:-2] + m0.shape[-1:])
     pred_means = torch.cat([m0.unsqueeze(-2), pred_rest], -2)
-    return filt_means, filt_covs, pred_means, pred_covs
+    return filt_means, filt_covs, pred_means, pred_covs, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,9 +393,13 @@ def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None
     prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b, d)
     if prep.x.shape[-2] == 0:
         raise ValueError("x: expected at least one time step (shape (..., T, obs_dim), T >= 1)")
-    run = _parallel_filter if parallel else _sequential_filter
-    filt_means, filt_covs, pred_means, pred_covs = run(prep)
-    step_ll = _step_log_likelihoods(prep, pred_means, pred_covs)
+    if parallel:
+        filt_means, filt_covs, pred_means, pred_covs = _parallel_filter(prep)
+        step_ll = None
+    else:
+        filt_means, filt_covs, pred_means, pred_covs, step_ll = _sequential_filter(prep)
+    if step_ll is None:
+        step_ll = _step_log_likelihoods(prep, pred_means, pred_covs)
     if not bool(torch.isfinite(step_ll.detach()).all()):
         raise ValueError(
             "R: the innovation covariance C P Cᵀ + R is not positive definite at some step "
@@ -500,11 +425,36 @@ def _expand(res):
 
 
 def _smoother_gains(filt_covs, pred_covs, A):
-    """G_t = P_t^f A_{t+1}ᵀ (P_{t+1}^-)^{-1} for t = 0..T-2 (Cholesky solve, no inverse)."""
-    L = _cholesky(pred_covs[..., 1:, :, :])
-    A_next = A[..., 1:, :, :]
-    APf = A_next @ filt_covs[..., :-1, :, :]
-    return torch.cholesky_solve(APf, L).transpose(-1, -2)
+    """G_t = P_t^f A_{t+1}ᵀ (P_{t+1}^-)^{-1} for t = 0..T-2 (Cholesky solve, no inverse).
+
+    A singular predicted covariance (a state without noise, e.g. Q and init_cov singular) has
+    no inverse; there the Moore–Penrose pseudo-inverse is used, which gives the exact smoother
+    because the columns of A P^f lie in the range of P^- = A P^f Aᵀ + Q. A predicted covariance
+    counts as singular when a Cholesky pivot is below ``n·eps`` of its diagonal entry.
+    """
+    P_next = pred_covs[..., 1:, :, :]
+    APf = A[..., 1:, :, :] @ filt_covs[..., :-1, :, :]
+    batch = torch.broadcast_shapes(P_next.shape[:-2], APf.shape[:-2])
+    P_next, APf = P_next.expand(batch + P_next.shape[-2:]), APf.expand(batch + APf.shape[-2:])
+    L, info = torch.linalg.cholesky_ex(P_next)
+    n = P_next.shape[-1]
+    with torch.no_grad():
+        diag = torch.diagonal(P_next, dim1=-2, dim2=-1)
+        pivots = torch.diagonal(L, dim1=-2, dim2=-1).pow(2)
+        tol = n * torch.finfo(P_next.dtype).eps
+        singular = (info != 0) | (pivots <= tol * diag.abs().amax(-1, keepdim=True)).any(-1)
+        singular = singular | ~torch.isfinite(L).all(-1).all(-1)
+    if not bool(singular.any()):
+        return torch.cholesky_solve(APf, L).transpose(-1, -2)
+    # Solve with an identity factor where singular (keeps NaN out of values and gradients),
+    # then put the pseudo-inverse solutions in those places.
+    eye = torch.eye(n, dtype=L.dtype, device=L.device)
+    L = _cholesky(torch.where(singular[..., None, None], eye, P_next))
+    G = torch.cholesky_solve(APf, L).transpose(-1, -2)
+    idx = singular.nonzero(as_tuple=True)
+    pinv = torch.linalg.pinv(P_next[idx], rtol=tol, hermitian=True)
+    G = G.index_put(idx, (pinv @ APf[idx]).transpose(-1, -2))
+    return G
 
 
 def kalman_smoother(

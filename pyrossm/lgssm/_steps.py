@@ -1,0 +1,445 @@
+"""Kernels of the sequential Kalman filter (private; see :mod:`pyrossm.lgssm.inference`).
+
+Sequences are ``(..., T, dim)`` with time at dim -2; inside the kernels the data are laid out
+time-major, ``(T, N, dim)`` with the batch flattened to ``N``, so that one step is a slice.
+
+Two paths:
+
+* **shared covariances** (no missing data): the covariance recursion does not depend on the
+  data, so it runs over the parameters' batch only. The first ``_SEQ_STEPS`` steps are run one by
+  one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
+  remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
+  over the covariance part only (O(log T) depth, no data). The means are then a linear
+  recurrence with known gains: one matrix product per step, or blocks of steps at the fixed
+  point; the log-likelihood is computed for all steps at once.
+* **per-sequence covariances** (missing entries): one lean step per time point over the whole
+  batch; an unobserved entry has its row of C zeroed, its row/column of R replaced by the
+  identity and its innovation set to 0 (its N(0; 0, 1) factor is removed afterwards).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._scan import associative_scan
+
+_LOG_2PI = math.log(2 * math.pi)
+# The steady-state stop allows this many ulps of distance to the Riccati fixed point.
+_STEADY_ULPS = 32
+# Steps of the covariance recursion run one at a time before the rest is scanned in parallel.
+_SEQ_STEPS = 64
+# Stop the covariance recursion at the Riccati fixed point (set False to measure without it).
+STEADY_STATE = True
+
+
+# ----------------------------------------------------------------------------------------------
+# small linear-algebra helpers
+def sym(P):
+    return 0.5 * (P + P.transpose(-1, -2))
+
+
+def mv(M, v):
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def cholesky(M):
+    # cholesky_ex skips the per-call error check (which costs milliseconds per small matrix
+    # under OpenMP); failures show up as non-finite results, checked once by the caller.
+    return torch.linalg.cholesky_ex(M)[0]
+
+
+def at(param, t, time_varying):
+    return param[..., t, :, :] if time_varying else param
+
+
+def with_time(param, time_varying):
+    """The parameter with a time dim at -3 (size 1 when time-invariant)."""
+    return param if time_varying else param.unsqueeze(-3)
+
+
+def innovation_terms(P_pred, C, R):
+    """The Cholesky factor of S = C P Cᵀ + R and the gain K = P Cᵀ S⁻¹."""
+    CP = C @ P_pred
+    S = sym(CP @ C.transpose(-1, -2) + R)
+    L = cholesky(S)
+    K = torch.cholesky_solve(CP, L).transpose(-1, -2)
+    return L, K
+
+
+def update_cov(P_pred, K, C, R):
+    # Joseph form keeps the covariance symmetric positive semi-definite in float32.
+    n = P_pred.shape[-1]
+    I_KC = torch.eye(n, dtype=P_pred.dtype, device=P_pred.device) - K @ C
+    return sym(I_KC @ P_pred @ I_KC.transpose(-1, -2) + K @ R @ K.transpose(-1, -2))
+
+
+def gaussian_log_density(v, L):
+    """log N(v; 0, L Lᵀ) for residuals v (..., p) and Cholesky factors L (..., p, p)."""
+    w = torch.linalg.solve_triangular(L, v.unsqueeze(-1), upper=False).squeeze(-1)
+    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (w.pow(2).sum(-1) + v.shape[-1] * _LOG_2PI) - half_logdet
+
+
+# ----------------------------------------------------------------------------------------------
+# covariance recursion (data-independent)
+def contraction_rate(K, C, A):
+    """An upper estimate of the per-step contraction of the Riccati map near its fixed point.
+
+    Near the fixed point an error X in the predicted covariance maps to F X Fᵀ with the
+    closed-loop matrix F = (I - K C) A, so errors shrink by about ρ(F)² per step. Estimated as
+    ``‖F^16‖_F^(2/16)`` (an upper bound of ρ(F)², up to a factor n^(1/16)); the largest over
+    the parameters' batch.
+    """
+    n = A.shape[-1]
+    eye = torch.eye(n, dtype=torch.float64, device=A.device)
+    F = (eye - K.double() @ C.double()) @ A.double()
+    for _ in range(4):
+        F = torch.nan_to_num(F @ F, nan=math.inf)
+    return float(torch.linalg.matrix_norm(F).max()) ** (2.0 / 16)
+
+
+def riccati_sequential(prep, T, batch_shape, check, steps):
+    """The covariance recursion for the first ``min(T, steps)`` steps, one step at a time.
+
+    Returns lists (one entry per step) of predicted covariances, filtered covariances, gains
+    and Cholesky factors of the innovation covariances, and ``t_steady``.
+
+    ``check`` (time-invariant parameters, no missing data): the recursion
+    P⁻ ↦ A (P⁻ - K S Kᵀ) Aᵀ + Q may reach a fixed point, and the loop stops only when it is
+    reached to rounding: the residual ``‖Φ(P⁻) - P⁻‖`` (the change of the predicted covariance
+    in one step, relative to each entry's scale ``sqrt(P_ii P_jj)``) is 0, or it is a few ulps
+    *and* the distance to the fixed point it implies for a map contracting by ``q`` per step,
+    ``residual / (1 - q)``, is below ``_STEADY_ULPS`` ulps. Every later step then equals the
+    last one (``t_steady``, else None). Slow convergence, e.g. a unit eigenvalue of A with
+    Q = 0 (a constant regression coefficient), has ``q ≈ 1`` and never stops early.
+    """
+    P = prep.init_cov.expand(batch_shape + prep.init_cov.shape[-2:])
+    pred, filt, gains, chols = [], [], [], []
+    eps = torch.finfo(P.dtype).eps
+    for t in range(min(T, steps)):
+        if t > 0:
+            At = at(prep.A, t, prep.tv["A"])
+            P = sym(At @ P @ At.transpose(-1, -2) + at(prep.Q, t, prep.tv["Q"]))
+        if check and t >= 2 and t % 4 == 0 and _at_fixed_point(P, pred[-1], gains[-1], prep, eps):
+            return pred, filt, gains, chols, t
+        Ct, Rt = at(prep.C, t, prep.tv["C"]), at(prep.R, t, prep.tv["R"])
+        L, K = innovation_terms(P, Ct, Rt)
+        pred.append(P)
+        gains.append(K)
+        chols.append(L)
+        P = update_cov(P, K, Ct, Rt)
+        filt.append(P)
+    return pred, filt, gains, chols, None
+
+
+def _at_fixed_point(P, P_prev, K, prep, eps):
+    with torch.no_grad():
+        d = torch.diagonal(P, dim1=-2, dim2=-1).clamp_min(torch.finfo(P.dtype).tiny).sqrt()
+        change = float(((P - P_prev).abs() / (d.unsqueeze(-1) * d.unsqueeze(-2))).max())
+        if change == 0.0:  # a bitwise fixed point: every later step is the same
+            return True
+        if change > 8 * eps:
+            return False
+        q = contraction_rate(K, prep.C, prep.A)
+        return q < 1 and change / (1 - q) <= _STEADY_ULPS * eps
+
+
+def _cov_combine(earlier, later):
+    """The covariance part of the filtering elements' combination (Särkkä & García-Fernández
+    2021, eq. (32)): (A, C, J) of two consecutive stretches of time."""
+    A1, C1, J1 = earlier
+    A2, C2, J2 = later
+    eye = torch.eye(A1.shape[-1], dtype=A1.dtype, device=A1.device)
+    IpCJ = eye + C1 @ J2
+    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
+    A1T_Minv = torch.linalg.solve(IpCJ, A1).transpose(-1, -2)
+    return (
+        A2M @ A1,
+        sym(A2M @ C1 @ A2.transpose(-1, -2) + C2),
+        sym(A1T_Minv @ J2 @ A1 + J1),
+    )
+
+
+def riccati_scan(prep, t0, P_filt0, T):
+    """Filtered covariances of steps ``t0 + 1 .. T - 1`` given the filtered covariance at
+    ``t0``, by an associative scan (O(log T) depth) over the covariance parts of the filtering
+    elements; the parameters' batch only."""
+    sl = (
+        lambda name: (  # noqa: E731
+            getattr(prep, name)[..., t0 + 1 : T, :, :] if prep.tv[name] else getattr(prep, name)
+        )
+    )
+    A, C, Q, R = (with_time(sl(k), prep.tv[k]) for k in "ACQR")
+    n = A.shape[-1]
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    # Generic element: the prior z_t | z_{t-1} conditioned on x_t (covariance part).
+    Lq, Kq = innovation_terms(Q, C, R)
+    Fm = (eye - Kq @ C) @ A
+    Cov = update_cov(Q, Kq, C, R)
+    CA = C @ A
+    J = sym(CA.transpose(-1, -2) @ torch.cholesky_solve(CA, Lq))
+    # First element: z_{t0+1} predicted from the filtered z_{t0}, conditioned on x_{t0+1}.
+    A1, Q1 = A[..., :1, :, :], Q[..., :1, :, :]
+    P1 = sym(A1 @ P_filt0.unsqueeze(-3) @ A1.transpose(-1, -2) + Q1)
+    _, K1 = innovation_terms(P1, C[..., :1, :, :], R[..., :1, :, :])
+    Cov1 = update_cov(P1, K1, C[..., :1, :, :], R[..., :1, :, :])
+    L = T - t0 - 1
+    batch = torch.broadcast_shapes(Fm.shape[:-3], Cov.shape[:-3], Cov1.shape[:-3], J.shape[:-3])
+    full = lambda M: M.expand(batch + (L, n, n))  # noqa: E731
+    Fm, Cov, J = full(Fm), full(Cov), full(J)
+    Fm = torch.cat([torch.zeros_like(Fm[..., :1, :, :]), Fm[..., 1:, :, :]], -3)
+    Cov = torch.cat([Cov1.expand(batch + (1, n, n)), Cov[..., 1:, :, :]], -3)
+    J = torch.cat([torch.zeros_like(J[..., :1, :, :]), J[..., 1:, :, :]], -3)
+    _, filt, _ = associative_scan(_cov_combine, (Fm, Cov, J), (-3, -3, -3))
+    return filt
+
+
+def shared_covariances(prep, T, batch_shape, allow_steady=True):
+    """Predicted/filtered covariances, gains and innovation Cholesky factors of all steps.
+
+    Returns ``(pred, filt, gains, chols, T_distinct)``: tensors with a time dim at -3 of length
+    ``T_distinct`` (``T``, or the step of the fixed point: later steps equal the last one).
+    """
+    check = allow_steady and not any(prep.tv.values())
+    pred, filt, gains, chols, t_steady = riccati_sequential(prep, T, batch_shape, check, _SEQ_STEPS)
+    stack = lambda seq: torch.stack(seq, -3)  # noqa: E731
+    pred, filt, gains, chols = stack(pred), stack(filt), stack(gains), stack(chols)
+    t0 = pred.shape[-3]
+    if t_steady is not None or t0 == T:
+        return pred, filt, gains, chols, t0
+    rest_filt = riccati_scan(prep, t0 - 1, filt[..., -1, :, :], T)
+    A = with_time(prep.A[..., t0:, :, :] if prep.tv["A"] else prep.A, prep.tv["A"])
+    Q = with_time(prep.Q[..., t0:, :, :] if prep.tv["Q"] else prep.Q, prep.tv["Q"])
+    prev = torch.cat([filt[..., -1:, :, :], rest_filt[..., :-1, :, :]], -3)
+    rest_pred = sym(A @ prev @ A.transpose(-1, -2) + Q)
+    C = with_time(prep.C[..., t0:, :, :] if prep.tv["C"] else prep.C, prep.tv["C"])
+    R = with_time(prep.R[..., t0:, :, :] if prep.tv["R"] else prep.R, prep.tv["R"])
+    rest_L, rest_K = innovation_terms(rest_pred, C, R)
+    return (
+        _cat_time(pred, rest_pred),
+        _cat_time(filt, rest_filt),
+        _cat_time(gains, rest_K),
+        _cat_time(chols, rest_L),
+        T,
+    )
+
+
+def _cat_time(a, b):
+    batch = torch.broadcast_shapes(a.shape[:-3], b.shape[:-3])
+    return torch.cat([a.expand(batch + a.shape[-3:]), b.expand(batch + b.shape[-3:])], -3)
+
+
+# ----------------------------------------------------------------------------------------------
+# means and log-likelihoods
+def _time_major(v, batch):
+    """``(..., T, d)`` broadcast to ``batch`` -> ``(T, N, d)`` (contiguous)."""
+    T, d = v.shape[-2:]
+    return v.expand(batch + (T, d)).reshape(-1, T, d).transpose(0, 1).contiguous()
+
+
+def _batch_major(v, batch):
+    """``(T, N, ...)`` -> ``batch + (T, ...)``."""
+    return v.transpose(0, 1).reshape(batch + v.shape[:1] + v.shape[2:])
+
+
+def _apply(M, v, tv):
+    """``M_t v_t`` for time-major ``v (T, N, m)``; ``M (n, m)``, or ``(T, n, m)`` if ``tv``."""
+    if tv:
+        return torch.bmm(v, M.transpose(-1, -2))
+    return v @ M.transpose(-1, -2)
+
+
+def _apply_split(M, v, Td):
+    """``M_t v_t`` where ``M (Td, n, m)`` holds the first Td steps and later steps use M[-1]."""
+    if Td == v.shape[0]:
+        return torch.bmm(v, M.transpose(-1, -2))
+    out = v @ M[-1].transpose(-1, -2)
+    out[:Td] = torch.bmm(v[:Td], M.transpose(-1, -2))
+    return out
+
+
+def linear_recurrence(m, F, u, block=32):
+    """Solve m_t = F m_{t-1} + u_t for all t, given m (N, n) before the first input.
+
+    ``F (n, n)`` is constant and ``u (N, L, n)``. Blocks of ``block`` steps are solved with
+    one matrix product each, using the powers of F (a lower block-Toeplitz matrix), instead of
+    one product per step.
+    """
+    n = F.shape[-1]
+    L = u.shape[-2]
+    blk = min(block, L)
+    powers = [torch.eye(n, dtype=F.dtype, device=F.device)]
+    for _ in range(blk):
+        powers.append(F @ powers[-1])
+    P = torch.stack(powers)  # (blk+1, n, n): P[k] = F^k
+    # Row-vector form: m_tᵀ = m_{t-1}ᵀ Fᵀ + u_tᵀ. W[j, i] = (F^{i-j})ᵀ for i >= j.
+    idx = torch.arange(blk, device=F.device)
+    diff = idx.unsqueeze(0) - idx.unsqueeze(1)  # [j, i] = i - j
+    W = P[diff.clamp_min(0)].transpose(-1, -2) * (diff >= 0).to(F.dtype)[..., None, None]
+    W = W.permute(0, 2, 1, 3).reshape(blk * n, blk * n)
+    V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
+    out = []
+    for start in range(0, L, blk):
+        ub = u[..., start : start + blk, :]
+        k = ub.shape[-2]
+        flat = ub.reshape(ub.shape[:-2] + (k * n,))
+        mb = flat @ W[: k * n, : k * n] + m @ V[:, : k * n]
+        mb = mb.reshape(ub.shape)
+        out.append(mb)
+        m = mb[..., -1, :]
+    return torch.cat(out, -2)
+
+
+def _param_batch(prep):
+    shapes = [prep.init_cov.shape[:-2]]
+    for k in "ACQR":
+        p = getattr(prep, k)
+        shapes.append(p.shape[:-3] if prep.tv[k] else p.shape[:-2])
+    return torch.broadcast_shapes(*shapes)
+
+
+def _data_batch(prep):
+    shapes = [prep.x.shape[:-2], prep.init_mean.shape[:-1]]
+    if prep.b is not None:
+        shapes.append(prep.b.shape[:-2])
+    return torch.broadcast_shapes(*shapes)
+
+
+def shared_filter(prep, allow_steady=None):
+    """The filter when no entry is missing and the parameters have no batch dims.
+
+    Returns ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``.
+    """
+    T, p = prep.x.shape[-2:]
+    n = prep.init_mean.shape[-1]
+    if allow_steady is None:
+        allow_steady = STEADY_STATE
+    pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady)
+    tvA, tvC = prep.tv["A"], prep.tv["C"]
+    batch = _data_batch(prep)
+    xt = _time_major(prep.x, batch)  # (T, N, p)
+    bt = None if prep.b is None else _time_major(prep.b, batch)
+    eye = torch.eye(n, dtype=xt.dtype, device=xt.device)
+    C_all, A_all = with_time(prep.C, tvC), with_time(prep.A, tvA)
+    # Mean recursion m_t = F_t m_{t-1} + u_t with F_t = (I - K_t C_t) A_t and
+    # u_t = K_t (x_t - C_t b_t) + b_t: the gains are known, so each step is one product.
+    xu = xt if bt is None else xt - _apply(prep.C, bt, tvC)
+    u = _apply_split(K, xu, Td)
+    if bt is not None:
+        u = u + bt
+    F = (eye - K @ C_all[:Td]) @ A_all[:Td]  # (Td, n, n)
+    Ft = F.transpose(-1, -2).contiguous()
+    m0 = prep.init_mean.expand(batch + (n,)).reshape(-1, n)
+    m = u[0] + m0 @ (eye - K[0] @ C_all[0]).transpose(-1, -2)
+    ms = [m]
+    for t in range(1, Td):
+        m = torch.addmm(u[t], m, Ft[t])
+        ms.append(m)
+    filt_m = None if Td < T else torch.stack(ms, 0)
+    if Td < T:  # at the fixed point: a constant F, solved in blocks of steps
+        # Blocks trade one product per step (overhead) for blk times the arithmetic.
+        blk = int(min(64, max(1, math.sqrt(1e5 / (m.shape[0] * n * n)))))
+        if blk <= 2:
+            for t in range(Td, T):
+                m = torch.addmm(u[t], m, Ft[-1])
+                ms.append(m)
+            filt_m = torch.stack(ms, 0)
+        else:
+            rest = linear_recurrence(m, F[-1], u[Td:].transpose(0, 1), blk)
+            filt_m = torch.cat([torch.stack(ms, 0), rest.transpose(0, 1)], 0)
+    pred_rest = _apply(prep.A[1:] if tvA else prep.A, filt_m[:-1], tvA)
+    if bt is not None:
+        pred_rest = pred_rest + bt[1:]
+    pred_m = torch.cat([m0.unsqueeze(0), pred_rest], 0)
+    # log N(x_t; C_t m_t^-, S_t) for all steps at once, whitened by the shared L_t^{-1}
+    v = xt - _apply(prep.C, pred_m, tvC)
+    eye_p = torch.eye(p, dtype=xt.dtype, device=xt.device)
+    Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)
+    w = _apply_split(Linv, v, Td)
+    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
+    if Td < T:
+        half_logdet = torch.cat([half_logdet, half_logdet[-1:].expand(T - Td)])
+    ll = -0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet.unsqueeze(-1)  # (T, N)
+    full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
+    return (
+        _batch_major(filt_m, batch),
+        full(filt_c),
+        _batch_major(pred_m, batch),
+        full(pred_c),
+        ll.transpose(0, 1).reshape(batch + (T,)),
+    )
+
+
+def missing_filter(prep):
+    """The filter with missing entries: per-sequence covariances, one lean step per time
+    point over the whole (flattened) batch. Parameters without batch dims.
+
+    Returns ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``.
+    """
+    C, R, tvC, tvR = prep.raw
+    A, Q, tvA, tvQ = prep.A, prep.Q, prep.tv["A"], prep.tv["Q"]
+    T, p = prep.x.shape[-2:]
+    n = prep.init_mean.shape[-1]
+    batch = torch.broadcast_shapes(_data_batch(prep), prep.obs.shape[:-2], prep.init_cov.shape[:-2])
+    xt = _time_major(prep.x, batch)
+    ot = _time_major(prep.obs.to(xt.dtype), batch)  # (T, N, p) 1 = observed
+    bt = None if prep.b is None else _time_major(prep.b, batch)
+    N = xt.shape[1]
+    dt, dev = xt.dtype, xt.device
+    # Masked [C | R] for every pattern of observed entries when C and R are time-invariant.
+    CR_tab = code = None
+    if not (tvC or tvR) and p <= 10:
+        weights = 2 ** torch.arange(p, device=dev)
+        code = (ot.long() * weights).sum(-1)  # (T, N)
+        pats = ((torch.arange(2**p, device=dev).unsqueeze(-1) // weights) % 2).to(dt)
+        C_tab = C * pats.unsqueeze(-1)  # (2^p, p, n)
+        R_tab = R * (pats.unsqueeze(-1) * pats.unsqueeze(-2)) + torch.diag_embed(1 - pats)
+        CR_tab = torch.cat([C_tab, R_tab], -1)  # (2^p, p, n + p)
+    # The state is kept as X = [P; mᵀ] (N, n + 1, n), so that one product predicts P and m and
+    # one product updates both.
+    m = prep.init_mean.expand(batch + (n,)).reshape(N, n)
+    P = prep.init_cov.expand(batch + (n, n)).reshape(N, n, n)
+    X = torch.cat([P, m.unsqueeze(-2)], -2)
+    preds, filts, ws, logd = [], [], [], []
+    for t in range(T):
+        if t > 0:
+            AtT = (A[t] if tvA else A).transpose(-1, -2)
+            # [P Aᵀ; mᵀ Aᵀ], then A P Aᵀ = (P Aᵀ)ᵀ Aᵀ for symmetric P.
+            U = (X.reshape(N * (n + 1), n) @ AtT).reshape(N, n + 1, n)
+            P = (U[:, :n].transpose(-1, -2).reshape(N * n, n) @ AtT).reshape(N, n, n)
+            mT = U[:, n:]
+            if bt is not None:
+                mT = mT + bt[t].unsqueeze(-2)
+            X = torch.cat([P + (Q[t] if tvQ else Q), mT], -2)
+        preds.append(X)
+        if CR_tab is not None:
+            CR = CR_tab[code[t]]
+            Cm, Rm = CR[..., :n], CR[..., n:]
+        else:
+            o = ot[t]
+            Cm = (C[t] if tvC else C) * o.unsqueeze(-1)
+            Rm = (R[t] if tvR else R) * (o.unsqueeze(-1) * o.unsqueeze(-2))
+            Rm = Rm + torch.diag_embed(1 - o)
+        # rhs = [C P | C m - x]; S = C P Cᵀ + R = L Lᵀ; [Z | -w] = L⁻¹ rhs. Then
+        # P -= Zᵀ Z and m += Zᵀ w: X -= [Z | -w]ᵀ Z (one triangular solve, one product).
+        rhs = torch.bmm(Cm, X.transpose(-1, -2))
+        rhs[..., n] -= xt[t]
+        Lt = cholesky(torch.baddbmm(Rm, rhs[..., :n], Cm.transpose(-1, -2)))
+        Y = torch.linalg.solve_triangular(Lt, rhs, upper=False)
+        X = torch.baddbmm(X, Y.transpose(-1, -2), Y[..., :n], alpha=-1)
+        filts.append(X)
+        ws.append(Y[..., n])
+        logd.append(torch.diagonal(Lt, dim1=-2, dim2=-1))
+    w, logd = torch.stack(ws), torch.stack(logd)
+    num_missing = (1 - ot).sum(-1)
+    ll = -0.5 * (w.pow(2).sum(-1) + (p - num_missing) * _LOG_2PI) - torch.log(logd).sum(-1)
+    preds, filts = torch.stack(preds), torch.stack(filts)  # (T, N, n + 1, n)
+    return (
+        _batch_major(filts[..., n, :], batch),
+        _batch_major(sym(filts[..., :n, :]), batch),
+        _batch_major(preds[..., n, :], batch),
+        _batch_major(sym(preds[..., :n, :]), batch),
+        ll.transpose(0, 1).reshape(batch + (T,)),
+    )
