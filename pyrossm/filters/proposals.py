@@ -4,8 +4,9 @@ A particle filter needs, at every step ``t`` and for every particle, the model's
 ``p(z_t | z_{<t})`` and emission ``p(x_t | z_t)``, and a proposal ``q(z_t | z_{t-1}, x)`` it can
 sample and evaluate. This module adapts pyrossm's models and guides to that per-step view:
 
-* :func:`as_state_space` — ``LinearGaussianSSM``, ``DeepMarkovModel``, ``LSTMStateSpaceModel``
-  (their ``dynamics`` ``initial_state / predict / update`` and ``emitter``) → :class:`StateSpace`;
+* :func:`as_state_space` — ``LinearGaussianSSM`` and every :class:`pyrossm.protocol.
+  StateSpaceModel` (``DeepMarkovModel``, ``LSTMStateSpaceModel``, a user's subclass: its
+  ``initial_state / transition / update / emission``) → :class:`StateSpace`;
 * :func:`as_proposal` — :class:`~pyrossm.guides.StructuredGuide` (``q(z_t | z_{t-1}, h_t)``
   from its combiner's ``prepare``/``step``, the same conditionals its trajectory distribution
   samples) and :class:`~pyrossm.guides.FilteringLSTMGuide` (``q(z_t | x_{≤t})``) →
@@ -71,8 +72,9 @@ class StateSpace:
     """The model's side of a particle filter (subclass for a new model).
 
     ``start(x, mask, num_particles)`` prepares a batch; ``initial_state()``;
-    ``transition(state) -> Gaussian`` of ``z_t`` given the particles' past (rows
-    ``(B * N, D)``); ``advance(state, z_t) -> state``; ``emission_log_prob(t, z_t)`` →
+    ``transition(state)``: the distribution of ``z_t`` given the particles' past (rows
+    ``(B * N, D)``; anything with ``rsample()`` and ``log_prob(z)``, e.g. a
+    :class:`Gaussian`); ``advance(state, z_t) -> state``; ``emission_log_prob(t, z_t)`` →
     ``(B, N)``, 0 for unobserved entries; ``gather(state, index)`` reorders particles (rows).
     """
 
@@ -100,10 +102,10 @@ class StateSpace:
 def _gather_tree(state, index):
     """Reorder the rows of every tensor in ``state`` (rows at dim 0, or dim 1 for an RNN's
     ``(layers, rows, hidden)`` state)."""
-    if state is None:
-        return None
     if isinstance(state, (tuple, list)):
         return type(state)(_gather_tree(s, index) for s in state)
+    if not isinstance(state, torch.Tensor):  # None, sizes, ...: nothing to reorder
+        return state
     rows = index.shape[0]
     if state.dim() == 3 and state.shape[1] == rows and state.shape[0] != rows:
         return state.index_select(1, index)
@@ -164,9 +166,11 @@ class _LinearGaussian(StateSpace):
         return lp + 0.5 * _LOG_2PI * (1 - of).sum(-1, keepdim=True)
 
 
-class _NeuralStateSpace(StateSpace):
-    """DeepMarkovModel / LSTMStateSpaceModel: ``dynamics`` (``initial_state``, ``predict``,
-    ``update``) and the pointwise ``emitter`` (NaN entries / negative class ids missing)."""
+class _ProtocolStateSpace(StateSpace):
+    """Any :class:`pyrossm.protocol.StateSpaceModel` (``DeepMarkovModel``,
+    ``LSTMStateSpaceModel``, a user's subclass): ``initial_state``, ``transition`` (a
+    distribution with ``rsample``/``log_prob``), ``update`` and the pointwise ``emission`` with
+    its ``observed`` (NaN entries / negative class ids missing)."""
 
     def __init__(self, model):
         self.model = model
@@ -175,23 +179,22 @@ class _NeuralStateSpace(StateSpace):
     def start(self, x, mask, num_particles):
         steps_mask = mask if mask is not None else torch.ones(
             x.shape[:2], dtype=torch.bool, device=x.device)
-        self.value, self.observed = self.model.emitter.observed(x, steps_mask)
+        self.value, self.observed = self.model.observed(x, steps_mask)
         self.B, self.N = x.shape[0], num_particles
-        self.like = x if x.is_floating_point() else next(self.model.parameters())
+        self.like = x if x.is_floating_point() else self.model._param_like()
 
     def initial_state(self):
-        return self.model.dynamics.initial_state(self.B * self.N, self.like)
+        return self.model.initial_state(self.B * self.N, self.like)
 
     def transition(self, state):
-        loc, scale = self.model.dynamics.predict(state)
-        return Gaussian(loc, scale)
+        return self.model.transition(state)
 
     def advance(self, state, z_t):
-        return self.model.dynamics.update(state, z_t)
+        return self.model.update(state, z_t)
 
     def emission_log_prob(self, t, z_t):
         B, N = self.B, self.N
-        dist = self.model.emitter(z_t.reshape(B, N, -1))
+        dist = self.model.emission(z_t.reshape(B, N, -1))
         value, obs = self.value[:, t].unsqueeze(1), self.observed[:, t].unsqueeze(1)
         lp = dist.log_prob(value.expand(dist.batch_shape))
         lp = torch.where(obs, lp, lp.new_zeros(()))
@@ -199,21 +202,22 @@ class _NeuralStateSpace(StateSpace):
 
 
 def as_state_space(model) -> StateSpace:
-    """Adapt a pyrossm model (``LinearGaussianSSM``, ``DeepMarkovModel``,
-    ``LSTMStateSpaceModel``) or pass a :class:`StateSpace` through."""
+    """Adapt a pyrossm model (``LinearGaussianSSM``, or any
+    :class:`pyrossm.protocol.StateSpaceModel`: ``DeepMarkovModel``, ``LSTMStateSpaceModel``, a
+    user's subclass) or pass a :class:`StateSpace` through."""
     if isinstance(model, StateSpace):
         return model
     from pyrossm.lgssm import LinearGaussianSSM
+    from pyrossm.protocol import StateSpaceModel
 
     if isinstance(model, LinearGaussianSSM):
         return _LinearGaussian(model)
-    dyn = getattr(model, "dynamics", None)
-    if dyn is not None and all(hasattr(dyn, k) for k in ("initial_state", "predict", "update")) \
-            and hasattr(model, "emitter"):
-        return _NeuralStateSpace(model)
+    if isinstance(model, StateSpaceModel):
+        return _ProtocolStateSpace(model)
     raise TypeError(
-        "model: expected a LinearGaussianSSM, DeepMarkovModel, LSTMStateSpaceModel or a "
-        f"pyrossm.filters.StateSpace, got {type(model).__name__}")
+        "model: expected a LinearGaussianSSM, a pyrossm.protocol.StateSpaceModel (e.g. "
+        "DeepMarkovModel, LSTMStateSpaceModel) or a pyrossm.filters.StateSpace, got "
+        f"{type(model).__name__}")
 
 
 class Proposal:

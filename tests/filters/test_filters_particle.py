@@ -230,3 +230,43 @@ def test_bad_model_and_guide():
         particle_filter(torch.nn.Linear(2, 2), torch.zeros(1, 3, 2))
     with pytest.raises(TypeError, match="guide: expected"):
         particle_filter(_lgssm(), torch.zeros(1, 3, 2, dtype=DT), guide=object())
+
+
+def test_a_users_state_space_model_subclass():
+    """Any pyrossm.protocol.StateSpaceModel works; here an LGSSM written as one, checked
+    against the Kalman filter (mean |error| per step over 4 sequences at N = 2000)."""
+    import pyro.distributions as dist
+
+    from pyrossm.protocol import StateSpaceModel
+
+    ssm = _lgssm()
+    A, C, Q, R, m0, P0 = (ssm.matrices()[k] for k in ("A", "C", "Q", "R", "init_mean",
+                                                        "init_cov"))
+
+    class LinearAsProtocol(StateSpaceModel):
+        obs_dim, z_dim = 2, 2
+
+        def initial_state(self, batch_size, like):
+            return None, batch_size
+
+        def transition(self, state):
+            z_prev, rows = state
+            if z_prev is None:
+                return dist.MultivariateNormal(m0.expand(rows, 2), P0)
+            return dist.MultivariateNormal(z_prev @ A.T, Q)
+
+        def update(self, state, z_t):
+            return z_t, z_t.shape[0]
+
+        def emission(self, z):
+            return dist.Normal(z @ C.T, R.diagonal().sqrt())
+
+    # the emission above is diagonal: compare with the Kalman filter of the diagonal-R model
+    diag = LinearGaussianSSM.from_matrices(A=A, C=C, Q=Q, R=torch.diag(R.diagonal()),
+                                           dtype=DT)
+    pyro.set_rng_seed(11)
+    _, x = diag.sample(30, num_samples=4)
+    exact = diag.filter(x).log_likelihood
+    pyro.set_rng_seed(12)
+    ll = particle_filter(LinearAsProtocol(), x, num_particles=2000).log_likelihood
+    assert float(((ll - exact).abs() / 30).mean()) < 0.01
