@@ -26,6 +26,8 @@ the same machine load; after every ``--eval-every`` epochs both are scored on th
 process CPU seconds (and wall seconds). Writes ``benchmarks/results/dmm_vs_pyro.json``:
 
     nice -n 10 python benchmarks/dmm_vs_pyro.py --epochs 60 --eval-every 5 --seed 0
+    python benchmarks/dmm_vs_pyro.py --summarize benchmarks/results/dmm_vs_pyro*.json \
+        --output benchmarks/results/dmm_vs_pyro_summary.json
 """
 
 from __future__ import annotations
@@ -283,6 +285,37 @@ def run_pyro_example(path, epochs, threads):
             "stderr_tail": (out.stderr or "")[-2000:] if out.returncode else None}
 
 
+def summarize(paths, epochs=(10, 25, 50, 100), output=None):
+    """Table of test -ELBO/frame at ``epochs`` from result files of this script, one row per
+    (file, runner); written to ``output`` as JSON when given."""
+    rows = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        if "curves" not in payload:  # e.g. an earlier summary
+            continue
+        opts = payload["settings"].get("pyrossm_options")
+        cell = payload["settings"].get("encoder_cell")
+        for name, c in payload["curves"].items():
+            at = dict(zip(c["epoch"], c["test_neg_elbo_per_frame"]))
+            rows.append({"file": str(path), "runner": name,
+                         "options": "pyro example" if name == "pyro" else f"{opts} ({cell})",
+                         "seed": payload["settings"]["seed"], "epochs_done": len(c["cpu_seconds"]),
+                         "diverged_at_epoch": c.get("diverged_at_epoch"),
+                         "cpu_seconds_per_epoch": c.get("cpu_seconds_per_epoch_mean"),
+                         "test_neg_elbo_per_frame": {e: at.get(e) for e in epochs}})
+    print(f"{'runner':<8} {'options':<22} {'seed':>4} " + " ".join(f"{e:>7}" for e in epochs)
+          + "  cpu s/epoch")
+    for r in rows:
+        vals = " ".join(f"{v:>7.3f}" if v is not None else f"{'-':>7}"
+                        for v in r["test_neg_elbo_per_frame"].values())
+        sec = r["cpu_seconds_per_epoch"]
+        print(f"{r['runner']:<8} {r['options']:<22} {r['seed']:>4} {vals}  "
+              + (f"{sec:.2f}" if sec else "-"))
+    if output:
+        Path(output).write_text(json.dumps({"epochs": list(epochs), "rows": rows}, indent=1))
+    return rows
+
+
 def main(argv=None):
     from pyrossm.datasets import load_jsb_chorales
     from pyrossm.experiments.nonlinear import (
@@ -312,7 +345,11 @@ def main(argv=None):
                         help="path of Pyro's examples/dmm.py: also run it for --epochs")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", default=str(RESULTS / "dmm_vs_pyro.json"))
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="only print (and write to --output) the table of earlier results")
     args = parser.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, output=args.output)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     runners = args.runners.split(",")
