@@ -124,8 +124,8 @@ def _check(x, mask, num_particles, ess_threshold, resampling):
 
 
 def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
-                    resampling: str = "systematic", ess_threshold: float = 0.5
-                    ) -> ParticleFilterResult:
+                    resampling: str = "systematic", ess_threshold: float = 0.5,
+                    moments: bool = True) -> ParticleFilterResult:
     """Bootstrap (``guide=None``) or guided particle filter; see the module docstring.
 
     Args:
@@ -139,6 +139,8 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
         resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
         ess_threshold: resample when ``ESS < ess_threshold · N`` (1.0: at every step, 0.0:
             never — sequential importance sampling).
+        moments: compute ``filtered_means`` / ``filtered_scales`` (False: empty ``(B, T, 0)``
+            tensors, a little faster when only the log-likelihood is needed, e.g. in training).
 
     Returns a :class:`ParticleFilterResult`; gradients flow through ``log_likelihood``.
     """
@@ -151,6 +153,7 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
         proposal.start(x, mask, N)
         z_prev = proposal.initial()
     steps = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+    all_on = steps.all(0).tolist()  # one host sync instead of one per step
     state = ssm.initial_state()
     base = torch.arange(B, device=x.device).unsqueeze(-1) * N  # (B, 1) row offsets
     log_n = math.log(N)
@@ -171,7 +174,7 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
             log_q, log_p = q.log_prob(z).reshape(B, N), prior.log_prob(z).reshape(B, N)
             alpha = log_p + ssm.emission_log_prob(t, z) - log_q
             kl = kl + torch.where(on, (log_q - log_p).detach().mean(-1), kl.new_zeros(()))
-            if not bool(on.all()):  # no observation: move with the model, keep the weights
+            if not all_on[t]:  # no observation: move with the model, keep the weights
                 z_p = prior.rsample()
                 on_rows = on.repeat_interleave(N).unsqueeze(-1)
                 z = torch.where(on_rows, z, z_p)
@@ -179,16 +182,19 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
         alpha = alpha.to(dtype)
         unnorm = lw + alpha
         inc = torch.logsumexp(unnorm, dim=-1)  # log p̂(x_t | x_<t)
-        if not bool(on.all()):  # exactly 0 and unchanged weights without an observation
+        if not all_on[t]:  # exactly 0 and unchanged weights without an observation
             inc = torch.where(on, inc, inc.new_zeros(()))
             lw = torch.where(on.unsqueeze(-1), unnorm - inc.unsqueeze(-1), lw)
         else:
             lw = unnorm - inc.unsqueeze(-1)
         step_ll.append(inc)
         w = lw.detach().exp()
-        zb = z.detach().reshape(B, N, -1).to(dtype)
-        mean = (w.unsqueeze(-1) * zb).sum(1)
-        var = (w.unsqueeze(-1) * (zb - mean.unsqueeze(1)).pow(2)).sum(1)
+        if moments:
+            zb = z.detach().reshape(B, N, -1).to(dtype)
+            mean = (w.unsqueeze(-1) * zb).sum(1)
+            var = (w.unsqueeze(-1) * (zb - mean.unsqueeze(1)).pow(2)).sum(1)
+        else:
+            mean = var = w.new_zeros(B, 0)
         means.append(mean)
         scales.append(var.clamp_min(0).sqrt())
         ess = 1.0 / w.pow(2).sum(-1)

@@ -88,7 +88,7 @@ def fivo_objective(model, guide, x, mask=None, num_particles: int = 4,
     if isinstance(getattr(guide, "__self__", None), torch.nn.Module):  # a bound method
         proposal = guide.__self__
     res = particle_filter(module, x, mask=mask, num_particles=num_particles, guide=proposal,
-                          resampling=resampling, ess_threshold=ess_threshold)
+                          resampling=resampling, ess_threshold=ess_threshold, moments=False)
     surrogate = -res.log_likelihood.sum()
     loss = surrogate.detach()
     return FIVOObjective(surrogate, loss, loss, res.kl.sum(), res.log_likelihood)
