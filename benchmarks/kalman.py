@@ -1,22 +1,32 @@
 """Benchmark: exact log-likelihood of a batch of LGSSM sequences, pyrossm against other libraries.
 
-Default problem (issue 2): B = 256 sequences, T = 1000 steps, state and observation dim 4,
-float32 on CPU, one random stable system shared by all sequences. Timed (median of --repeats
-runs after one warm-up run):
+Cells (issue 13): B = 256 sequences of T = 1000 steps and B = 16 of T = 10,000, state and
+observation dim 4, float32 on CPU, one random stable system shared by all sequences, with no
+missing data and with 10% of the entries missing (NaN, drawn independently). Timed (median of
+--repeats runs after one warm-up run; single thread):
 
-* pyrossm ``kalman_filter(..., parallel=False)`` and ``parallel=True`` (whole batch, one call);
-* Pyro's ``GaussianHMM(...).log_prob(x)`` (whole batch, one call; construction included);
-* pykalman ``KalmanFilter.loglikelihood`` and statsmodels ``KalmanFilter.loglike`` (numpy,
-  float64, one sequence at a time): only --subset sequences are timed and the time is scaled
-  by B / subset (the per-sequence cost does not depend on the other sequences).
+* pyrossm ``kalman_filter(..., parallel=False)`` (always returns the moments too), the same with
+  the steady-state stop of the covariance recursion turned off (``_steps.STEADY_STATE = False``),
+  and ``parallel=True``;
+* dynamax 1.0.3 ``lgssm_filter`` under ``jax.jit(jax.vmap(...))``, returning the
+  log-likelihood only (``dynamax``) or also the filtered means and covariances
+  (``dynamax +moments``); missing entries are given to it as per-sequence time-varying
+  emission weights and covariances (rows of C zeroed, R's rows/columns replaced by the
+  identity, innovations 0; the N(0; 0, 1) factors removed afterwards), which is what pyrossm does
+  internally. Its compile time is reported separately. Skipped with a message when
+  ``dynamax``/``jax`` are not importable (``pip install dynamax==1.0.3 jax jaxlib``);
+* in the B = 256 cell without missing data: Pyro's ``GaussianHMM(...).log_prob(x)``, pykalman's
+  ``KalmanFilter.loglikelihood`` and statsmodels' ``KalmanFilter.loglike`` (numpy, float64,
+  one sequence at a time: only --subset sequences are timed and the time is scaled by
+  B / subset).
 
 Every method's log-likelihoods are checked against pyrossm's float64 sequential filter before
 timing. Prints a table and writes JSON (--out, default benchmarks/results/kalman.json).
 
-Run (about 2 minutes on 2 cores)::
+Run (single core; about 10 minutes with pykalman, use --skip pykalman for 2)::
 
-    python benchmarks/kalman.py --threads 1
-    python benchmarks/kalman.py --batch 64 --steps 200 --repeats 3   # a quick run
+    taskset -c 0 python benchmarks/kalman.py --threads 1
+    python benchmarks/kalman.py --cells 64x200 --missing 0 --repeats 3   # a quick run
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from pyrossm.lgssm import kalman_filter  # noqa: E402
+from pyrossm.lgssm import _steps, kalman_filter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,10 +85,65 @@ def cast(problem, dtype):
 
 # ---------------------------------------------------------------------------------------------
 # methods: each returns a function computing the (batch,) log-likelihoods of its sequences
-def pyrossm_method(parallel):
+def pyrossm_method(parallel, steady_state=True):
     def run(p):
-        return kalman_filter(p["x"], p["A"], p["C"], p["Q"], p["R"], p["init_mean"],
-                             p["init_cov"], parallel=parallel).log_likelihood
+        _steps.STEADY_STATE = steady_state
+        try:
+            return kalman_filter(p["x"], p["A"], p["C"], p["Q"], p["R"], p["init_mean"],
+                                 p["init_cov"], parallel=parallel).log_likelihood
+        finally:
+            _steps.STEADY_STATE = True
+    return run
+
+
+def add_missing(p, frac, seed):
+    """The problem with a fraction ``frac`` of the entries of x set to NaN (independently)."""
+    if frac <= 0:
+        return p
+    g = torch.Generator().manual_seed(seed + 1)
+    x = p["x"].clone()
+    x[torch.rand(x.shape, generator=g, dtype=torch.float64) < frac] = float("nan")
+    return dict(p, x=x)
+
+
+def dynamax_method(p, moments):
+    """dynamax's ``lgssm_filter`` under jit + vmap (float32). Missing entries become
+    per-sequence time-varying emission parameters (C rows zeroed, R rows/cols identity)."""
+    import jax
+    import jax.numpy as jnp
+    from dynamax.linear_gaussian_ssm.inference import lgssm_filter, make_lgssm_params
+
+    f32 = lambda t: jnp.asarray(t.numpy(), dtype=jnp.float32)  # noqa: E731
+    A, C, Q, R, m0, P0 = (f32(p[k]) for k in ("A", "C", "Q", "R", "init_mean", "init_cov"))
+    x = p["x"].numpy()
+    obs = ~np.isnan(x)
+    k = x.shape[-1]
+
+    def out(res, correction=0.0):
+        ll = res.marginal_loglik + correction
+        return (ll, res.filtered_means, res.filtered_covariances) if moments else ll
+
+    if obs.all():
+        params = make_lgssm_params(m0, P0, A, Q, C, R)
+        fn = jax.jit(jax.vmap(lambda y: out(lgssm_filter(params, y))))
+        args = (jnp.asarray(x, dtype=jnp.float32),)
+    else:
+        o = jnp.asarray(obs, dtype=jnp.float32)
+        y = jnp.asarray(np.where(obs, x, 0.0), dtype=jnp.float32)
+        H = C * o[..., :, None]
+        Rm = R * o[..., :, None] * o[..., None, :] + jnp.eye(k) * (1 - o)[..., None]
+        nmiss = (1 - o).sum((-1, -2))
+
+        def one(y, H, Rm, nm):
+            params = make_lgssm_params(m0, P0, A, Q, H, Rm)
+            return out(lgssm_filter(params, y), 0.5 * math.log(2 * math.pi) * nm)
+
+        fn = jax.jit(jax.vmap(one))
+        args = (y, H, Rm, nmiss)
+
+    def run(_):
+        res = jax.block_until_ready(fn(*args))
+        return np.asarray(res[0] if moments else res)
     return run
 
 
@@ -141,16 +206,6 @@ def statsmodels_method(p_np):
     return run
 
 
-def timeit(fn, arg, repeats):
-    fn(arg)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
 def max_rel_err(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
@@ -159,7 +214,7 @@ def max_rel_err(a, b):
 def versions():
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "numpy": np.__version__}
-    for mod in ("pyro", "statsmodels", "pykalman", "scipy"):
+    for mod in ("pyro", "statsmodels", "pykalman", "scipy", "jax", "dynamax"):
         try:
             out[mod] = __import__(mod).__version__
         except Exception:  # pragma: no cover - optional
@@ -167,107 +222,159 @@ def versions():
     return out
 
 
+def have_dynamax():
+    try:
+        import dynamax.linear_gaussian_ssm.inference  # noqa: F401
+        import jax  # noqa: F401
+    except Exception as err:  # pragma: no cover - optional
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+CONTENDERS = ["sequential", "no_steady_state", "parallel", "dynamax", "gaussian_hmm",
+              "pykalman", "statsmodels"]
+
+
+def run_cell(args, batch, steps, frac, dtype):
+    """Time every contender on one (B, T, missing fraction) problem; returns result rows."""
+    p64 = add_missing(make_problem(batch, steps, args.state_dim, args.obs_dim, args.seed),
+                      frac, args.seed)
+    p = cast(p64, dtype)
+    ref = pyrossm_method(False)(p64).numpy()  # float64 reference log-likelihoods
+    subset = min(args.subset, batch)
+    rows = []
+    cell = dict(batch=batch, steps=steps, missing_fraction=frac)
+    print(f"\nB={batch} T={steps} n={args.state_dim} p={args.obs_dim} missing={frac:g} "
+          f"dtype={args.dtype} torch threads={torch.get_num_threads()}", flush=True)
+
+    todo = []
+
+    def record(name, fn, arg, scale, check_ref, note, repeats=args.repeats):
+        t0 = time.perf_counter()
+        ll = fn(arg)  # first call (compiles jitted functions); checked against float64
+        first = time.perf_counter() - t0
+        ll = ll.detach().numpy() if isinstance(ll, torch.Tensor) else np.asarray(ll)
+        err = max_rel_err(ll, check_ref[: len(ll)])
+        todo.append((dict(cell, method=name, scale=scale, first_call_seconds=first,
+                          max_rel_err_vs_float64=err, note=note), fn, arg, repeats))
+
+    skip = set(args.skip)
+    if "sequential" not in skip:
+        record("pyrossm sequential", pyrossm_method(False), p, 1, ref,
+               "one batched call; returns log-likelihoods and all moments")
+    if "no_steady_state" not in skip:
+        record("pyrossm sequential, no steady stop", pyrossm_method(False, False), p, 1, ref,
+               "the covariance recursion never stops at the Riccati fixed point")
+    if "parallel" not in skip:
+        record("pyrossm parallel", pyrossm_method(True), p, 1, ref, "one batched call")
+    if "dynamax" not in skip:
+        missing_reason = have_dynamax()
+        if missing_reason is None:
+            record("dynamax", dynamax_method(p, False), None, 1, ref,
+                   "jit(vmap(lgssm_filter)), log-likelihood only; first call = compile")
+            record("dynamax +moments", dynamax_method(p, True), None, 1, ref,
+                   "jit(vmap(lgssm_filter)), log-likelihood + filtered moments")
+        else:
+            print(f"  dynamax skipped ({missing_reason}); pip install dynamax==1.0.3 jax jaxlib")
+    if frac == 0 and batch == args.batch_old:
+        if "gaussian_hmm" not in skip:
+            ref_hmm = pyrossm_method(False)(hmm_equivalent(p64)).numpy()
+            record("pyro GaussianHMM", gaussian_hmm_method(p), p, 1, ref_hmm,
+                   "one batched call (construction included)")
+        p_np = {k: v.numpy() for k, v in p64.items()}
+        if "pykalman" not in skip:
+            record("pykalman (loop)", pykalman_method(p_np), p_np["x"][:subset], batch / subset,
+                   ref, f"float64; {subset} sequences timed, scaled x{batch / subset:g}",
+                   repeats=min(args.repeats, 2))
+        if "statsmodels" not in skip:
+            record("statsmodels (loop)", statsmodels_method(p_np), p_np["x"][:subset],
+                   batch / subset, ref,
+                   f"float64; {subset} sequences timed, scaled x{batch / subset:g}")
+    # Timed round-robin (one run of every method per round), so that a change of the machine's
+    # load during the cell affects all methods alike; the median over rounds is reported.
+    times = [[] for _ in todo]
+    for rnd in range(max(rep for *_, rep in todo)):
+        for i, (_, fn, arg, rep) in enumerate(todo):
+            if rnd < rep:
+                t0 = time.perf_counter()
+                fn(arg)
+                times[i].append(time.perf_counter() - t0)
+    for (row, *_), ts in zip(todo, times):
+        med = statistics.median(ts)
+        rows.append(dict(row, seconds=med * row["scale"], measured_seconds=med, all_times=ts))
+        print(f"  {row['method']:<34s} {med * row['scale']:9.4f} s   (rel. err. "
+              f"{row['max_rel_err_vs_float64']:.1e}, first call {row['first_call_seconds']:.2f} s)",
+              flush=True)
+    by_name = {r["method"]: r["seconds"] for r in rows}
+    for r in rows:
+        for peer in ("pyrossm sequential", "dynamax", "dynamax +moments"):
+            if peer in by_name:
+                r[f"ratio_vs_{peer.replace(' ', '_').replace('+', '')}"] = (
+                    r["seconds"] / by_name[peer])
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'B':>4s} {'T':>6s} {'miss':>5s} {'method':<34s} {'seconds':>9s} "
+          f"{'x pyrossm':>10s} {'x dynamax':>10s} {'x dyn+mom':>10s}")
+    fmt = lambda r, k: f"{r[k]:10.2f}" if k in r else f"{'-':>10s}"  # noqa: E731
+    for r in rows:
+        print(f"{r['batch']:4d} {r['steps']:6d} {r['missing_fraction']:5.2f} "
+              f"{r['method']:<34s} {r['seconds']:9.4f} {fmt(r, 'ratio_vs_pyrossm_sequential')}"
+              f" {fmt(r, 'ratio_vs_dynamax')} {fmt(r, 'ratio_vs_dynamax_moments')}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=256, help="number of sequences B")
-    ap.add_argument("--steps", type=int, default=1000, help="sequence length T")
+    ap.add_argument("--cells", nargs="*", default=["256x1000", "16x10000"],
+                    help="problem sizes BxT")
+    ap.add_argument("--missing", nargs="*", type=float, default=[0.0, 0.1],
+                    help="fractions of missing entries")
     ap.add_argument("--state-dim", type=int, default=4)
     ap.add_argument("--obs-dim", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="dtype of the torch methods (numpy libraries always use float64)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per method (median)")
     ap.add_argument("--subset", type=int, default=8,
-                    help="sequences timed for the looping numpy libraries (scaled to --batch)")
+                    help="sequences timed for the looping numpy libraries (scaled to B)")
+    ap.add_argument("--batch-old", type=int, default=256,
+                    help="batch size of the cell (without missing data) that also times "
+                         "GaussianHMM, pykalman and statsmodels")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["sequential", "parallel", "gaussian_hmm", "pykalman", "statsmodels"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=CONTENDERS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kalman.json"),
                     help="JSON output path ('' to skip)")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+        if args.threads == 1:  # before jax is imported: one thread for XLA too
+            os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                  "intra_op_parallelism_threads=1")
     dtype = getattr(torch, args.dtype)
-    subset = min(args.subset, args.batch)
-
-    p64 = make_problem(args.batch, args.steps, args.state_dim, args.obs_dim, args.seed)
-    p = cast(p64, dtype)
-    p_np = {k: v.numpy() for k, v in p64.items()}
-    ref = pyrossm_method(False)(p64).numpy()  # float64 reference log-likelihoods
-    ref_hmm = pyrossm_method(False)(hmm_equivalent(p64)).numpy()
-
     rows = []
-
-    def record(name, fn, arg, scale, check_ref, note):
-        ll = fn(arg)
-        ll = ll.detach().numpy() if isinstance(ll, torch.Tensor) else ll
-        err = max_rel_err(ll, check_ref[: len(ll)])
-        seconds, times = timeit(fn, arg, args.repeats)
-        rows.append(dict(method=name, seconds=seconds * scale, measured_seconds=seconds,
-                         scale=scale, all_times=times, max_rel_err_vs_float64=err, note=note))
-        print(f"  {name:<28s} {seconds * scale:9.4f} s   (rel. err. {err:.1e})", flush=True)
-
-    print(f"B={args.batch} T={args.steps} n={args.state_dim} p={args.obs_dim} "
-          f"dtype={args.dtype} torch threads={torch.get_num_threads()}", flush=True)
-    if "sequential" not in args.skip:
-        record("pyrossm sequential", pyrossm_method(False), p, 1, ref, "one batched call")
-    if "parallel" not in args.skip:
-        record("pyrossm parallel", pyrossm_method(True), p, 1, ref, "one batched call")
-    if "gaussian_hmm" not in args.skip:
-        record("pyro GaussianHMM", gaussian_hmm_method(p), p, 1, ref_hmm,
-               "one batched call (construction included)")
-    if "pykalman" not in args.skip:
-        record("pykalman (loop)", pykalman_method(p_np), p_np["x"][:subset],
-               args.batch / subset, ref,
-               f"float64; {subset} sequences timed, scaled x{args.batch / subset:g}")
-    if "statsmodels" not in args.skip:
-        record("statsmodels (loop)", statsmodels_method(p_np), p_np["x"][:subset],
-               args.batch / subset, ref,
-               f"float64; {subset} sequences timed, scaled x{args.batch / subset:g}")
-
-    ours = [r["seconds"] for r in rows if r["method"].startswith("pyrossm")]
-    best = min(ours) if ours else float("nan")
-    by_name = {r["method"]: r["seconds"] for r in rows}
-    print()
-    header = f"{'method':<28s} {'seconds':>10s} {'x pyrossm best':>15s}"
-    for m in ("pyrossm sequential", "pyrossm parallel"):
-        if m in by_name:
-            header += f" {'x ' + m.split()[1][:3]:>8s}"
-    print(header)
-    for r in rows:
-        r["ratio_vs_pyrossm_best"] = r["seconds"] / best
-        line = f"{r['method']:<28s} {r['seconds']:10.4f} {r['ratio_vs_pyrossm_best']:15.1f}"
-        for m in ("pyrossm sequential", "pyrossm parallel"):
-            if m in by_name:
-                r[f"ratio_vs_{m.replace(' ', '_')}"] = r["seconds"] / by_name[m]
-                line += f" {r['seconds'] / by_name[m]:8.1f}"
-        print(line)
-    targets = {}
-    if "pyro GaussianHMM" in by_name and ours:
-        targets["speedup_vs_gaussian_hmm"] = by_name["pyro GaussianHMM"] / best
-        targets["target_gaussian_hmm_5x_met"] = targets["speedup_vs_gaussian_hmm"] >= 5
-    if "pykalman (loop)" in by_name and ours:
-        targets["speedup_vs_pykalman"] = by_name["pykalman (loop)"] / best
-        targets["target_pykalman_50x_met"] = targets["speedup_vs_pykalman"] >= 50
-    if targets:
-        print("\n" + ", ".join(f"{k} = {v:.1f}" if isinstance(v, float) else f"{k} = {v}"
-                               for k, v in targets.items()))
-
+    for cell in args.cells:
+        batch, steps = (int(v) for v in cell.lower().split("x"))
+        for frac in args.missing:
+            rows += run_cell(args, batch, steps, frac, dtype)
+    print_table(rows)
     result = dict(
         benchmark="kalman log-likelihood",
         command="python benchmarks/kalman.py " + " ".join(argv if argv is not None
                                                           else sys.argv[1:]),
-        config=dict(batch=args.batch, steps=args.steps, state_dim=args.state_dim,
+        config=dict(cells=args.cells, missing=args.missing, state_dim=args.state_dim,
                     obs_dim=args.obs_dim, dtype=args.dtype, repeats=args.repeats,
-                    subset=subset, seed=args.seed),
+                    subset=args.subset, seed=args.seed),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                      omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                     xla_flags=os.environ.get("XLA_FLAGS"),
+                     affinity=sorted(os.sched_getaffinity(0))
+                     if hasattr(os, "sched_getaffinity") else None,
                      load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
                      versions=versions()),
         timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         results=rows,
-        targets=targets,
     )
     if args.out:
         out = Path(args.out)

@@ -263,12 +263,12 @@ def _apply_split(M, v, Td):
 def linear_recurrence(m, F, u, block=32):
     """Solve m_t = F m_{t-1} + u_t for all t, given m (N, n) before the first input.
 
-    ``F (n, n)`` is constant and ``u (N, L, n)``. Blocks of ``block`` steps are solved with
-    one matrix product each, using the powers of F (a lower block-Toeplitz matrix), instead of
-    one product per step.
+    ``F (n, n)`` is constant and ``u (L, N, n)`` time-major. Blocks of ``block`` steps are
+    solved with one matrix product each, using the powers of F (a lower block-Toeplitz matrix),
+    instead of one product per step. Returns a list of time-major blocks ``(k, N, n)``.
     """
     n = F.shape[-1]
-    L = u.shape[-2]
+    L, N = u.shape[0], u.shape[1]
     blk = min(block, L)
     powers = [torch.eye(n, dtype=F.dtype, device=F.device)]
     for _ in range(blk):
@@ -282,14 +282,12 @@ def linear_recurrence(m, F, u, block=32):
     V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
     out = []
     for start in range(0, L, blk):
-        ub = u[..., start : start + blk, :]
-        k = ub.shape[-2]
-        flat = ub.reshape(ub.shape[:-2] + (k * n,))
-        mb = flat @ W[: k * n, : k * n] + m @ V[:, : k * n]
-        mb = mb.reshape(ub.shape)
-        out.append(mb)
-        m = mb[..., -1, :]
-    return torch.cat(out, -2)
+        k = min(blk, L - start)
+        flat = u[start : start + k].transpose(0, 1).reshape(N, k * n)
+        mb = torch.addmm(flat @ W[: k * n, : k * n], m, V[:, : k * n])
+        out.append(mb.reshape(N, k, n).transpose(0, 1))
+        m = mb[:, -n:]
+    return out
 
 
 def _param_batch(prep):
@@ -340,15 +338,15 @@ def shared_filter(prep, allow_steady=None):
     filt_m = None if Td < T else torch.stack(ms, 0)
     if Td < T:  # at the fixed point: a constant F, solved in blocks of steps
         # Blocks trade one product per step (overhead) for blk times the arithmetic.
-        blk = int(min(64, max(1, math.sqrt(1e5 / (m.shape[0] * n * n)))))
+        blk = int(min(128, max(1, math.sqrt(1e6 / (m.shape[0] * n * n)))))
         if blk <= 2:
             for t in range(Td, T):
                 m = torch.addmm(u[t], m, Ft[-1])
                 ms.append(m)
             filt_m = torch.stack(ms, 0)
         else:
-            rest = linear_recurrence(m, F[-1], u[Td:].transpose(0, 1), blk)
-            filt_m = torch.cat([torch.stack(ms, 0), rest.transpose(0, 1)], 0)
+            rest = linear_recurrence(m, F[-1], u[Td:], blk)
+            filt_m = torch.cat([torch.stack(ms, 0)] + rest, 0)
     pred_rest = _apply(prep.A[1:] if tvA else prep.A, filt_m[:-1], tvA)
     if bt is not None:
         pred_rest = pred_rest + bt[1:]

@@ -23,7 +23,13 @@ A missing step gets no update and contributes nothing to the log-likelihood.
 
 Two algorithms give the same numbers: the sequential Kalman filter / Rauch–Tung–Striebel
 smoother, and the parallel-in-time associative scans of Särkkä & García-Fernández (2021),
-with O(log T) depth (``parallel=True``).
+with O(log T) depth (``parallel=True``). Without missing data the sequential filter runs the
+(data-independent) covariance recursion once for the whole batch; with time-invariant
+parameters it stops at the Riccati fixed point only when that is reached to rounding (a
+contraction test, not a tolerance on consecutive steps), and covariances of long series that do
+not converge quickly come from the associative scan (see :mod:`pyrossm.lgssm._steps`).
+Singular predicted covariances (e.g. Q and init_cov singular) are handled by the smoother with
+a pseudo-inverse gain.
 
 References: Särkkä, *Bayesian Filtering and Smoothing* (2013), ch. 4 and 8; Särkkä &
 García-Fernández, "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021.
@@ -54,7 +60,6 @@ from ._steps import (
     cholesky,
     gaussian_log_density,
     innovation_terms,
-    linear_recurrence,
     missing_filter,
     mv,
     shared_covariances,
@@ -228,16 +233,11 @@ def _sequential_filter(prep, allow_steady=None):
     filt_means = [first]
     m = first
     Ft = F.transpose(-1, -2)
-    loop_end = T if t_steady is None or F.dim() > 3 else t_steady
-    for t in range(1, loop_end):
+    for t in range(1, T):
         Ft_t = Ft[..., t if Ft.shape[-3] > 1 else 0, :, :]
         m = (m.unsqueeze(-2) @ Ft_t).squeeze(-2) + u[..., t, :]
         filt_means.append(m)
     filt_means = torch.stack(filt_means, -2)
-    if loop_end < T:
-        # Steady state: the rest is a linear recurrence with a constant F, solved in blocks.
-        rest = linear_recurrence(m, F[..., -1, :, :], u[..., loop_end:, :])
-        filt_means = torch.cat([filt_means, rest], -2)
     pred_rest = _mv(A_all[..., 1:, :, :] if prep.tv["A"] else A_all, filt_means[..., :-1, :])
     if prep.b is not None:
         pred_rest = pred_rest + prep.b[..., 1:, :]
