@@ -5,7 +5,11 @@ dim -2) or ``(batch, time)`` (long token ids), and a boolean ``mask`` of shape `
 that is True on the steps that belong to a sequence (right padding is False).
 
 * :class:`SequenceDataset` holds ``(x, mask)`` and the per-sequence lengths.
-* :func:`as_dataset` accepts a tensor, ``(x, mask)``, ``(x, lengths)`` or a dataset.
+* :func:`as_dataset` accepts a tensor, ``(x, mask)``, ``(x, lengths)``, a *list* of
+  variable-length ``(T_i, obs_dim)`` tensors (padded with :func:`pad_sequences`) or a dataset.
+* :func:`check_compatible` checks data against a model and guide before training (dtype,
+  ``obs_dim``, latent sizes) and warns about data that are entirely missing or far from
+  standardised.
 * :func:`pad_sequences` right-pads a list of ``(T_i, ...)`` tensors.
 * :func:`batch_indices` yields index batches, optionally *length-bucketed* (sorted by length
   within chunks of several batches, so that a batch holds sequences of similar length and the
@@ -29,6 +33,7 @@ Example
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
@@ -40,6 +45,7 @@ __all__ = [
     "SequenceDataset",
     "as_dataset",
     "batch_indices",
+    "check_compatible",
     "chunk_sequences",
     "pad_sequences",
     "repeat_particles",
@@ -64,8 +70,11 @@ class SequenceDataset:
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.is_floating_point():
             if x.dim() != 3:
+                hint = (" (one sequence: x.unsqueeze(0); sequences of different lengths: a list "
+                        "of (T_i, obs_dim) tensors, or pad_sequences)") if x.dim() == 2 else ""
                 raise ValueError(
-                    f"x: expected float data of shape (batch, time, obs_dim), got {tuple(x.shape)}"
+                    f"x: expected float data of shape (batch, time, obs_dim), got "
+                    f"{tuple(x.shape)}{hint}"
                 )
             if bool(torch.isinf(x).any()):
                 bad = torch.isinf(x).nonzero()[0].tolist()
@@ -165,12 +174,26 @@ def as_dataset(data, name: str = "data") -> SequenceDataset:
     """Turn ``data`` into a :class:`SequenceDataset`.
 
     Accepted: a tensor ``x``; a tuple ``(x, mask)`` with a ``(N, T)`` bool mask; a tuple
-    ``(x, lengths)`` with 1-D integer lengths; a :class:`SequenceDataset`.
+    ``(x, lengths)`` with 1-D integer lengths; a list of variable-length sequences, each
+    ``(T_i, obs_dim)`` float or ``(T_i,)`` token ids (right-padded by :func:`pad_sequences`);
+    a :class:`SequenceDataset`.
+
+    >>> as_dataset([torch.zeros(2, 3), torch.zeros(4, 3)]).lengths.tolist()
+    [2, 4]
     """
     if isinstance(data, SequenceDataset):
         return data
     if isinstance(data, torch.Tensor):
         return SequenceDataset(data)
+    if isinstance(data, list) and data and all(isinstance(s, torch.Tensor) for s in data):
+        first = data[0]
+        ndim = 2 if first.is_floating_point() else 1
+        if all(s.dim() == ndim for s in data):  # a list of sequences, not (x, mask)
+            shapes = {tuple(s.shape[1:]) for s in data}
+            if len(shapes) > 1:
+                raise ValueError(f"{name}: expected a list of (T_i, obs_dim) sequences with one "
+                                 f"obs_dim, got trailing shapes {sorted(shapes)}")
+            return SequenceDataset(*pad_sequences(data))
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, second = data
         if second is None:
@@ -187,6 +210,67 @@ def as_dataset(data, name: str = "data") -> SequenceDataset:
         f"{name}: expected a tensor x, a tuple (x, mask), a tuple (x, lengths) or a "
         f"SequenceDataset, got {type(data).__name__}"
     )
+
+
+def _first_attr(module, names):
+    for n in names:
+        value = getattr(module, n, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return n, value
+    return None, None
+
+
+def check_compatible(data: SequenceDataset, model, guide, name: str = "train_data"):
+    """Check ``data`` against the model and guide modules before training; returns the data.
+
+    * Float data whose dtype differs from the modules' parameters are converted to it (with a
+      warning naming ``name``): float64 arrays into a float32 model are the usual case.
+    * ``obs_dim`` of the model or guide (if they have one) must equal ``x.shape[-1]``.
+    * The guide's latent size (``state_dim``) must equal the model's (``z_dim``/``state_dim``).
+    * Warnings: every entry missing (NaN); observed entries far from standardised (a feature
+      with ``|mean| > 10`` or ``std > 10``: optimisers and initialisations assume unit scale).
+    """
+    params = [p for m in (model, guide) for p in m.parameters() if p.is_floating_point()]
+    x = data.x
+    if x.is_floating_point() and params and x.dtype != params[0].dtype:
+        dtype = params[0].dtype
+        warnings.warn(f"{name}: converted from {x.dtype} to {dtype}, the dtype of the model's "
+                      f"and guide's parameters (convert the data, or the modules with "
+                      f".to({x.dtype}), to choose)", stacklevel=3)
+        out = SequenceDataset.__new__(SequenceDataset)
+        out.__dict__.update(data.__dict__)
+        out.x = x.to(dtype)
+        data, x = out, out.x
+    if x.is_floating_point():
+        for who, module in (("model", model), ("guide", guide)):
+            obs_dim = getattr(module, "obs_dim", None)
+            if isinstance(obs_dim, int) and obs_dim != x.shape[-1]:
+                raise ValueError(f"{name}: expected obs_dim = {obs_dim} (the {who}'s) in x of "
+                                 f"shape (batch, time, obs_dim), got shape {tuple(x.shape)}")
+    m_name, m_dim = _first_attr(model, ("z_dim", "state_dim", "latent_dim"))
+    g_name, g_dim = _first_attr(guide, ("state_dim", "z_dim", "latent_dim"))
+    if m_dim is not None and g_dim is not None and m_dim != g_dim:
+        raise ValueError(f"guide: expected {g_name} = {m_dim} (the model's {m_name}), got "
+                         f"{g_dim}")
+    if x.is_floating_point():
+        observed = ~torch.isnan(x) & data.mask.unsqueeze(-1)
+        if not bool(observed.any()):
+            warnings.warn(f"{name}: every entry is missing (NaN or masked): there is nothing "
+                          f"to learn from", stacklevel=3)
+        else:
+            counts = observed.sum((0, 1)).clamp_min(1)
+            x0 = torch.where(observed, x, x.new_zeros(()))
+            mean = x0.sum((0, 1)) / counts
+            std = (torch.where(observed, x - mean, x.new_zeros(())).pow(2).sum((0, 1))
+                   / counts).sqrt()
+            bad = ((mean.abs() > 10) | (std > 10)).nonzero().flatten().tolist()
+            if bad:
+                warnings.warn(
+                    f"{name}: features {bad[:10]} are far from standardised (mean "
+                    f"{[round(float(mean[i]), 3) for i in bad[:3]]}, std "
+                    f"{[round(float(std[i]), 3) for i in bad[:3]]}); training usually works "
+                    f"better on (x - mean) / std", stacklevel=3)
+    return data
 
 
 def pad_sequences(

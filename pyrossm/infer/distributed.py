@@ -74,10 +74,19 @@ class DistributedContext:
         return self.rank == 0
 
     def close(self) -> None:
-        """Destroy the process group if :func:`setup` created it."""
+        """Destroy the process group if :func:`setup` created it.
+
+        Every rank first waits at a barrier, so that no rank tears down its communication
+        threads (and, on rank 0, the rendezvous store) while another still uses them -- a rank
+        that exits early can make the others abort ("terminate called without an active
+        exception").
+        """
         if self.created and dist.is_initialized():
-            dist.destroy_process_group()
-            self.created = False
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+                self.created = False
 
 
 def wants_distributed(distributed) -> bool:

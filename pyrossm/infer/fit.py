@@ -47,7 +47,13 @@ from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from pyrossm.infer.checkpoint import CheckpointManager, rng_state, set_rng_state
-from pyrossm.infer.data import SequenceDataset, as_dataset, batch_indices, chunk_sequences
+from pyrossm.infer.data import (
+    SequenceDataset,
+    as_dataset,
+    batch_indices,
+    check_compatible,
+    chunk_sequences,
+)
 from pyrossm.infer.distributed import (
     all_reduce_gradients,
     all_reduce_min,
@@ -168,16 +174,21 @@ def fit(
         (or bound methods of ``nn.Module`` s, e.g. ``ssm.model``; the module is then trained).
     :param train_data, val_data: ``x`` (N, T, D) float / (N, T) long (time at dim -2 resp. -1),
         ``(x, mask)``, ``(x, lengths)`` or a :class:`~pyrossm.infer.data.SequenceDataset`.
-    :param num_particles: ELBO particles (batch repeated, each scaled by ``1/K``).
+    :param num_particles: ELBO particles (batch repeated; the sites in the ``"sequences"`` plate
+        are scaled by ``1/K``, a global latent outside it is drawn once and keeps scale 1).
     :param clip_norm, lr_decay, betas, weight_decay: ``ClippedAdam`` options (``lr_decay`` per
         step).
     :param annealing: KL annealing schedule or spec
         (:func:`~pyrossm.infer.schedules.make_schedule`), evaluated per optimisation step;
         validation always uses beta = 1.
-    :param free_bits: free-bits threshold in nats per sequence (batch-average KL), or None.
-    :param free_bits_per: ``"sequence"`` (the threshold bounds the total KL) or ``"dimension"``
-        (it bounds each latent coordinate's KL; Kingma et al. 2016 with groups of one), see
-        :func:`~pyrossm.infer.handlers.elbo_objective`.
+    :param free_bits: free-bits threshold ``lambda`` in nats, or None. Defined per sequence of
+        the dataset: the loss is ``-rec + sum_b max(lambda, KL_b)``, each sequence's KL clamped
+        on its own, so the objective (and its value per epoch) does not depend on
+        ``batch_size``, ``bucket``, ``shuffle`` or the ranks of a distributed run; with
+        ``chunk_length`` a chunk counts as a sequence.
+    :param free_bits_per: ``"sequence"`` (the threshold bounds each sequence's total KL) or
+        ``"dimension"`` (each latent coordinate's KL of each sequence; Kingma et al. 2016 with
+        groups of one), see :func:`~pyrossm.infer.handlers.elbo_objective`.
     :param device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``; model, guide and data
         are moved there.
     :param seed: seeds torch, numpy and random (ignored when resuming from a checkpoint).
@@ -208,7 +219,8 @@ def fit(
         step (the loss is a sum over sequences, so this is exactly the single-process gradient
         of the global batch); epoch totals and validation sums are all-reduced; only rank 0
         writes checkpoints, the progress bar and the epoch lines; on ``resume`` rank 0 reads
-        the checkpoint and broadcasts it. ``free_bits`` then applies per rank's slice.
+        the checkpoint and broadcasts it. ``free_bits`` is per sequence, so it is the same
+        objective as in one process.
     :param chunk_length: truncated backpropagation through time by chunking: the training
         sequences are cut into chunks of ``chunk_length`` steps
         (:func:`~pyrossm.infer.data.chunk_sequences`; all-padding chunks dropped) that are
@@ -261,8 +273,11 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
     if chunk_length is not None:
         train = SequenceDataset(*chunk_sequences(train.x, train.mask, chunk_length,
                                                  drop_empty=True)[:2])
-    train = train.to(device)
-    val = as_dataset(val_data, "val_data").to(device) if val_data is not None else None
+    train = check_compatible(train, model_module, guide_module, "train_data").to(device)
+    val = None
+    if val_data is not None:
+        val = check_compatible(as_dataset(val_data, "val_data"), model_module, guide_module,
+                               "val_data").to(device)
     model_module.to(device)
     guide_module.to(device)
     params = named_parameters(model_module, guide_module)
@@ -377,12 +392,9 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                 else:
                     x, mask = train.batch(index, device_index=dev_index)
                     try:
-                        if objective == "fivo":  # pyrossm.infer.fivo: the SMC bound
-                            obj = fivo_objective(model, guide, x, mask, num_particles)
-                        else:
-                            traces = elbo_traces(model, guide, x, mask, num_particles, beta)
-                            obj = elbo_objective(*traces, num_particles, beta, free_bits,
-                                                 free_bits_per)
+                        traces, obj = step_objective(objective, model, guide, x, mask,
+                                                     num_particles, beta, free_bits,
+                                                     free_bits_per)
                         value, neg_elbo, kl = torch.stack(
                             [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
                     except ValueError as e:
@@ -506,7 +518,7 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
                         "guide": guide_module.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "param_store": {k: v.detach() for k, v in
-                                        pyro.get_param_store()._params.items()},
+                                        pyro.get_param_store().named_parameters()},
                         "schedule": schedule.to_dict(),
                         "rng": rng_state(),
                         "history": history.to_dict(),
@@ -529,6 +541,21 @@ def _fit(ctx, model, guide, train_data, val_data, epochs, batch_size, lr, num_pa
         model_module.load_state_dict(best_state["model"])
         guide_module.load_state_dict(best_state["guide"])
     return history
+
+
+def step_objective(objective, model, guide, x, mask, num_particles, beta, free_bits,
+                   free_bits_per):
+    """The objective of one optimisation step -- the one place ``fit`` computes it.
+
+    Returns ``(traces, objective)``: the ``(model_trace, guide_trace)`` (used for diagnostics;
+    None for ``"fivo"``) and a :class:`~pyrossm.infer.handlers.StepObjective` (``surrogate`` to
+    differentiate; ``loss``, ``neg_elbo``, ``kl`` as sums over the batch's sequences). Another
+    objective plugs in here by returning the same two things.
+    """
+    if objective == "fivo":  # pyrossm.infer.fivo: the SMC bound
+        return None, fivo_objective(model, guide, x, mask, num_particles)
+    traces = elbo_traces(model, guide, x, mask, num_particles, beta)
+    return traces, elbo_objective(*traces, num_particles, beta, free_bits, free_bits_per)
 
 
 def _validation_sums(ctx, model, guide, val, num_samples, batch_size, device):

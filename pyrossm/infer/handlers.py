@@ -3,20 +3,28 @@
 * :class:`LatentScaleMessenger` multiplies the scale of every *unobserved* sample site by a KL
   annealing factor ``beta`` (model and guide alike), leaving observed sites untouched.
 * :func:`elbo_traces` runs the guide, replays the model against it (``poutine.trace`` +
-  ``poutine.replay``, as Pyro's ``Trace_ELBO``) on a batch repeated ``K`` times (``K`` particles,
-  each row scaled by ``1/K``: the vectorized-particle estimator).
+  ``poutine.replay``, as Pyro's ``Trace_ELBO``) on a batch repeated ``K`` times (``K`` particles:
+  the vectorized-particle estimator). Only what is repeated is scaled by ``1/K``: the sites
+  inside the ``"sequences"`` plate (:class:`ParticleScaleMessenger`). A *global* latent site
+  (outside the plate, e.g. a parameter with a prior) is drawn once per step and keeps scale 1,
+  so its KL is counted once, not ``1/K`` times.
 * :func:`elbo_objective` turns the two traces into the loss of one step: the Trace_ELBO surrogate
   (score-function terms included), or the *free bits* objective (Kingma et al. 2016,
-  "Improved variational inference with inverse autoregressive flow")::
+  "Improved variational inference with inverse autoregressive flow"), defined **per
+  sequence**::
 
-      loss = -sum_b E_q log p(x_b | z_b) + B * max(lambda, mean_b KL_b)
+      loss = -sum_b E_q log p(x_b | z_b) + sum_b max(lambda, KL_b) + KL_global
 
-  where ``KL_b = log q(z_b | x_b) - log p(z_b)`` (single-sample estimate summed over the latent
-  sites) and ``lambda`` is in nats per sequence: below ``lambda`` the KL term has no gradient, so
-  the encoder is not pushed to collapse onto the prior. (With annealing both sides are multiplied
-  by ``beta``.) Per dimension (Kingma et al.'s groups of one coordinate each), the KL term is
-  ``B * sum_j max(lambda, mean_b KL_bj)``: every coordinate may carry ``lambda`` nats for free,
-  which spreads the information over many latent units instead of a few.
+  where ``KL_b = log q(z_b | x_b) - log p(z_b)`` is sequence ``b``'s single-sample estimate
+  (averaged over its ``K`` particles) summed over its latent sites, and ``lambda`` is in nats per
+  sequence: below ``lambda`` a sequence's KL term has no gradient, so the encoder is not pushed
+  to collapse onto the prior. Because the loss is a sum of per-sequence terms, it does not depend
+  on how the data are batched (minibatch size, length buckets, ``torch.distributed`` slices);
+  with ``chunk_length`` a chunk is a sequence. Global latent sites (``KL_global``) are not
+  clamped. (With annealing the KL terms are multiplied by ``beta``.) Per dimension (Kingma et
+  al.'s groups of one coordinate each), the KL term is ``sum_b sum_j max(lambda, KL_bj)``:
+  every coordinate of every sequence may carry ``lambda`` nats for free, which spreads the
+  information over many latent units instead of a few.
 * :class:`FreeBitsELBO`: the same objective as a loss callable for ``pyro.infer.SVI``.
 * :func:`site_log_probs_per_row` reduces a site's log-density to one number per batch row.
 """
@@ -25,9 +33,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.distributions.util import is_identically_zero
 from pyro.infer.enum import get_importance_trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -37,6 +44,7 @@ from pyrossm.infer.data import repeat_particles
 __all__ = [
     "FreeBitsELBO",
     "LatentScaleMessenger",
+    "ParticleScaleMessenger",
     "StepObjective",
     "elbo_objective",
     "elbo_traces",
@@ -44,6 +52,7 @@ __all__ = [
     "latent_sites",
     "nonfinite_sites",
     "site_log_probs_per_row",
+    "trace_elbo_particle",
 ]
 
 
@@ -72,6 +81,33 @@ class LatentScaleMessenger(Messenger):
 
     def _process_message(self, msg):
         if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = self.factor * msg["scale"]
+
+
+SEQUENCES = "sequences"
+
+
+def in_sequences_plate(site) -> bool:
+    """True if the site is inside the ``"sequences"`` plate (repeated per particle)."""
+    return any(frame.name == SEQUENCES for frame in site["cond_indep_stack"])
+
+
+class ParticleScaleMessenger(Messenger):
+    """Scale the sample sites inside the ``"sequences"`` plate by ``1 / num_particles``.
+
+    With ``K`` particles made by repeating every sequence ``K`` times, the rows of the plate are
+    ``K`` copies of each sequence, so their log-densities are averaged (scale ``1/K``); a site
+    outside the plate (a global latent) is *not* repeated and keeps its scale.
+    """
+
+    def __init__(self, num_particles: int):
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles: expected a positive int, got {num_particles!r}")
+        super().__init__()
+        self.factor = 1.0 / num_particles
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and in_sequences_plate(msg):
             msg["scale"] = self.factor * msg["scale"]
 
 
@@ -106,12 +142,13 @@ def site_log_probs_per_row(site, rows: int, key: str = "log_prob") -> torch.Tens
 def elbo_traces(model, guide, x, mask, num_particles: int = 1, beta: float = 1.0):
     """Guide and replayed model traces on the batch repeated ``num_particles`` times.
 
-    Log-densities of every row are scaled by ``1 / num_particles`` and those of unobserved sites
-    by ``beta`` as well. Returns ``(model_trace, guide_trace)`` with ``log_prob`` (and the guide's
-    ``score_parts``) computed; a site's ``unscaled_log_prob`` has neither scale.
+    Log-densities of the sites in the ``"sequences"`` plate are scaled by ``1 / num_particles``
+    (:class:`ParticleScaleMessenger`) and those of unobserved sites by ``beta`` as well. Returns
+    ``(model_trace, guide_trace)`` with ``log_prob`` (and the guide's ``score_parts``) computed;
+    a site's ``unscaled_log_prob`` has neither scale.
     """
     xr, mr = repeat_particles(x, mask, num_particles)
-    with poutine.scale(scale=1.0 / num_particles), LatentScaleMessenger(beta):
+    with ParticleScaleMessenger(num_particles), LatentScaleMessenger(beta):
         return get_importance_trace("flat", 1, model, guide, (xr,), {"mask": mr})
 
 
@@ -129,7 +166,49 @@ class StepObjective(NamedTuple):
     kl: torch.Tensor
 
 
-_TRACE_ELBO = Trace_ELBO(max_plate_nesting=1)
+def _downstream_cost(model_trace, guide_trace, site) -> torch.Tensor:
+    """``log p - log q`` (detached) summed to the plates of ``site``: the score-function weight.
+
+    The one plate of the protocol (``"sequences"``, dim -1): for a site inside it, the
+    per-row sums of the sites inside it plus the totals of the global sites; for a global site,
+    the total. (Pyro's ``Trace_ELBO`` computes the same with its ``MultiFrameTensor``.)
+    """
+    per_row = in_sequences_plate(site)
+    total = 0.0
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for s in trace.nodes.values():
+            if s["type"] != "sample" or site_is_subsample(s):
+                continue
+            lp = s["log_prob"].detach()
+            total = total + sign * (lp if per_row and in_sequences_plate(s) else lp.sum())
+    return total
+
+
+def trace_elbo_particle(model_trace, guide_trace):
+    """``(loss, surrogate)`` of one (vectorized) particle: the Trace_ELBO estimator.
+
+    ``loss = -(sum log p - sum log q)`` over the sample sites (scaled log-densities from
+    :func:`elbo_traces`); the surrogate's gradient is the ELBO gradient estimate: the
+    reparameterized terms through ``log p`` and the guide's entropy term, plus, for guide
+    sites without ``rsample``, the score-function term ``cost * d log q`` with the downstream
+    cost of :func:`_downstream_cost` (Ranganath et al. 2014; Schulman et al. 2015).
+    """
+    elbo = surrogate = 0.0
+    for _, site in model_trace.nodes.items():
+        if site["type"] == "sample":
+            elbo = elbo + site["log_prob_sum"].detach()
+            surrogate = surrogate + site["log_prob_sum"]
+    for _, site in guide_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        _, score_function_term, entropy_term = site["score_parts"]
+        elbo = elbo - site["log_prob_sum"].detach()
+        if not is_identically_zero(entropy_term):
+            surrogate = surrogate - entropy_term.sum()
+        if not is_identically_zero(score_function_term):
+            cost = _downstream_cost(model_trace, guide_trace, site)
+            surrogate = surrogate + (cost * score_function_term).sum()
+    return -elbo, -surrogate
 
 
 FREE_BITS_PER = ("sequence", "dimension")
@@ -144,26 +223,28 @@ def elbo_objective(
     ``free_bits_per="dimension"`` applies ``lambda`` to every latent coordinate separately
     (the last event dimension of each latent site, which must be a diagonal distribution with
     ``event_dim == 1``, or a trajectory distribution with diagonal steps and a
-    ``coordinate_log_prob`` -- then ``KL_bj`` sums over the steps): ``sum_j max(lambda,
-    mean_b KL_bj)``.
+    ``coordinate_log_prob`` -- then ``KL_bj`` sums over the steps): ``sum_b sum_j max(lambda,
+    KL_bj)``. Free bits are per sequence (each ``KL_b`` averaged over the sequence's
+    ``num_particles`` rows, then clamped), so the loss of a batch is the sum of its sequences'
+    losses whatever the batching.
     """
     if free_bits_per not in FREE_BITS_PER:
         raise ValueError(f"free_bits_per: expected one of {FREE_BITS_PER}, got {free_bits_per!r}")
     kl = 0.0
-    for _, site in latent_sites(guide_trace):
-        kl = kl + _masked(site["unscaled_log_prob"], site).sum()
-    for _, site in latent_sites(model_trace):
-        kl = kl - _masked(site["unscaled_log_prob"], site).sum()
+    for sign, trace in ((1.0, guide_trace), (-1.0, model_trace)):
+        for _, site in latent_sites(trace):
+            factor = 1.0 / num_particles if in_sequences_plate(site) else 1.0
+            kl = kl + sign * factor * _masked(site["unscaled_log_prob"], site).sum()
     if not isinstance(kl, torch.Tensor):  # no latent site (e.g. a language model)
         kl = _any_tensor(model_trace).new_zeros(())
-    kl = kl.detach() / num_particles
+    kl = kl.detach()
     if free_bits is None:
-        # Pyro's Trace_ELBO estimator for one (vectorized) particle: reparameterized and
-        # score-function terms.
-        loss, surrogate = _TRACE_ELBO._differentiable_loss_particle(model_trace, guide_trace)
+        # the Trace_ELBO estimator for one (vectorized) particle: reparameterized and
+        # score-function terms
+        loss, surrogate = trace_elbo_particle(model_trace, guide_trace)
         if not isinstance(surrogate, torch.Tensor):
             surrogate = kl.new_tensor(surrogate)
-        loss = surrogate.new_tensor(loss)
+        loss = torch.as_tensor(loss, dtype=surrogate.dtype, device=surrogate.device).detach()
         neg_elbo = loss + (1.0 - beta) * kl
         return StepObjective(surrogate, loss, neg_elbo, kl)
     rec = 0.0
@@ -176,24 +257,23 @@ def elbo_objective(
                 f"free bits needs reparameterized latent sites; guide site {name!r} is not"
             )
     rows = _rows(model_trace)
-    threshold = beta * float(free_bits) * (rows / num_particles)
-    if free_bits_per == "dimension":
-        kl_term = 0.0
-        per_dim = {}
-        for sign, trace in ((1.0, guide_trace), (-1.0, model_trace)):
-            for name, site in latent_sites(trace):
-                lp = sign * _log_prob_per_dimension(name, site)
-                per_dim[name] = per_dim[name] + lp if name in per_dim else lp
-        for vec in per_dim.values():
-            kl_term = kl_term + torch.clamp(vec, min=threshold).sum()
-    else:
-        kl_scaled = 0.0
-        for _, site in latent_sites(guide_trace):
-            kl_scaled = kl_scaled + site["log_prob_sum"]
-        for _, site in latent_sites(model_trace):
-            kl_scaled = kl_scaled - site["log_prob_sum"]
-        kl_term = torch.clamp(kl_scaled, min=threshold) if isinstance(kl_scaled, torch.Tensor) \
-            else kl.new_zeros(())
+    lam = float(free_bits)
+    kl_term = 0.0
+    per_row = {}  # name -> KL per row (rows,) or per row and coordinate (rows, D), unscaled
+    for sign, trace in ((1.0, guide_trace), (-1.0, model_trace)):
+        for name, site in latent_sites(trace):
+            if not in_sequences_plate(site):  # a global latent: its KL is not clamped
+                kl_term = kl_term + sign * site["log_prob_sum"]
+                continue
+            if free_bits_per == "dimension":
+                lp = sign * _log_prob_per_dimension(name, site, rows)
+            else:
+                lp = sign * site_log_probs_per_row(site, rows, "unscaled_log_prob")
+            per_row[name] = per_row[name] + lp if name in per_row else lp
+    if per_row:
+        total = sum(per_row.values())  # (rows,) or (rows, D)
+        per_seq = total.reshape((rows // num_particles, num_particles) + total.shape[1:]).mean(1)
+        kl_term = kl_term + beta * torch.clamp(per_seq, min=lam).sum()
     if not isinstance(kl_term, torch.Tensor):
         kl_term = kl.new_zeros(())
     surrogate = kl_term - rec
@@ -202,27 +282,25 @@ def elbo_objective(
     return StepObjective(surrogate, loss, neg_elbo, kl)
 
 
-def _log_prob_per_dimension(name, site) -> torch.Tensor:
-    """Scaled, masked log-density of a latent site summed over rows, one entry per coordinate."""
+def _log_prob_per_dimension(name, site, rows: int) -> torch.Tensor:
+    """Unscaled, masked log-density of a latent site per row and coordinate: ``(rows, D)``."""
     fn = site["fn"]
     if hasattr(fn, "coordinate_log_prob"):  # pyrossm's trajectory distributions, event (T, D)
         lp = fn.coordinate_log_prob(site["value"])
-        if site.get("mask") is not None:
-            lp = torch.where(site["mask"].unsqueeze(-1), lp, lp.new_zeros(()))
-        return (site["scale"] * lp).reshape(-1, lp.shape[-1]).sum(0)
-    base = getattr(fn, "base_dist", None)
-    if (site["fn"].event_dim != 1 or base is None
-            or getattr(fn, "reinterpreted_batch_ndims", None) != 1):
-        raise NotImplementedError(
-            f"free_bits_per='dimension' needs latent sites distributed as "
-            f"Independent(base, 1) with event_dim 1, or a pyrossm trajectory distribution with "
-            f"diagonal steps (coordinate_log_prob); site {name!r} has "
-            f"{type(fn).__name__} with event_dim {fn.event_dim}"
-        )
-    lp = base.log_prob(site["value"])
+    else:
+        base = getattr(fn, "base_dist", None)
+        if (fn.event_dim != 1 or base is None
+                or getattr(fn, "reinterpreted_batch_ndims", None) != 1):
+            raise NotImplementedError(
+                f"free_bits_per='dimension' needs latent sites distributed as "
+                f"Independent(base, 1) with event_dim 1, or a pyrossm trajectory distribution "
+                f"with diagonal steps (coordinate_log_prob); site {name!r} has "
+                f"{type(fn).__name__} with event_dim {fn.event_dim}"
+            )
+        lp = base.log_prob(site["value"])
     if site.get("mask") is not None:
         lp = torch.where(site["mask"].unsqueeze(-1), lp, lp.new_zeros(()))
-    return (site["scale"] * lp).reshape(-1, lp.shape[-1]).sum(0)
+    return lp.reshape(-1, rows, lp.shape[-1]).sum(0)
 
 
 def _any_tensor(trace) -> torch.Tensor:
@@ -286,8 +364,8 @@ def nonfinite_sites(model_trace, guide_trace) -> list[str]:
 class FreeBitsELBO:
     """Free-bits ELBO as a loss callable for ``pyro.infer.SVI`` (see module docstring).
 
-    :param free_bits: ``lambda`` in nats per sequence (batch average of the KL), or per latent
-        coordinate with ``free_bits_per="dimension"``.
+    :param free_bits: ``lambda`` in nats per sequence (each sequence's KL is clamped), or per
+        latent coordinate of each sequence with ``free_bits_per="dimension"``.
     :param num_particles: particles, by repeating the batch.
 
     >>> # svi = SVI(model, guide, ClippedAdam({"lr": 1e-3}), loss=FreeBitsELBO(2.0))

@@ -120,7 +120,8 @@ class DeepMarkovModel(_StateSpaceModel):
     .. math::
         z_t &\sim N(μ(z_{t-1}), \mathrm{diag}\,σ^2(z_{t-1})) \quad (z_0 \text{ learned}), \\
         μ(z) &= (1 - g(z)) \odot (W z + b) + g(z) \odot \tilde μ(z), \quad W = I \text{ at init} \\
-        x_t &\sim p_θ(x_t \mid z_t) \quad \text{(Bernoulli for piano rolls, Gaussian, Categorical)}
+        x_t &\sim p_θ(x_t \mid z_t) \quad \text{(Gaussian by default; Bernoulli for piano rolls,
+            Categorical)}
 
     ``initial="transition"`` (default, Pyro's DMM): ``z_1 ~ T(z_0)``; ``initial="learned"``:
     ``z_1 ~ N(μ_1, diag σ_1²)`` with its own parameters (:class:`~pyrossm.nonlinear.networks.
@@ -144,7 +145,7 @@ class DeepMarkovModel(_StateSpaceModel):
         z_dim: int = 100,
         transition_dim: int = 200,
         emission_dim: int = 100,
-        emission: str = "bernoulli",
+        emission: str = "gaussian",
         initial: str = "transition",
     ):
         super().__init__(obs_dim, z_dim, emission, emission_dim)

@@ -125,8 +125,9 @@ class _VectorLatentGuide(torch.nn.Module):
 def _dim_objective(free_bits, free_bits_per, seed=1):
     torch.manual_seed(0)
     model, x = _VectorLatentModel(), torch.randn(4, 2, dtype=torch.float64)
-    # coordinate 0 far from the prior (KL ~ 4.5 nats), 1 and 2 equal to it (KL exactly 0)
-    guide = _VectorLatentGuide([3.0, 0.0, 0.0])
+    # coordinate 0 far from the prior (KL_b0 = 8 z - 32 ~ 32 +- 8 nats in every row, far above
+    # lambda = 1), 1 and 2 equal to it (KL exactly 0)
+    guide = _VectorLatentGuide([8.0, 0.0, 0.0])
     pyro.set_rng_seed(seed)
     traces = elbo_traces(model, guide, x, None)
     obj = elbo_objective(*traces, free_bits=free_bits, free_bits_per=free_bits_per)
@@ -198,3 +199,119 @@ def test_free_bits_per_dimension_on_trajectory_sites():
         tril = StructuredGuide(3, 2, hidden_dim=8, combiner="linear")
         elbo_objective(*elbo_traces(model, tril, x, mask), free_bits=1.0,
                        free_bits_per="dimension")
+
+
+# ---------------------------------------------------------------- particles and global latents
+class _GlobalLatentModel(torch.nn.Module):
+    """theta ~ N(0, 1) once (a global latent), x_b ~ N(theta, 1) for each sequence b."""
+
+    def forward(self, x, mask=None):
+        theta = pyro.sample("theta", pyro.distributions.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("sequences", x.shape[0], dim=-1):
+            pyro.sample("x", pyro.distributions.Normal(theta, 1.0).expand(x.shape).to_event(1),
+                        obs=x)
+
+
+class _GlobalLatentGuide(torch.nn.Module):
+    """q(theta) = delta(0.5): the ELBO is a deterministic closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, x, mask=None):
+        pyro.sample("theta", pyro.distributions.Delta(self.loc))
+
+
+@pytest.mark.parametrize("free_bits", [None, 0.0])
+def test_particles_do_not_shrink_a_global_latent(free_bits):
+    """Issue 14: with K particles only the sites in the "sequences" plate are averaged."""
+    x = torch.randn(5, 2, dtype=torch.float64)
+    normal = pyro.distributions.Normal(torch.tensor(0.5, dtype=torch.float64), 1.0)
+    exact = -(normal.log_prob(x).sum() + pyro.distributions.Normal(0.0, 1.0).log_prob(
+        torch.tensor(0.5, dtype=torch.float64)))
+    for k in (1, 4):
+        traces = elbo_traces(_GlobalLatentModel(), _GlobalLatentGuide(), x, None, k)
+        assert traces[0].nodes["theta"]["scale"] == 1.0
+        obj = elbo_objective(*traces, k, free_bits=free_bits)
+        assert obj.neg_elbo.item() == pytest.approx(exact.item(), rel=TOL), k
+        assert obj.loss.item() == pytest.approx(exact.item(), rel=TOL), k
+
+
+# ---------------------------------------------------------------- free bits per sequence
+class _DeltaGuide(torch.nn.Module):
+    """z_b = W x_b (a point mass): KL_b = -log N(z_b; 0, I) is deterministic."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]],
+                                                 dtype=torch.float64))
+
+    def forward(self, x, mask=None):
+        with pyro.plate("sequences", x.shape[0], dim=-1):
+            pyro.sample("z", pyro.distributions.Delta(x @ self.W.T).to_event(1))
+
+
+@pytest.mark.parametrize("free_bits_per", ["sequence", "dimension"])
+def test_free_bits_are_per_sequence_whatever_the_batching(free_bits_per):
+    """The free-bits loss of a batch is the sum of its sequences' losses (issue 14): it does not
+    depend on batch size, bucketing or distributed slices. Rows 0-1 have a KL below lambda, rows
+    2-3 far above it, so a batch-mean threshold would give different values."""
+    x = torch.tensor([[0.1, 0.0], [0.0, 0.2], [3.0, 2.0], [-2.5, 3.0]], dtype=torch.float64)
+    model, guide, lam = _VectorLatentModel(), _DeltaGuide(), 4.0
+
+    def loss(rows, k=1):
+        traces = elbo_traces(model, guide, x[rows], None, k)
+        return elbo_objective(*traces, k, free_bits=lam, free_bits_per=free_bits_per).loss
+
+    whole = loss([0, 1, 2, 3])
+    assert whole.item() == pytest.approx((loss([0, 1]) + loss([2, 3])).item(), rel=TOL)
+    assert whole.item() == pytest.approx(sum(loss([i]).item() for i in range(4)), rel=TOL)
+    assert whole.item() == pytest.approx(loss([0, 1, 2, 3], k=3).item(), rel=TOL)
+    # closed form: sum_b max(lambda, KL_b) - rec with KL_b = -log N(z_b; 0, I)
+    z = x @ guide.W.T
+    prior = pyro.distributions.Normal(torch.zeros_like(z), 1.0).log_prob(z)
+    kl = -prior.sum(-1) if free_bits_per == "sequence" else -prior
+    rec = pyro.distributions.Normal(z @ model.W.T, 1.0).log_prob(x).sum()
+    assert whole.item() == pytest.approx((kl.clamp(min=lam).sum() - rec).item(), rel=TOL)
+
+
+# ---------------------------------------------------------------- own Trace_ELBO surrogate
+class _DiscreteModel(torch.nn.Module):
+    """theta ~ N(0, 1) (global), k_b ~ Bernoulli(0.3), x_b ~ N(theta + 2 k_b, 1)."""
+
+    def forward(self, x, mask=None):
+        theta = pyro.sample("theta", pyro.distributions.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("sequences", x.shape[0], dim=-1):
+            k = pyro.sample("k", pyro.distributions.Bernoulli(x.new_full((x.shape[0],), 0.3)))
+            pyro.sample("x", pyro.distributions.Normal(theta + 2 * k, 1.0), obs=x)
+
+
+class _DiscreteGuide(torch.nn.Module):
+    """A non-reparameterized (Bernoulli) site in the plate and a reparameterized global one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.4, dtype=torch.float64))
+        self.loc = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+
+    def forward(self, x, mask=None):
+        pyro.sample("theta", pyro.distributions.Normal(self.loc, 0.5))
+        with pyro.plate("sequences", x.shape[0], dim=-1):
+            pyro.sample("k", pyro.distributions.Bernoulli(logits=self.w * x))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_score_function_surrogate_equals_pyro_trace_elbo(seed):
+    """The own surrogate (no Pyro private API) gives Trace_ELBO's loss and gradients."""
+    x = torch.tensor([0.3, 2.5, -1.0, 1.8], dtype=torch.float64)
+    model, guide = _DiscreteModel(), _DiscreteGuide()
+    pyro.set_rng_seed(seed)
+    obj = elbo_objective(*elbo_traces(model, guide, x, None))
+    ours = torch.autograd.grad(obj.surrogate, [guide.w, guide.loc])
+    pyro.set_rng_seed(seed)
+    ref = Trace_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x)
+    theirs = torch.autograd.grad(ref, [guide.w, guide.loc])
+    assert obj.loss.item() == pytest.approx(ref.item(), rel=TOL)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -162,7 +162,8 @@ def test_tiny_jsb_subset_trains_and_loss_falls():
 
     data = load_jsb_chorales("train", _jsb_dir())
     x, mask = data.piano_rolls[:16, :24], data.mask[:16, :24]
-    model = DeepMarkovModel(88, z_dim=8, transition_dim=16, emission_dim=16)
+    model = DeepMarkovModel(88, z_dim=8, transition_dim=16, emission_dim=16,
+                            emission="bernoulli")
     guide = StructuredGuide(88, 8, hidden_dim=16, direction="backward", missing_indicators=False)
     hist = fit(model, guide, (x, mask), epochs=12, batch_size=8, lr=1e-2, progress=False,
                device="cpu", seed=0)
