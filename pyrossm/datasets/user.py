@@ -47,8 +47,10 @@ def _read_csv(path: Path) -> np.ndarray:
             except csv.Error:
                 delimiter = ","
             reader = csv.reader(f, delimiter=delimiter)
-        else:  # one column, or columns separated by spaces
-            reader = (line.split() for line in f)
+        else:  # one column, or columns separated by spaces; pandas quotes a missing value
+            # of a one-column file as "" (an empty line would be ambiguous)
+            reader = (["nan" if cell in ('""', "''") else cell.strip("\"'")
+                       for cell in line.split()] for line in f)
         rows = [(i + 1, r) for i, r in enumerate(reader) if any(c.strip() for c in r)]
     if not rows:
         raise ValueError(f"{path}: expected at least one row of numbers, got an empty file")
@@ -64,7 +66,10 @@ def _read_csv(path: Path) -> np.ndarray:
                 return True
         return False
 
+    pandas_index = False
     if is_header(rows[0][1]):
+        # pandas' to_csv writes its index as a first column with an empty header cell
+        pandas_index = len(rows[0][1]) > 1 and rows[0][1][0].strip() == ""
         rows = rows[1:]
         if not rows:
             raise ValueError(f"{path}: expected rows of numbers after the header, got none")
@@ -76,7 +81,10 @@ def _read_csv(path: Path) -> np.ndarray:
                 f"{path}: expected {width} columns on every row, got {len(cells)} on line {line}"
             )
         values.append([_parse_cell(c, line, j + 1, path) for j, c in enumerate(cells)])
-    return np.asarray(values, dtype=np.float64)
+    array = np.asarray(values, dtype=np.float64)
+    if pandas_index and np.array_equal(array[:, 0], np.arange(len(array))):
+        array = array[:, 1:]  # the 0, 1, 2, ... index column, not data
+    return array
 
 
 def _read_npz(path: Path, key: str | None) -> np.ndarray:

@@ -93,7 +93,8 @@ class MLEResults(list):
 
     @property
     def std_errors(self):
-        return torch.diagonal(self.cov_params).clamp_min(0).sqrt()
+        """NaN for parameters on the boundary or not identified."""
+        return torch.diagonal(self.cov_params).sqrt()
 
     @property
     def num_params(self):

@@ -125,3 +125,20 @@ def test_errors(tmp_path):
         load_array(tmp_path / "x.json")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_array(tmp_path / "missing.npy")
+
+
+def test_pandas_written_csv(tmp_path):
+    """pandas writes a missing value of a one-column frame as "" and its index as a first
+    column with an empty header: both load as the user means them."""
+    pd = pytest.importorskip("pandas")
+    nan = float("nan")
+    pd.Series([1.0, nan, 3.0, 4.0], name="co2").to_csv(tmp_path / "one.csv", index=False)
+    got = load_array(tmp_path / "one.csv", dtype=torch.float64)
+    assert got.shape == (1, 4, 1)
+    torch.testing.assert_close(got.reshape(-1), torch.tensor([1.0, nan, 3.0, 4.0],
+                               dtype=torch.float64), equal_nan=True)
+    pd.DataFrame({"a": [1.0, nan, 3.0], "b": [5.0, 6.0, nan]}).to_csv(tmp_path / "idx.csv")
+    got = load_array(tmp_path / "idx.csv", dtype=torch.float64)
+    assert got.shape == (1, 3, 2)
+    torch.testing.assert_close(got[0], torch.tensor([[1.0, 5.0], [nan, 6.0], [3.0, nan]],
+                               dtype=torch.float64), equal_nan=True)

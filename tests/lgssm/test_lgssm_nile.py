@@ -135,3 +135,33 @@ def test_nile_fit_recovers_variances():
     # and our optimum is as good as the reference optimum (same objective, burn = 1)
     ours = float(ssm.filter(x).step_log_likelihoods[..., 1:].sum().detach())
     assert ours >= -opt.fun - 1e-6, (ours, -opt.fun)
+
+
+SE_RTOL = 0.01  # statsmodels' "approx" standard errors use a numerical (complex-step) Hessian
+
+
+def test_nile_structural_fit_and_standard_errors_match_statsmodels():
+    """Local level by ``structural([LocalLevel()]).fit``: the MLE (Durbin & Koopman's within
+    1%), a log-likelihood at least statsmodels' fitted one, and standard errors (observed
+    information: autograd Hessian in the natural parameters, the variances) equal to
+    statsmodels' ``cov_type="approx"`` ones at the same parameters within 1%."""
+    from pyrossm.lgssm import LocalLevel, structural
+
+    x = nile_x()
+    res = structural([LocalLevel()]).fit(x)
+    assert res.converged and res.names == ["sigma2.irregular", "sigma2.level"]
+    r, q = res.estimates.tolist()
+    assert abs(r / SIGMA2_EPS - 1) < FIT_RTOL and abs(q / SIGMA2_ETA - 1) < FIT_RTOL
+    mod = statsmodels_local_level()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm_fit = mod.fit(disp=False)
+        sm_at_ours = mod.smooth(np.array([r, q]), cov_type="approx")
+    assert res.log_likelihood >= sm_fit.llf - 1e-9 * abs(sm_fit.llf)
+    assert abs(res.log_likelihood - sm_at_ours.llf) <= RTOL * abs(sm_at_ours.llf)
+    np.testing.assert_allclose(res.std_errors.numpy(), sm_at_ours.bse, rtol=SE_RTOL)
+    # the Ljung-Box statistic of the standardised residuals, as statsmodels computes it
+    lb = sm_at_ours.test_serial_correlation("ljungbox", lags=10)
+    q_ours, p_ours = res.ljung_box(lags=10)
+    assert abs(float(q_ours[0, 0]) - lb[0, 0, -1]) <= 1e-6 * lb[0, 0, -1]
+    assert "sigma2.level" in res.summary()

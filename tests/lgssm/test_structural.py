@@ -103,7 +103,9 @@ def test_mle_at_least_statsmodels(case):
 def test_fit_writes_the_matrices_back():
     y = series(seed=3)
     ssm = structural([LocalLinearTrend(), Seasonal(4)])
-    res = ssm.fit(torch.tensor(y).reshape(1, -1, 1), std_errors=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the trend variance sits at its floor here
+        res = ssm.fit(torch.tensor(y).reshape(1, -1, 1), std_errors=False)
     p = dict(zip(res.names, res.estimates.tolist()))
     assert float(ssm.R) == pytest.approx(p["sigma2.irregular"], rel=1e-12)
     Q = ssm.Q.detach()
@@ -124,3 +126,41 @@ def test_bad_components_raise():
         structural(["level"])
     with pytest.raises(ValueError, match="harmonics"):
         Seasonal(12, "trigonometric", harmonics=7)
+
+
+def co2(months=None):
+    y = sm.datasets.co2.load_pandas().data["co2"].resample("MS").mean().to_numpy()
+    return y[:months]
+
+
+def check_co2(months):
+    """Monthly co2 (statsmodels' weekly series averaged by month; 5 months missing in all):
+    local linear trend + 12-month dummy seasonal + irregular, as UnobservedComponents("lltrend",
+    seasonal=12)."""
+    y = co2(months)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm_res = statsmodels_model(dict(level="lltrend", seasonal=12), y).fit(disp=False)
+        ssm = structural([LocalLinearTrend(), Seasonal(12)])
+        x = torch.tensor(y).reshape(1, -1, 1)
+        res = ssm.fit(x)
+    assert res.converged, res.message
+    assert res.log_likelihood >= sm_res.llf - MLE_SLACK * abs(sm_res.llf), (
+        res.log_likelihood, sm_res.llf)
+    params = dict(zip(res.names, res.estimates.tolist()))
+    assert params["sigma2.irregular"] > 1e-3 and params["sigma2.level"] > 1e-3
+    fc = ssm.forecast(x, 24, num_samples=50)
+    assert torch.isfinite(fc.means).all() and torch.isfinite(fc.samples).all()
+    # the forecast continues the series: within 3 ppm of the last observed level a year on
+    assert abs(float(fc.means[0, 11, 0]) - float(np.nanmean(y[-12:])) - 1.5) < 3.0
+    return res
+
+
+def test_co2_small():
+    check_co2(months=120)
+
+
+@pytest.mark.slow
+def test_co2_acceptance():
+    res = check_co2(months=None)
+    assert res.seconds < 30
