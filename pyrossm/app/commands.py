@@ -325,22 +325,22 @@ def forecast(args):
                                              zip(splits.train, splits.test)))
     stats = cfg["data"]["standardization"]
     (x, mask), _, _ = _prepared(splits._replace(test=splits.train), stats, stats is not None)
-    if not bool(mask.all()) and kind == "lgssm":
-        raise ValueError("--data: forecasting with the LGSSM needs sequences of equal length "
-                         "(no trailing all-missing steps)")
     with torch.no_grad():
         if kind == "lgssm":
             xm = x.to(device=device, dtype=model.init_mean.dtype)
-            fc = model.forecast(xm, args.horizon, num_samples=args.num_samples)
+            fc = model.forecast(xm, args.horizon, num_samples=args.num_samples,
+                                mask=mask.to(device))
         else:
             fc = model.forecast(x.to(device), args.horizon, num_samples=args.num_samples,
                                 guide=guide, mask=mask.to(device))
+    # Each sequence's forecast starts after its own last step (right padding allowed). Bands:
+    # exact Gaussian quantiles for the LGSSM, quantiles of the samples otherwise; the affine
+    # un-standardisation maps quantiles to quantiles.
     samples = _unstandardize(fc.samples.detach().cpu().double(), stats)  # (S, N, H, p)
-    q = torch.tensor([0.5 - args.level / 2, 0.5 + args.level / 2], dtype=samples.dtype)
-    lower, upper = torch.quantile(samples, q, dim=0)
-    mean = samples.mean(0)
-    if kind == "lgssm":  # exact predictive means
-        mean = _unstandardize(fc.means.detach().cpu().double(), stats)
+    band = fc.interval(args.level)
+    lower = _unstandardize(band.lower.detach().cpu().double(), stats)
+    upper = _unstandardize(band.upper.detach().cpu().double(), stats)
+    mean = _unstandardize(fc.mean.detach().cpu().double(), stats)
     if suffix == ".npz":
         np.savez(args.out, samples=samples.numpy(), mean=mean.numpy(), lower=lower.numpy(),
                  upper=upper.numpy(), level=args.level)
