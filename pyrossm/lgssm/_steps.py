@@ -251,45 +251,6 @@ def _apply(M, v, tv):
     return v @ M.transpose(-1, -2)
 
 
-def _apply_split(M, v, Td):
-    """``M_t v_t`` where ``M (Td, n, m)`` holds the first Td steps and later steps use M[-1]."""
-    if Td == v.shape[0]:
-        return torch.bmm(v, M.transpose(-1, -2))
-    out = v @ M[-1].transpose(-1, -2)
-    out[:Td] = torch.bmm(v[:Td], M.transpose(-1, -2))
-    return out
-
-
-def linear_recurrence(m, F, u, block=32):
-    """Solve m_t = F m_{t-1} + u_t for all t, given m (N, n) before the first input.
-
-    ``F (n, n)`` is constant and ``u (L, N, n)`` time-major. Blocks of ``block`` steps are
-    solved with one matrix product each, using the powers of F (a lower block-Toeplitz matrix),
-    instead of one product per step. Returns a list of time-major blocks ``(k, N, n)``.
-    """
-    n = F.shape[-1]
-    L, N = u.shape[0], u.shape[1]
-    blk = min(block, L)
-    powers = [torch.eye(n, dtype=F.dtype, device=F.device)]
-    for _ in range(blk):
-        powers.append(F @ powers[-1])
-    P = torch.stack(powers)  # (blk+1, n, n): P[k] = F^k
-    # Row-vector form: m_tᵀ = m_{t-1}ᵀ Fᵀ + u_tᵀ. W[j, i] = (F^{i-j})ᵀ for i >= j.
-    idx = torch.arange(blk, device=F.device)
-    diff = idx.unsqueeze(0) - idx.unsqueeze(1)  # [j, i] = i - j
-    W = P[diff.clamp_min(0)].transpose(-1, -2) * (diff >= 0).to(F.dtype)[..., None, None]
-    W = W.permute(0, 2, 1, 3).reshape(blk * n, blk * n)
-    V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
-    out = []
-    for start in range(0, L, blk):
-        k = min(blk, L - start)
-        flat = u[start : start + k].transpose(0, 1).reshape(N, k * n)
-        mb = torch.addmm(flat @ W[: k * n, : k * n], m, V[:, : k * n])
-        out.append(mb.reshape(N, k, n).transpose(0, 1))
-        m = mb[:, -n:]
-    return out
-
-
 def _param_batch(prep):
     shapes = [prep.init_cov.shape[:-2]]
     for k in "ACQR":
@@ -311,63 +272,114 @@ def shared_filter(prep, allow_steady=None):
     Returns ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``.
     """
     T, p = prep.x.shape[-2:]
-    n = prep.init_mean.shape[-1]
     if allow_steady is None:
         allow_steady = STEADY_STATE
     pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady)
-    tvA, tvC = prep.tv["A"], prep.tv["C"]
     batch = _data_batch(prep)
-    xt = _time_major(prep.x, batch)  # (T, N, p)
-    bt = None if prep.b is None else _time_major(prep.b, batch)
+    eye_p = torch.eye(p, dtype=L.dtype, device=L.device)
+    Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)  # (Td, p, p)
+    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
+    fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, Td)
+    if Td < T:  # at the fixed point: constant gain, solved in blocks of steps
+        fm2, pm2, ll2 = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], Td, m)
+        fm, pm, ll = torch.cat([fm, fm2], 1), torch.cat([pm, pm2], 1), torch.cat([ll, ll2], 1)
+    full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
+    shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
+    return shape(fm), full(filt_c), shape(pm), full(pred_c), shape(ll)
+
+
+def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
+    """Means and log-likelihoods of steps ``0 .. Td-1`` with time-varying gains: time-major,
+    one product per step. Returns batch-major ``(N, Td, .)`` tensors and the last mean."""
+    n, p = prep.init_mean.shape[-1], prep.x.shape[-1]
+    tvA, tvC = prep.tv["A"], prep.tv["C"]
+    xt = _time_major(prep.x[..., :Td, :], batch)  # (Td, N, p)
+    bt = None if prep.b is None else _time_major(prep.b[..., :Td, :], batch)
+    A = prep.A[:Td] if tvA else prep.A
+    C = prep.C[:Td] if tvC else prep.C
     eye = torch.eye(n, dtype=xt.dtype, device=xt.device)
-    C_all, A_all = with_time(prep.C, tvC), with_time(prep.A, tvA)
-    # Mean recursion m_t = F_t m_{t-1} + u_t with F_t = (I - K_t C_t) A_t and
-    # u_t = K_t (x_t - C_t b_t) + b_t: the gains are known, so each step is one product.
-    xu = xt if bt is None else xt - _apply(prep.C, bt, tvC)
-    u = _apply_split(K, xu, Td)
+    # m_t = F_t m_{t-1} + u_t, F_t = (I - K_t C_t) A_t, u_t = K_t (x_t - C_t b_t) + b_t
+    xu = xt if bt is None else xt - _apply(C, bt, tvC)
+    u = torch.bmm(xu, K.transpose(-1, -2))
     if bt is not None:
         u = u + bt
-    F = (eye - K @ C_all[:Td]) @ A_all[:Td]  # (Td, n, n)
-    Ft = F.transpose(-1, -2).contiguous()
+    C_all, A_all = with_time(C, tvC), with_time(A, tvA)
+    Ft = ((eye - K @ C_all) @ A_all).transpose(-1, -2).contiguous()  # (Td, n, n)
     m0 = prep.init_mean.expand(batch + (n,)).reshape(-1, n)
     m = u[0] + m0 @ (eye - K[0] @ C_all[0]).transpose(-1, -2)
     ms = [m]
     for t in range(1, Td):
         m = torch.addmm(u[t], m, Ft[t])
         ms.append(m)
-    filt_m = None if Td < T else torch.stack(ms, 0)
-    if Td < T:  # at the fixed point: a constant F, solved in blocks of steps
-        # Blocks trade one product per step (overhead) for blk times the arithmetic.
-        blk = int(min(128, max(1, math.sqrt(1e6 / (m.shape[0] * n * n)))))
-        if blk <= 2:
-            for t in range(Td, T):
-                m = torch.addmm(u[t], m, Ft[-1])
-                ms.append(m)
-            filt_m = torch.stack(ms, 0)
-        else:
-            rest = linear_recurrence(m, F[-1], u[Td:], blk)
-            filt_m = torch.cat([torch.stack(ms, 0)] + rest, 0)
-    pred_rest = _apply(prep.A[1:] if tvA else prep.A, filt_m[:-1], tvA)
+    filt_m = torch.stack(ms, 0)
+    pred_rest = _apply(A[1:] if tvA else A, filt_m[:-1], tvA)
     if bt is not None:
         pred_rest = pred_rest + bt[1:]
     pred_m = torch.cat([m0.unsqueeze(0), pred_rest], 0)
-    # log N(x_t; C_t m_t^-, S_t) for all steps at once, whitened by the shared L_t^{-1}
-    v = xt - _apply(prep.C, pred_m, tvC)
-    eye_p = torch.eye(p, dtype=xt.dtype, device=xt.device)
-    Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)
-    w = _apply_split(Linv, v, Td)
-    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
-    if Td < T:
-        half_logdet = torch.cat([half_logdet, half_logdet[-1:].expand(T - Td)])
-    ll = -0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet.unsqueeze(-1)  # (T, N)
-    full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
-    return (
-        _batch_major(filt_m, batch),
-        full(filt_c),
-        _batch_major(pred_m, batch),
-        full(pred_c),
-        ll.transpose(0, 1).reshape(batch + (T,)),
-    )
+    # log N(x_t; C_t m_t^-, S_t), whitened by the shared L_t^{-1}
+    w = torch.bmm(xt - _apply(C, pred_m, tvC), Linv.transpose(-1, -2))
+    ll = -0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet.unsqueeze(-1)  # (Td, N)
+    return filt_m.transpose(0, 1), pred_m.transpose(0, 1), ll.transpose(0, 1), m
+
+
+def _steady_steps(prep, batch, K, Linv, half_logdet, Td, m):
+    """Means and log-likelihoods of steps ``Td .. T-1`` at the Riccati fixed point (constant
+    gain ``K``, time-invariant parameters): batch-major, in chunks of time that stay in cache,
+    the linear recurrence m_t = F m_{t-1} + u_t in blocks of steps (one product per block)."""
+    T, p = prep.x.shape[-2:]
+    n = m.shape[-1]
+    N = m.shape[0]
+    A, C = prep.A, prep.C
+    xb = prep.x.expand(batch + prep.x.shape[-2:]).reshape(N, T, p)
+    bb = None if prep.b is None else prep.b.expand(batch + prep.b.shape[-2:]).reshape(N, T, n)
+    eye = torch.eye(n, dtype=m.dtype, device=m.device)
+    F = (eye - K @ C) @ A
+    # Blocks trade one product per step (overhead) for blk times the arithmetic.
+    blk = int(min(128, max(1, math.sqrt(1e6 / (N * n * n))), T - Td))
+    W, V = _block_operators(F, blk)
+    chunk = blk * max(1, (2**16 // (N * n)) // blk)
+    KT, AT, CT, LT = (M.transpose(-1, -2) for M in (K, A, C, Linv))
+    fms, pms, lls = [], [], []
+    for start in range(Td, T, chunk):
+        stop = min(start + chunk, T)
+        xc = xb[:, start:stop]
+        bc = None if bb is None else bb[:, start:stop]
+        uc = (xc if bc is None else xc - bc @ CT) @ KT
+        if bc is not None:
+            uc = uc + bc
+        prev, blocks = m, []
+        for j in range(0, stop - start, blk):
+            k = min(blk, stop - start - j)
+            flat = uc[:, j : j + k].reshape(N, k * n)
+            mb = torch.addmm(m @ V[:, : k * n], flat, W[: k * n, : k * n])
+            blocks.append(mb.reshape(N, k, n))
+            m = mb[:, -n:]
+        fc = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
+        pc = torch.cat([prev.unsqueeze(1), fc[:, :-1]], 1) @ AT
+        if bc is not None:
+            pc = pc + bc
+        w = (xc - pc @ CT) @ LT
+        lls.append(-0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet)
+        fms.append(fc)
+        pms.append(pc)
+    return torch.cat(fms, 1), torch.cat(pms, 1), torch.cat(lls, 1)
+
+
+def _block_operators(F, blk):
+    """W (blk n, blk n) and V (n, blk n) of the block solution of m_t = F m_{t-1} + u_t in
+    row-vector form, [m_1 .. m_k] = [u_1 .. u_k] W + m_0 V: W is lower block-Toeplitz in the
+    powers of F, so a block of steps is one matrix product instead of one product per step."""
+    n = F.shape[-1]
+    powers = [torch.eye(n, dtype=F.dtype, device=F.device)]
+    for _ in range(blk):
+        powers.append(F @ powers[-1])
+    P = torch.stack(powers)  # (blk+1, n, n): P[k] = F^k
+    idx = torch.arange(blk, device=F.device)
+    diff = idx.unsqueeze(0) - idx.unsqueeze(1)  # [j, i] = i - j
+    W = P[diff.clamp_min(0)].transpose(-1, -2) * (diff >= 0).to(F.dtype)[..., None, None]
+    W = W.permute(0, 2, 1, 3).reshape(blk * n, blk * n)
+    V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
+    return W, V
 
 
 def missing_filter(prep):
