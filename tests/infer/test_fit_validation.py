@@ -81,3 +81,22 @@ def test_both_nonlinear_models_default_to_a_gaussian_emission():
     dmm = DeepMarkovModel(3, z_dim=2, transition_dim=4, emission_dim=4)
     lstm = LSTMStateSpaceModel(3, z_dim=2, rnn_dim=4, emission_dim=4, hidden_dim=4)
     assert dmm.emission_kind == lstm.emission_kind == "gaussian"
+
+
+def test_fit_config_validates_and_reproduces_fit():
+    """fit's options as one object (issue 15): checked by name, and usable with fit(**vars)."""
+    from pyrossm.infer.fit import FitConfig
+
+    with pytest.raises(ValueError, match="num_particles"):
+        FitConfig(epochs=1, batch_size=4, lr=1e-2, num_particles=0).check(False)
+    with pytest.raises(ValueError, match="early_stopping_patience needs val_data"):
+        FitConfig(epochs=1, batch_size=4, lr=1e-2, early_stopping_patience=2).check(False)
+    cfg = FitConfig(epochs=2, batch_size=4, lr=1e-2, seed=0, device="cpu", progress=False)
+    x = torch.randn(6, 5, 3)
+    runs = []
+    for kwargs in (vars(cfg), dict(epochs=2, batch_size=4, lr=1e-2, seed=0, device="cpu",
+                                   progress=False)):
+        torch.manual_seed(0)
+        model, guide = _pair()
+        runs.append([r["train_neg_elbo"] for r in fit(model, guide, x, **kwargs).records])
+    assert runs[0] == runs[1]
