@@ -163,10 +163,13 @@ def _train_and_score(args, objective, init_seed, x_train, x_test):
                             direction=args.direction)
     t0 = time.perf_counter()
     budget = args.budget_seconds  # equal wall time: many epochs, stopped by the clock
+    annealing = None  # KL annealing is an ELBO recipe; FIVO has no KL term to anneal
+    if objective == "elbo" and args.elbo_annealing is not None:
+        annealing = {"name": "linear", "start": args.elbo_annealing, "num_steps": args.epochs}
     hist = fit(model, guide, x_train, epochs=10**6 if budget else args.epochs,
                batch_size=args.batch_size, lr=args.lr, num_particles=args.k,
                objective=objective, seed=init_seed, progress=False, device="cpu",
-               max_seconds=budget)
+               max_seconds=budget, annealing=annealing)
     seconds = time.perf_counter() - t0
     steps = x_test.shape[0] * x_test.shape[1]
     pyro.set_rng_seed(args.seed + 10)
@@ -242,6 +245,9 @@ def main(argv=None):
     f.add_argument("--batch-size", type=int, default=16)
     f.add_argument("--lr", type=float, default=0.01)
     f.add_argument("--k", type=int, default=4, help="particles of both objectives")
+    f.add_argument("--elbo-annealing", type=float, default=None,
+                   help="ELBO run only: KL annealing linear from this beta to 1 over --epochs "
+                        "optimisation steps (pyrossm's usual recipe against posterior collapse)")
     f.add_argument("--budget-seconds", type=float, default=None,
                    help="equal wall time: train each model for this many seconds (not --epochs)")
     f.add_argument("--init-seeds", type=int, nargs="+", default=[0, 1, 2],
