@@ -13,6 +13,8 @@ Run from the repository root (about 10 minutes on one core)::
 
     python benchmarks/guides.py            # writes benchmarks/results/guides.json
     python benchmarks/guides.py --quick    # smaller, for a smoke test
+    python benchmarks/guides.py --speed-only   # untrained guides, time per step only
+                                               # (benchmarks/results/guides_speed.json)
 """
 
 from __future__ import annotations
@@ -96,9 +98,28 @@ def step_ms(guides, ssm, x, repeats):
     return {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def speed_only(ssm, T, num_train, out, repeats=60):
+    """Milliseconds per 4-particle step (batch 16) of freshly built guides, interleaved."""
+    rows = []
+    for missing in (0.0, 0.15, 0.40):
+        x_train, _ = data(ssm, T, num_train, 1, missing)
+        guides = {kind: make_guide(kind, ssm) for kind in ("conjugate", "structured")}
+        ms = step_ms(guides, ssm, x_train[:16], repeats)
+        rows.append(dict(missing=missing, **{f"{k}_ms": v for k, v in ms.items()},
+                         ratio=ms["conjugate"] / ms["structured"]))
+        print(f"missing {missing:.2f}: conjugate {ms['conjugate']:.1f} ms, structured "
+              f"{ms['structured']:.1f} ms per step, ratio {rows[-1]['ratio']:.2f}")
+    with open(out, "w") as f:
+        json.dump(dict(settings=dict(T=T, batch=16, num_particles=4, repeats=repeats,
+                                     threads=1), torch=torch.__version__, pyro=pyro.__version__,
+                       load_average=os.getloadavg(), results=rows), f, indent=2)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "guides.json"))
     args = parser.parse_args(argv)
@@ -106,6 +127,8 @@ def main(argv=None):
     T, num_train, num_test, epochs, num_iwae = (60, 64, 32, 100, 1000) if not args.quick else \
         (30, 16, 8, 10, 100)
     ssm = truth()
+    if args.speed_only:
+        return speed_only(ssm, T, num_train, args.out.replace("guides.json", "guides_speed.json"))
     results = []
     print(f"{'missing':>8} {'guide':>10} {'ELBO gap':>16} {'IWAE gap':>16} {'s/epoch':>8} "
           f"{'ms/step':>8}")
