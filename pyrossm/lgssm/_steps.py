@@ -281,8 +281,8 @@ def shared_filter(prep, allow_steady=None):
     half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
     fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, Td)
     if Td < T:  # at the fixed point: constant gain, solved in blocks of steps
-        fm2, pm2, ll2 = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], Td, m)
-        fm, pm, ll = torch.cat([fm, fm2], 1), torch.cat([pm, pm2], 1), torch.cat([ll, ll2], 1)
+        fms, pms, lls = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], Td, m)
+        fm, pm, ll = (torch.cat([a] + b, 1) for a, b in ((fm, fms), (pm, pms), (ll, lls)))
     full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
     shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
     return shape(fm), full(filt_c), shape(pm), full(pred_c), shape(ll)
@@ -324,7 +324,7 @@ def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
 
 def _steady_steps(prep, batch, K, Linv, half_logdet, Td, m):
     """Means and log-likelihoods of steps ``Td .. T-1`` at the Riccati fixed point (constant
-    gain ``K``, time-invariant parameters): batch-major, in chunks of time that stay in cache,
+    gain ``K``, time-invariant parameters): batch-major lists of chunks of time that stay in cache,
     the linear recurrence m_t = F m_{t-1} + u_t in blocks of steps (one product per block)."""
     T, p = prep.x.shape[-2:]
     n = m.shape[-1]
@@ -342,11 +342,11 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, Td, m):
     fms, pms, lls = [], [], []
     for start in range(Td, T, chunk):
         stop = min(start + chunk, T)
-        xc = xb[:, start:stop]
-        bc = None if bb is None else bb[:, start:stop]
-        uc = (xc if bc is None else xc - bc @ CT) @ KT
+        xc = xb[:, start:stop].reshape(-1, p)  # (N k, p): one matrix product per operator
+        bc = None if bb is None else bb[:, start:stop].reshape(-1, n)
+        uc = ((xc if bc is None else xc - bc @ CT) @ KT).reshape(N, stop - start, n)
         if bc is not None:
-            uc = uc + bc
+            uc = uc + bc.reshape(N, stop - start, n)
         prev, blocks = m, []
         for j in range(0, stop - start, blk):
             k = min(blk, stop - start - j)
@@ -355,14 +355,15 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, Td, m):
             blocks.append(mb.reshape(N, k, n))
             m = mb[:, -n:]
         fc = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
-        pc = torch.cat([prev.unsqueeze(1), fc[:, :-1]], 1) @ AT
+        pc = torch.cat([prev.unsqueeze(1), fc[:, :-1]], 1).reshape(-1, n) @ AT
         if bc is not None:
             pc = pc + bc
         w = (xc - pc @ CT) @ LT
-        lls.append(-0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet)
+        ll = -0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet
+        lls.append(ll.reshape(N, stop - start))
         fms.append(fc)
-        pms.append(pc)
-    return torch.cat(fms, 1), torch.cat(pms, 1), torch.cat(lls, 1)
+        pms.append(pc.reshape(N, stop - start, n))
+    return fms, pms, lls
 
 
 def _block_operators(F, blk):

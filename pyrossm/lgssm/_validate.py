@@ -105,7 +105,7 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
             raise TypeError(
                 f"{name}: expected dtype {x.dtype} (the dtype of x), got {named[name].dtype}"
             )
-    if bool(torch.isinf(x).any()):
+    if not bool(torch.isfinite(x).all()) and bool(torch.isinf(x).any()):
         _fail("x", "finite values or NaN for missing entries", "Inf entries")
     for name in ("Q", "R", "init_cov"):
         _check_covariance(name, named[name])
