@@ -8,7 +8,8 @@ of about one filter pass, instead of a taped autograd pass through T small matri
 It agrees with :func:`~pyrossm.lgssm.kalman_filter` to rounding (tested).
 
 Shapes: ``x (B, T, p)`` or ``(K, B, T, p)`` (time at dim -2, NaN = missing, the same
-entries missing for every parameter set), ``A (K, n, n)``, ``C (K, p, n)``,
+entries missing for every parameter set), ``A (K, n, n)``, ``C (K, p, n)`` (or
+``(K, B, T, p, n)``),
 ``Q (K, n, n)``, ``r (K, p)`` (the diagonal of R), ``init_mean (K, n)``, ``init_cov (K, n, n)``.
 """
 
@@ -18,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["univariate_log_likelihood"]
+__all__ = ["univariate_log_likelihood", "whitened_log_likelihood"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -55,10 +56,10 @@ def univariate_log_likelihood(x, A, C, Q, r, init_mean, init_cov, burn=0):
         for i in range(p):
             if not any_obs[t, i]:
                 continue
-            c = C[:, i, :]  # (K, n)
-            Pc = (P @ c[:, None, :, None])[..., 0]  # (K, B, n)
-            f = (Pc @ c[:, :, None])[..., 0] + r[:, i, None]  # (K, B)
-            v = xf[:, :, t, i] - (m @ c[:, :, None])[..., 0]  # (K, B)
+            c = C[:, :, t, i, :] if C.ndim == 5 else C[:, None, i, :]  # (K, B or 1, n)
+            Pc = (P @ c[..., None])[..., 0]  # (K, B, n)
+            f = (Pc * c).sum(-1) + r[:, i, None]  # (K, B)
+            v = xf[:, :, t, i] - (m * c).sum(-1)  # (K, B)
             w = w_all[:, t, i]  # (B,)
             gain = Pc * (w / f)[..., None]
             m = m + gain * v[..., None]
@@ -66,3 +67,34 @@ def univariate_log_likelihood(x, A, C, Q, r, init_mean, init_cov, burn=0):
             if t >= burn:
                 ll -= 0.5 * (w * (_LOG_2PI + np.log(f) + v * v / f)).sum(-1)
     return ll
+
+
+def whitened_log_likelihood(x, A, C, Q, R, init_mean, init_cov, burn=0):
+    """The same for a full ``R (K, p, p)``: at each step the observed entries o are whitened,
+    x̃_o = L_o⁻¹ x_o and C̃_o = L_o⁻¹ C_o with R_oo = L_o L_oᵀ, so that their noise is
+    N(0, I); then the univariate filter, and log|L_o| subtracted. One Cholesky per missing
+    pattern (and parameter set)."""
+    x = np.asarray(x, dtype=np.float64)
+    K, p = C.shape[0], C.shape[1]
+    if x.ndim == 3:
+        x = np.broadcast_to(x[None], (K,) + x.shape)
+    B, T = x.shape[1:3]
+    obs = ~np.isnan(x[0])
+    xf = np.where(obs, x, 0.0)
+    patterns, which = np.unique(obs.reshape(-1, p), axis=0, return_inverse=True)
+    W = np.zeros((len(patterns), K, p, p))
+    logdet = np.zeros((len(patterns), K))
+    for j, pattern in enumerate(patterns):
+        idx = np.flatnonzero(pattern)
+        if len(idx) == 0:
+            continue
+        L = np.linalg.cholesky(R[:, idx[:, None], idx[None, :]])
+        W[j][:, idx[:, None], idx[None, :]] = np.linalg.inv(L)
+        logdet[j] = np.log(np.diagonal(L, axis1=-2, axis2=-1)).sum(-1)
+    Wbt = np.moveaxis(W[which.reshape(-1)].reshape(B, T, K, p, p), 2, 0)  # (K, B, T, p, p)
+    xw = (Wbt @ xf[..., None])[..., 0]
+    Cw = Wbt @ C[:, None, None]
+    xw = np.where(obs, xw, np.nan)
+    ones = np.ones((K, p))
+    ll = univariate_log_likelihood(xw, A, Cw, Q, ones, init_mean, init_cov, burn)
+    return ll - logdet[which.reshape(-1)].reshape(B, T, K)[:, burn:].sum((0, 1))

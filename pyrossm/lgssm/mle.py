@@ -22,10 +22,10 @@ partial-autocorrelation transform of Monahan (1984) / Jones (1980), as statsmode
 ``constrain_stationary_univariate``.
 
 Start values: a moment / principal-component estimate (see :func:`pca_start`), then L-BFGS to
-``gtol``/``ftol``. The gradient: with a diagonal R (always for univariate series), central
-differences of the univariate-treatment likelihood (:mod:`pyrossm.lgssm._univariate`), all
-2k + 1 parameter sets in one batched NumPy pass — much cheaper than a taped autograd pass
-through T small steps; otherwise autograd through :func:`~pyrossm.lgssm.kalman_filter`.
+``gtol``/``ftol``. The gradient: central differences of the univariate-treatment likelihood
+(:mod:`pyrossm.lgssm._univariate`; a full R is whitened per step), all 2k + 1 parameter sets
+in one batched NumPy pass — much cheaper than a taped autograd pass through T small steps
+(autograd through :func:`~pyrossm.lgssm.kalman_filter` when R is singular and not diagonal).
 Standard errors: observed information, the autograd Hessian of the exact (Kalman)
 log-likelihood in the *natural* parameterisation (the entries of A, C, vech(Q), ... — as
 statsmodels' ``cov_type="approx"``), inverted.
@@ -52,7 +52,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from ._univariate import univariate_log_likelihood
+from ._univariate import univariate_log_likelihood, whitened_log_likelihood
 from .inference import kalman_filter
 from .initial import diffuse_covariance, stationary_covariance
 from .results import MLEResults, standardized_residuals
@@ -374,7 +374,10 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
 
     def loss_and_grad(theta_np):
         theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)
-        ll = burned_log_likelihood(spec, _unpack(theta, blocks), x, burn)
+        try:
+            ll = burned_log_likelihood(spec, _unpack(theta, blocks), x, burn)
+        except (ValueError, torch.linalg.LinAlgError):  # an extreme trial step: reject it
+            return 1e10, np.zeros_like(theta_np)
         loss = -ll / n_obs
         if not torch.isfinite(loss):
             return 1e10, np.zeros_like(theta_np)
@@ -424,14 +427,12 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
 
 
 def _univariate_ok(spec, values, x):
-    """Whether the fast univariate likelihood applies: R diagonal for every parameter value."""
+    """Whether the fast univariate likelihood applies: R diagonal, or positive definite (then
+    whitened at each step)."""
     m, _ = spec.system(values, x)
-    if m["R"].shape[-1] == 1:
-        return True
-    diag_learned = any(b.name == "R" and b.kind == "variance" for b in spec.blocks)
-    fixed = "R" in getattr(spec, "fixed", {}) and bool(
-        (m["R"] == torch.diag(torch.diagonal(m["R"]))).all())
-    return diag_learned or fixed
+    R = m["R"]
+    return bool((R == torch.diag(torch.diagonal(R))).all()) or int(
+        torch.linalg.cholesky_ex(R)[1]) == 0
 
 
 def _batched_log_likelihood(spec, thetas, x, burn):
@@ -444,9 +445,12 @@ def _batched_log_likelihood(spec, thetas, x, burn):
             data.append(xx)
     st = {k: np.stack([m[k].numpy() for m in systems]) for k in systems[0]}
     xs = np.stack([d.numpy() for d in data]) if data[0] is not x else x.numpy()
-    return univariate_log_likelihood(xs, st["A"], st["C"], st["Q"],
-                                     np.diagonal(st["R"], axis1=-2, axis2=-1), st["init_mean"],
-                                     st["init_cov"], burn)
+    r = np.diagonal(st["R"], axis1=-2, axis2=-1)
+    if np.array_equal(st["R"], r[..., None] * np.eye(r.shape[-1])):  # diagonal R
+        return univariate_log_likelihood(xs, st["A"], st["C"], st["Q"], r, st["init_mean"],
+                                         st["init_cov"], burn)
+    return whitened_log_likelihood(xs, st["A"], st["C"], st["Q"], st["R"], st["init_mean"],
+                                   st["init_cov"], burn)
 
 
 def observed_information(spec, values, x, burn):
@@ -516,13 +520,15 @@ def _fit_model(model, x, mask=None, *, spec=None, burn=None, start="auto", max_i
     if not info["converged"]:
         warnings.warn(f"fit: L-BFGS did not converge: {info['message']}", stacklevel=4)
     labels = [lab for b in spec.blocks for lab in b.labels()]
-    if std_errors:
-        info_matrix, eta = observed_information(spec, values, x, burn)
+    eta = torch.cat([b.natural_vector(values[b.name]) for b in spec.blocks]).detach()
+
+    def covariance():  # computed when first asked for (the Hessian costs about one fit)
+        if not std_errors:
+            return torch.full((len(eta), len(eta)), float("nan"), dtype=torch.float64)
+        with _one_thread():
+            info_matrix, _ = observed_information(spec, values, x, burn)
         unusable = torch.cat([b.boundary_entries(values[b.name]) for b in spec.blocks])
-        cov = _invert_information(info_matrix, unusable)
-    else:
-        eta = torch.cat([b.natural_vector(values[b.name]) for b in spec.blocks])
-        cov = torch.full((len(eta), len(eta)), float("nan"), dtype=torch.float64)
+        return _invert_information(info_matrix, unusable)
     with torch.no_grad():
         m, xx = spec.system(values, x)
         filt = kalman_filter(xx, m["A"], m["C"], m["Q"], m["R"], m["init_mean"], m["init_cov"])
@@ -533,7 +539,7 @@ def _fit_model(model, x, mask=None, *, spec=None, burn=None, start="auto", max_i
     nobs = int((~torch.isnan(x[..., burn:, :])).any(-1).sum())
     seconds = time.perf_counter() - t0
     return MLEResults(
-        info["history"], names=labels, estimates=eta.detach(), cov_params=cov,
+        info["history"], names=labels, estimates=eta, covariance=covariance,
         log_likelihood=loglik, nobs=nobs, burn=burn, iterations=info["iterations"],
         evaluations=info["evaluations"], grad_norm=info["grad_norm"],
         converged=info["converged"], message=info["message"], seconds=seconds,

@@ -71,7 +71,8 @@ class MLEResults(list):
             information: the inverse of minus the autograd Hessian of the log-likelihood in
             the natural parameterisation (variances, matrix entries; ``cov_type="approx"``
             of statsmodels).
-        cov_params: ``(k, k)`` their covariance.
+        cov_params: ``(k, k)`` their covariance, computed when first used (``std_errors``,
+            ``summary()``), as the Hessian costs about as much as the fit.
         params, system: the fitted natural values by name, and the system matrices.
         log_likelihood: the maximised log-likelihood, first ``burn`` steps' terms dropped.
         nobs: number of steps with an observation after the burn.
@@ -90,6 +91,13 @@ class MLEResults(list):
     @property
     def history(self):
         return list(self)
+
+    @property
+    def cov_params(self):
+        """``(k, k)`` covariance of the estimates (computed on first use: an autograd Hessian)."""
+        if getattr(self, "_cov", None) is None:
+            self._cov = self.covariance()
+        return self._cov
 
     @property
     def std_errors(self):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyrossm.lgssm import LinearGaussianSSM, kalman_filter, ljung_box, structural
-from pyrossm.lgssm._univariate import univariate_log_likelihood
+from pyrossm.lgssm._univariate import univariate_log_likelihood, whitened_log_likelihood
 from pyrossm.lgssm.mle import Block
 from pyrossm.lgssm.structural import LocalLevel
 
@@ -65,6 +65,29 @@ def test_univariate_likelihood_equals_the_kalman_filter():
                                    r[None].numpy(), m["init_mean"][None].numpy(),
                                    m["init_cov"][None].detach().numpy(), burn=2)
     assert abs(ll[0] - float(ref)) <= RTOL * abs(float(ref))
+
+
+def test_whitened_likelihood_equals_the_kalman_filter_with_full_R():
+    truth, x = simulate(batch=2, T=40, missing=0.25)
+    m = {k: v.detach() for k, v in truth.matrices().items()}
+    G = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-0.3, 0.2, 0.5]], dtype=F64)
+    m["R"] = G @ G.T
+    ref = kalman_filter(x, **m).step_log_likelihoods[..., 1:].sum()
+    ll = whitened_log_likelihood(x.numpy(), *(m[k][None].numpy() for k in "ACQR"),
+                                 m["init_mean"][None].numpy(), m["init_cov"][None].numpy(),
+                                 burn=1)
+    assert abs(ll[0] - float(ref)) <= RTOL * abs(float(ref))
+
+
+def test_full_R_fit_matches_its_kalman_log_likelihood():
+    _, x = simulate(T=80)
+    ssm = LinearGaussianSSM(1, 3, init="diffuse", dtype=F64)
+    res = ssm.fit(x)
+    assert res.converged, res.message
+    with torch.no_grad():
+        ll = float(ssm.filter(x).step_log_likelihoods[..., 1:].sum())
+    assert abs(ll - res.log_likelihood) <= 1e-9 * abs(ll)
+    assert not torch.allclose(ssm.R, torch.diag(torch.diagonal(ssm.R)))  # a full R was fitted
 
 
 # ------------------------------------------------------------------------------ fitting
