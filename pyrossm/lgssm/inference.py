@@ -67,7 +67,7 @@ from ._steps import (
     sym,
     update_cov,
 )
-from ._validate import validate_inputs, validate_offsets
+from ._validate import all_finite, validate_inputs, validate_offsets
 
 __all__ = ["FilterResult", "SmootherResult", "kalman_filter", "kalman_smoother"]
 
@@ -146,7 +146,7 @@ def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None)
         b = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., 1:, :]], -2)
     tv = {name: p.dim() == x.dim() + 1 for name, p in zip("ACQR", (A, C, Q, R))}
     A, C, Q, R = (_full_time(p, x.shape[-2]) if tv[k] else p for k, p in zip("ACQR", (A, C, Q, R)))
-    if (mask is None or bool(mask.all())) and bool(torch.isfinite(x).all()):
+    if (mask is None or bool(mask.all())) and all_finite(x):
         return _Prepared(x, None, A, C, Q, R, init_mean, init_cov, tv, None, b)
     obs = ~torch.isnan(x)
     if mask is not None:
