@@ -78,11 +78,15 @@ from pyrossm.infer.data import (
 )
 from pyrossm.infer.evaluate import (
     ELBOResult,
+    Evaluation,
     elbo,
     elbo_terms,
+    evaluate,
     importance_log_weights,
     kl_per_step,
     log_likelihood,
+    observed_steps,
+    smc_log_likelihood,
 )
 from pyrossm.infer.fit import History, TrainingDivergedError, fit, resolve_device
 from pyrossm.infer.handlers import FreeBitsELBO, LatentScaleMessenger
@@ -97,6 +101,7 @@ __all__ = [
     "Constant",
     "Cyclical",
     "ELBOResult",
+    "Evaluation",
     "FreeBitsELBO",
     "History",
     "LatentScaleMessenger",
@@ -112,6 +117,7 @@ __all__ = [
     "distributed",
     "elbo",
     "elbo_terms",
+    "evaluate",
     "fit",
     "importance_log_weights",
     "kl_per_step",
@@ -119,10 +125,12 @@ __all__ = [
     "load_checkpoint",
     "log_likelihood",
     "make_schedule",
+    "observed_steps",
     "pad_sequences",
     "repeat_particles",
     "resolve_device",
     "save_checkpoint",
     "schedules",
     "sigmoid",
+    "smc_log_likelihood",
 ]

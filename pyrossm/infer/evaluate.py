@@ -43,11 +43,14 @@ from pyrossm.infer.params import claim_param_store, owner_module
 
 __all__ = [
     "ELBOResult",
+    "Evaluation",
     "elbo",
     "elbo_terms",
+    "evaluate",
     "importance_log_weights",
     "kl_per_step",
     "log_likelihood",
+    "observed_steps",
     "smc_log_likelihood",
 ]
 
@@ -257,3 +260,81 @@ def smc_log_likelihood(model, data, num_particles: int = 1000, guide=None, batch
                                   resampling=resampling, ess_threshold=ess_threshold)
             out.append(res.log_likelihood)
     return torch.cat(out)
+
+
+class Evaluation(NamedTuple):
+    """Held-out figures of a model/guide pair (:func:`evaluate`).
+
+    Per-sequence tensors ``(N,)``: ``elbo``, ``log_likelihood`` (IWAE), ``kl``, ``smc``
+    (particle-filter estimate, None unless asked for), ``num_steps`` (observed steps). Per-step
+    floats, summed over sequences and divided by the total number of observed steps (the one
+    "per step" of pyrossm: steps inside the mask with at least one observed entry):
+    ``elbo_per_step``, ``log_likelihood_per_step``, ``kl_per_step``, ``smc_per_step``.
+    """
+
+    elbo: torch.Tensor
+    log_likelihood: torch.Tensor
+    kl: torch.Tensor
+    smc: torch.Tensor | None
+    num_steps: torch.Tensor
+    elbo_per_step: float
+    log_likelihood_per_step: float
+    kl_per_step: float
+    smc_per_step: float | None
+    num_samples: int
+    elbo_samples: int
+
+
+def evaluate(model, guide, data, *, num_samples: int = 100, elbo_samples: int = 1,
+             smc_particles: int = 0, batch_size: int = 64, chunk_size: int | None = None,
+             device=None) -> Evaluation:
+    """ELBO, IWAE and (optionally) particle-filter estimates of ``log p(x)`` on ``data``.
+
+    The one evaluation path of pyrossm: the CLI, the demo and the experiments report these
+    figures. ``data``: ``x (N, T, D)`` (time at dim -2; NaN = missing), ``(N, T)`` token ids,
+    ``(x, mask)``, ``(x, lengths)`` or a :class:`~pyrossm.infer.data.SequenceDataset`.
+    ``num_samples``: guide draws of the IWAE bound (Burda et al. 2016); ``elbo_samples``: draws
+    averaged in the ELBO; ``smc_particles > 0`` adds :func:`smc_log_likelihood` with the guide
+    as proposal (state-space models only). Per-step figures divide by the number of observed
+    steps (:func:`observed_steps`).
+
+    >>> import pyrossm
+    >>> from pyrossm.guides import StructuredGuide
+    >>> ssm = pyrossm.LinearGaussianSSM.from_matrices(A=[[0.9]], C=[[1.0]], Q=[[0.5]], R=[[1.0]])
+    >>> _, x = ssm.sample(20, num_samples=3)
+    >>> ev = evaluate(ssm.model, StructuredGuide(1, 1), x, num_samples=10)
+    >>> ev.log_likelihood.shape, ev.elbo_per_step <= ev.log_likelihood_per_step + 1.0
+    (torch.Size([3]), True)
+    """
+    _check_positive("elbo_samples", elbo_samples)
+    terms = elbo_terms(model, guide, data, elbo_samples, batch_size, chunk_size, device)
+    iwae = log_likelihood(model, guide, data, num_samples, batch_size, chunk_size, device)
+    smc = None
+    if smc_particles:
+        smc = smc_log_likelihood(model, data, smc_particles, guide=guide, batch_size=batch_size,
+                                 device=device)
+    steps = observed_steps(data)
+    total = max(int(steps.sum()), 1)
+
+    def per_step(values):
+        return None if values is None else float(values.sum()) / total
+
+    return Evaluation(
+        terms.elbo, iwae, terms.kl, smc, steps, per_step(terms.elbo), per_step(iwae),
+        per_step(terms.kl), per_step(smc), num_samples, elbo_samples,
+    )
+
+
+def observed_steps(data) -> torch.Tensor:
+    """Observed steps per sequence, ``(N,)``: steps inside the mask (right padding excluded)
+    with at least one observed (non-NaN) entry; every real step for token ids.
+
+    >>> observed_steps(torch.tensor([[[1.0], [float("nan")], [2.0]]])).tolist()
+    [2]
+    """
+    dataset = as_dataset(data)
+    x, mask = dataset.x, dataset.mask
+    if x.is_floating_point():
+        seen = ~torch.isnan(x).all(-1) if x.dim() == 3 else ~torch.isnan(x)
+        mask = mask & seen
+    return mask.sum(-1).cpu()
