@@ -17,7 +17,6 @@ from pyrossm.app.runs import (
     load_data,
     load_run,
     log_jacobian,
-    per_step,
     save_run,
     standardize,
     write_json,
@@ -69,26 +68,28 @@ def _exact_lgssm(model):
 
 def _metrics(cfg_model, model, guide, data, raw_x, stats, kind, num_samples, elbo_samples,
              device, name):
-    """Held-out figures per step (original units for real data)."""
-    from pyrossm.infer import elbo, log_likelihood
+    """Held-out figures per observed step (original units for real data), by
+    :func:`pyrossm.infer.evaluate` (the library's one evaluation path and "per step")."""
+    from pyrossm.infer import evaluate, observed_steps
 
     x, mask = data
     jac = log_jacobian(raw_x, mask, stats) if kind == "real" else 0.0
-    out = {"data": name, "steps": int(mask.sum()), "sequences": int(x.shape[0]),
+    steps = max(int(observed_steps((x, mask)).sum()), 1)
+    out = {"data": name, "steps": steps, "sequences": int(x.shape[0]),
            "units": ("nats; real data in its original units" if stats is not None else "nats")}
     if cfg_model["model"] == "lgssm":
         with torch.no_grad():
             ll = _exact_lgssm(model).log_prob(x.to("cpu", torch.float64), mask=mask.cpu())
-        out["exact_ll_per_step"] = per_step(float(ll.sum()) - jac, mask)
+        out["exact_ll_per_step"] = (float(ll.sum()) - jac) / steps
     if guide is not None:
-        iwae = log_likelihood(model, guide, (x, mask), num_samples=num_samples, device=device)
-        lower = elbo(model, guide, (x, mask), num_samples=elbo_samples, device=device)
-        out["iwae_ll_per_step"] = per_step(float(iwae.sum()) - jac, mask)
-        out["elbo_per_step"] = per_step(float(lower.sum()) - jac, mask)
+        ev = evaluate(model, guide, (x, mask), num_samples=num_samples,
+                      elbo_samples=elbo_samples, device=device)
+        out["iwae_ll_per_step"] = (float(ev.log_likelihood.sum()) - jac) / steps
+        out["elbo_per_step"] = (float(ev.elbo.sum()) - jac) / steps
         out["iwae_samples"], out["elbo_samples"] = num_samples, elbo_samples
         if kind == "tokens":
-            out["iwae_nll_per_sentence"] = -float(iwae.sum()) / x.shape[0]
-            out["perplexity_iwae"] = math.exp(-float(iwae.sum()) / int(mask.sum()))
+            out["iwae_nll_per_sentence"] = -float(ev.log_likelihood.sum()) / x.shape[0]
+            out["perplexity_iwae"] = math.exp(-float(ev.log_likelihood.sum()) / steps)
     return out
 
 

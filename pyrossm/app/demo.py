@@ -90,9 +90,10 @@ def _lr_decay(cfg, steps):
 
 
 def _per_step(total, x):
-    """Per observed step: divide by the number of (sequence, time) steps with any observation."""
-    steps = int((~torch.isnan(x).all(-1)).sum())
-    return float(total) / max(steps, 1)
+    """Per observed step (:func:`pyrossm.infer.observed_steps`: steps with any observation)."""
+    from pyrossm.infer import observed_steps
+
+    return float(total) / max(int(observed_steps(x).sum()), 1)
 
 
 def _float64(model):
@@ -109,11 +110,11 @@ def _exact_ll(model, x):
 
 
 def _bounds(model, guide, x, cfg, device):
-    from pyrossm.infer import elbo, log_likelihood
+    from pyrossm.infer import evaluate
 
-    iwae = log_likelihood(model, guide, x, num_samples=cfg.iwae_samples, device=device)
-    lower = elbo(model, guide, x, num_samples=cfg.elbo_samples, device=device)
-    return _per_step(iwae.sum(), x), _per_step(lower.sum(), x)
+    ev = evaluate(model, guide, x, num_samples=cfg.iwae_samples, elbo_samples=cfg.elbo_samples,
+                  device=device)
+    return ev.log_likelihood_per_step, ev.elbo_per_step
 
 
 def _svi(model, guide, train, cfg, epochs, device, seed, progress, batch_size=None,

@@ -196,10 +196,6 @@ def load_run(run_dir, device="cpu"):
     return cfg, model, guide, vocab
 
 
-def per_step(total, mask) -> float:
-    return float(total) / max(int(mask.sum()), 1)
-
-
 def _json_default(o):
     if isinstance(o, float) and not math.isfinite(o):
         return None
