@@ -219,7 +219,9 @@ class ConjugateGuide(PyroModule):
         # a plain attribute, not a submodule: the model keeps its own parameters and Pyro names
         self.__dict__["_transition"] = transition
         m = obs_dim * (rank if potentials == "mlp" else 1)
-        self.loading = nn.Parameter(torch.randn(m, state_dim) / math.sqrt(state_dim))
+        # near zero: q starts as the chain itself and learns the potentials (a random loading of
+        # unit scale can start training in a region it leaves only slowly)
+        self.loading = nn.Parameter(0.01 * torch.randn(m, state_dim))
         self.offset = nn.Parameter(torch.zeros(m))
         if potentials == "linear":
             self.noise_raw = nn.Parameter(_raw_for(1.0, m) if noise == "full"

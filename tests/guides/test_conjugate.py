@@ -165,9 +165,9 @@ def _acceptance(T, num_train, num_test, epochs, missing, num_iwae, lr=0.02, batc
 
 @pytest.mark.parametrize("missing", [0.0, 0.4])
 def test_fit_reaches_the_posterior_small(missing):
-    elbo_gap, iwae_gap = _acceptance(T=20, num_train=32, num_test=8, epochs=30,
+    elbo_gap, iwae_gap = _acceptance(T=20, num_train=32, num_test=8, epochs=50,
                                      missing=missing, num_iwae=200, lr=0.1, batch_size=8)
-    assert elbo_gap < 0.03 and abs(iwae_gap) < 0.01
+    assert elbo_gap < 0.02 and abs(iwae_gap) < 0.01
 
 
 @pytest.mark.slow
