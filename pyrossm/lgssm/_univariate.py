@@ -24,9 +24,10 @@ __all__ = ["univariate_log_likelihood", "whitened_log_likelihood"]
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def univariate_log_likelihood(x, A, C, Q, r, init_mean, init_cov, burn=0):
+def univariate_log_likelihood(x, A, C, Q, r, init_mean, init_cov, burn=0,
+                              transition_offset=None):
     """Σ over sequences and steps t ≥ ``burn`` of log p(x_t | x_{<t}) for each of K parameter
-    sets: an array ``(K,)``.
+    sets: an array ``(K,)``. ``transition_offset (K, B, T, n)``: b_t added to A m_{t-1}.
 
     >>> import numpy as np
     >>> x = np.zeros((1, 3, 1)); one = np.ones((1, 1, 1))
@@ -51,6 +52,8 @@ def univariate_log_likelihood(x, A, C, Q, r, init_mean, init_cov, burn=0):
     for t in range(T):
         if t:
             m = m @ At3
+            if transition_offset is not None:
+                m = m + transition_offset[:, :, t]
             P = A4 @ P @ At4 + Q4
             P = 0.5 * (P + np.swapaxes(P, -1, -2))
         for i in range(p):
@@ -69,7 +72,8 @@ def univariate_log_likelihood(x, A, C, Q, r, init_mean, init_cov, burn=0):
     return ll
 
 
-def whitened_log_likelihood(x, A, C, Q, R, init_mean, init_cov, burn=0):
+def whitened_log_likelihood(x, A, C, Q, R, init_mean, init_cov, burn=0,
+                            transition_offset=None):
     """The same for a full ``R (K, p, p)``: at each step the observed entries o are whitened,
     x̃_o = L_o⁻¹ x_o and C̃_o = L_o⁻¹ C_o with R_oo = L_o L_oᵀ, so that their noise is
     N(0, I); then the univariate filter, and log|L_o| subtracted. One Cholesky per missing
@@ -96,5 +100,6 @@ def whitened_log_likelihood(x, A, C, Q, R, init_mean, init_cov, burn=0):
     Cw = Wbt @ C[:, None, None]
     xw = np.where(obs, xw, np.nan)
     ones = np.ones((K, p))
-    ll = univariate_log_likelihood(xw, A, Cw, Q, ones, init_mean, init_cov, burn)
+    ll = univariate_log_likelihood(xw, A, Cw, Q, ones, init_mean, init_cov, burn,
+                                   transition_offset)
     return ll - logdet[which.reshape(-1)].reshape(B, T, K)[:, burn:].sum((0, 1))

@@ -355,7 +355,7 @@ def burned_log_likelihood(spec, values, x, burn):
     """Σ over sequences and steps t ≥ burn of log p(x_t | x_{<t}) at natural ``values``."""
     m, xx = spec.system(values, x)
     res = kalman_filter(xx, m["A"], m["C"], m["Q"], m["R"], m["init_mean"], m["init_cov"],
-                        validate=False)
+                        validate=False, transition_offset=m.get("transition_offset"))
     return res.step_log_likelihoods[..., burn:].sum()
 
 
@@ -446,11 +446,12 @@ def _batched_log_likelihood(spec, thetas, x, burn):
     st = {k: np.stack([m[k].numpy() for m in systems]) for k in systems[0]}
     xs = np.stack([d.numpy() for d in data]) if data[0] is not x else x.numpy()
     r = np.diagonal(st["R"], axis1=-2, axis2=-1)
+    b = st.get("transition_offset")
     if np.array_equal(st["R"], r[..., None] * np.eye(r.shape[-1])):  # diagonal R
         return univariate_log_likelihood(xs, st["A"], st["C"], st["Q"], r, st["init_mean"],
-                                         st["init_cov"], burn)
+                                         st["init_cov"], burn, b)
     return whitened_log_likelihood(xs, st["A"], st["C"], st["Q"], st["R"], st["init_mean"],
-                                   st["init_cov"], burn)
+                                   st["init_cov"], burn, b)
 
 
 def observed_information(spec, values, x, burn):
@@ -531,7 +532,8 @@ def _fit_model(model, x, mask=None, *, spec=None, burn=None, start="auto", max_i
         return _invert_information(info_matrix, unusable)
     with torch.no_grad():
         m, xx = spec.system(values, x)
-        filt = kalman_filter(xx, m["A"], m["C"], m["Q"], m["R"], m["init_mean"], m["init_cov"])
+        filt = kalman_filter(xx, m["A"], m["C"], m["Q"], m["R"], m["init_mean"], m["init_cov"],
+                             transition_offset=m.get("transition_offset"))
         loglik = float(filt.step_log_likelihoods[..., burn:].sum())
         resid = standardized_residuals(xx, filt, m["C"], m["R"])
         resid[..., :burn, :] = float("nan")

@@ -18,8 +18,9 @@ Components (as statsmodels' ``UnobservedComponents``, with its parameter names):
 * :class:`Autoregressive` — AR(p) in companion form (``sigma2.ar``, ``ar.L1`` …), kept
   stationary by the partial-autocorrelation transform, with its stationary initial covariance.
 * :class:`Regression` — exogenous regressors u_t (shape ``(batch, T, k)`` or ``(T, k)``, time
-  at dim -2) entering the observation equation, x_t = … + βᵀ u_t (``beta.x1`` …), β estimated
-  by maximum likelihood (statsmodels' ``mle_regression=True``).
+  at dim -2) entering the observation equation, x_t = … + βᵀ u_t (``beta``), β estimated
+  by maximum likelihood (statsmodels' ``mle_regression=True``); or, with
+  ``equation="state"``, control inputs of the level, μ_t = μ_{t-1} + … + γᵀ u_t (``gamma``).
 
 The non-stationary states get the approximate diffuse initialisation (variance 1e6, the first
 ``number of diffuse states`` log-likelihood terms burned), the AR block its stationary
@@ -174,10 +175,16 @@ class Autoregressive(_Component):
 
 
 class Regression(_Component):
-    """Exogenous regressors ``exog`` ((batch, T, k) or (T, k), time at dim -2) in the
-    observation equation: x_t = … + βᵀ u_t; β (``beta.x1`` …) by maximum likelihood."""
+    """Exogenous regressors / control inputs ``exog`` u_t ((batch, T, k) or (T, k), time at
+    dim -2), coefficients by maximum likelihood: ``equation="observation"`` (default):
+    x_t = … + βᵀ u_t (``beta``, statsmodels' ``exog``); ``equation="state"``: a control input
+    of the first state (the level), μ_t = μ_{t−1} + … + γᵀ u_t (``gamma``; u_0 is unused),
+    through the filter's ``transition_offset``."""
 
-    def __init__(self, exog):
+    def __init__(self, exog, equation="observation"):
+        if equation not in ("observation", "state"):
+            raise ValueError(f"equation: expected 'observation' or 'state', got {equation!r}")
+        self.equation = equation
         exog = torch.as_tensor(exog, dtype=_F64)
         if exog.dim() == 1:
             exog = exog.unsqueeze(-1)
@@ -189,11 +196,12 @@ class Regression(_Component):
                 f"{tuple(exog.shape)}"
             )
         self.exog, self.k = exog, 0
-        self.params = (("beta", "free", (exog.shape[-1],)),)
+        self.name = "beta" if equation == "observation" else "gamma"
+        self.params = ((self.name, "free", (exog.shape[-1],)),)
 
     def offset(self, values):
-        """βᵀ u_t: ``(batch, T)``."""
-        return self.exog @ values["beta"]
+        """βᵀ u_t (or γᵀ u_t): ``(batch, T)``."""
+        return self.exog @ values[self.name]
 
 
 class StructuralSpec:
@@ -240,11 +248,17 @@ class StructuralSpec:
             R = values["sigma2.irregular"].reshape(1, 1)
         else:
             R = torch.zeros(1, 1, dtype=_F64)
-        for c in self.structure.components:
-            if isinstance(c, Regression) and x.shape[-2] == c.exog.shape[-2]:
-                x = x - c.offset(values).unsqueeze(-1)
         m = dict(A=A, C=C, Q=Q, R=R, init_mean=torch.zeros(A.shape[-1], dtype=_F64),
                  init_cov=torch.block_diag(*init))
+        for c in self.structure.components:
+            if not isinstance(c, Regression) or x.shape[-2] != c.exog.shape[-2]:
+                continue
+            if c.equation == "observation":
+                x = x - c.offset(values).unsqueeze(-1)
+            else:
+                rest = torch.zeros(c.exog.shape[:-1] + (A.shape[-1] - 1,), dtype=_F64)
+                b = torch.cat([c.offset(values).unsqueeze(-1), rest], -1)  # into state 0
+                m["transition_offset"] = m.get("transition_offset", 0) + b
         return m, x
 
     def start(self, x, how="auto"):
@@ -254,8 +268,10 @@ class StructuralSpec:
         if self.structure.irregular:
             values["sigma2.irregular"] = torch.tensor(v, dtype=_F64)
         for c in self.structure.components:
-            if isinstance(c, Regression):
+            if isinstance(c, Regression) and c.equation == "observation":
                 values.update(_ols_start(c, x))
+            elif isinstance(c, Regression):
+                values[c.name] = torch.zeros(c.exog.shape[-1], dtype=_F64)
             else:
                 values.update(c.start(v))
         return values
@@ -266,7 +282,7 @@ def _ols_start(comp, x):
     y = x.reshape(-1)
     ok = ~torch.isnan(y)
     beta = torch.linalg.lstsq(u[ok], y[ok].unsqueeze(-1)).solution.squeeze(-1)
-    return {"beta": beta}
+    return {comp.name: beta}
 
 
 class _Structure:

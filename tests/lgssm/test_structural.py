@@ -164,3 +164,31 @@ def test_co2_small():
 def test_co2_acceptance():
     res = check_co2(months=None)
     assert res.seconds < 30
+
+
+def test_state_control_input_equals_an_integrated_observation_regressor():
+    """A control input of the level, μ_t = μ_{t-1} + γ u_t + η_t (transition offset), is the
+    observation regression on U_t = Σ_{s=1..t} u_s (μ'_t = μ_t − γ U_t is a random walk):
+    equal log-likelihoods at γ = β, and equal maximised ones."""
+    y = series(seed=4)
+    u = np.random.default_rng(5).standard_normal((T, 1))
+    U = np.cumsum(np.r_[[[0.0]], u[1:]], axis=0)
+    x = torch.tensor(y).reshape(1, -1, 1)
+    state = structural([LocalLevel(), Regression(u, equation="state")])
+    obs = structural([LocalLevel(), Regression(U)])
+    values = {"sigma2.irregular": torch.tensor(0.3, dtype=torch.float64),
+              "sigma2.level": torch.tensor(0.1, dtype=torch.float64)}
+    lls = []
+    for ssm, name in ((state, "gamma"), (obs, "beta")):
+        spec = StructuralSpec(ssm._structure, x)
+        m, xx = spec.system({**values, name: torch.tensor([0.7], dtype=torch.float64)}, x)
+        lls.append(float(kalman_filter(xx, **m).step_log_likelihoods[..., spec.burn:].sum()))
+    assert abs(lls[0] - lls[1]) <= RTOL * abs(lls[1]), lls
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fits = [ssm.fit(x, std_errors=False) for ssm in (state, obs)]
+    assert fits[0].names[-1] == "gamma[0]" and fits[1].names[-1] == "beta[0]"
+    assert abs(fits[0].log_likelihood - fits[1].log_likelihood) < 1e-6 * abs(lls[1])
+    assert abs(fits[0].estimates[-1] - fits[1].estimates[-1]) < 1e-3
+    with pytest.raises(ValueError, match="equation"):
+        Regression(u, equation="both")
