@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and few epochs (about a minute; used by the tests)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per SVI fit")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (small tensors: more threads rarely help)")
     _common(p)
 
     p = sub.add_parser(
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
                "sample": commands.sample, "forecast": commands.forecast}[args.command]
     try:
         for name in ("epochs", "num_samples", "horizon", "steps", "batch_size", "hidden",
-                     "state_dim", "elbo_samples", "limit"):
+                     "state_dim", "elbo_samples", "limit", "threads"):
             _positive(f"--{name.replace('_', '-')}", getattr(args, name, None))
         if getattr(args, "level", None) is not None and not 0 < args.level < 1:
             raise ValueError(f"--level: expected a probability in (0, 1), got {args.level}")

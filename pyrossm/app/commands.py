@@ -44,7 +44,7 @@ def demo(args):
     from pyrossm.app.demo import run_demo
 
     run_demo(args.out, device=_device(args.device), quick=args.quick, seed=args.seed,
-             progress=args.progress)
+             progress=args.progress, threads=args.threads)
     return 0
 
 

@@ -312,14 +312,25 @@ def format_table(report) -> str:
 
 
 def run_demo(out="results/demo", *, device="auto", quick=False, seed=0, progress=False,
-             config: DemoConfig | None = None, plots=True, log=print) -> dict:
+             config: DemoConfig | None = None, plots=True, log=print, threads: int = 1) -> dict:
     """Run the demo: fit every model, print progress through ``log``, write ``report.json``
     (and PNG plots unless ``plots=False``) into ``out``; return the report (a dict).
 
     ``quick`` uses :data:`QUICK` sizes (about a minute on 2 CPU cores; for tests), otherwise
     :data:`FULL` (a few minutes); ``config`` overrides both. ``device``: ``"auto"``, ``"cpu"``
-    or ``"cuda"`` for SVI (exact Kalman computations run in float64 on the CPU).
+    or ``"cuda"`` for SVI (exact Kalman computations run in float64 on the CPU). ``threads``:
+    torch CPU threads while it runs (default 1: the demo's tensors are small, and extra threads
+    only wait on each other, badly so on a busy machine).
     """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(out, device, quick, seed, progress, config, plots, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(out, device, quick, seed, progress, config, plots, log):
     from pyrossm.infer import resolve_device
 
     cfg = config or (QUICK if quick else FULL)
