@@ -16,7 +16,10 @@ Families (``model=``):
 
 Guides (``guide=``): ``"backward"``, ``"forward"``, ``"bidirectional"`` (a
 :class:`~pyrossm.guides.StructuredGuide`), ``"filtering-lstm"``
-(:class:`~pyrossm.guides.FilteringLSTMGuide`), ``"none"``.
+(:class:`~pyrossm.guides.FilteringLSTMGuide`), ``"conjugate"``
+(:class:`~pyrossm.guides.ConjugateGuide`: Gaussian potentials per observed entry, exact for an
+LGSSM under any missing pattern; linear potentials for ``lgssm``, MLP ones otherwise),
+``"none"``.
 
 >>> from pyrossm.build import ModelSpec, build
 >>> model, guide = build(ModelSpec("dmm", obs_dim=3, state_dim=2, hidden=8))
@@ -33,7 +36,7 @@ import torch
 __all__ = ["FAMILIES", "GUIDES", "ModelNotAvailable", "ModelSpec", "build"]
 
 FAMILIES = ("lgssm", "dmm", "lstm-ssm", "seqvae", "lm")
-GUIDES = ("backward", "forward", "bidirectional", "filtering-lstm", "none")
+GUIDES = ("backward", "forward", "bidirectional", "filtering-lstm", "conjugate", "none")
 # Older spellings kept by run folders written before the builder was shared.
 _GUIDE_ALIASES = {"backward-structured": "backward", "filtering": "filtering-lstm"}
 
@@ -114,10 +117,14 @@ class ModelSpec:
 
 
 def _guide(spec: ModelSpec):
-    from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
+    from pyrossm.guides import ConjugateGuide, FilteringLSTMGuide, StructuredGuide
 
     if spec.guide == "none":
         return None
+    if spec.guide == "conjugate":
+        potentials = "linear" if spec.model == "lgssm" else "mlp"
+        return ConjugateGuide(spec.obs_dim, spec.state_dim, potentials=potentials,
+                              hidden_dim=spec.size("rnn_dim"))
     if spec.guide == "filtering-lstm":
         if spec.encoder_cell != "lstm":
             raise ValueError(

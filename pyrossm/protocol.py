@@ -346,6 +346,12 @@ class StateSpaceModel(PyroModule, metaclass=_ABCPyroModuleMeta):
             raise ValueError("guide: forecast needs a guide to infer the latent state of x")
         if horizon < 1 or num_samples < 1:
             raise ValueError(f"horizon, num_samples: expected >= 1, got {horizon}, {num_samples}")
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point():
+            raise ValueError(
+                f"x: expected a batch of sequences (batch, time, {self.obs_dim}) with time at "
+                f"dim -2, got a 2-D tensor of shape {tuple(x.shape)}; for one sequence pass "
+                f"x.unsqueeze(0)"
+            )
         mask = check_sequences(x, mask)
         batch = x.size(0)
         lengths = sequence_lengths(mask, mask.shape[-1])

@@ -70,3 +70,12 @@ def test_sequence_vae_needs_a_vocabulary():
 def test_filtering_guide_rejects_other_cells():
     with pytest.raises(ValueError, match="^encoder_cell:"):
         build(ModelSpec("dmm", 2, 2, guide="filtering-lstm", encoder_cell="gru"))
+
+
+def test_conjugate_guide():
+    from pyrossm.guides import ConjugateGuide
+
+    _, guide = build(ModelSpec("lgssm", 2, 3, guide="conjugate"))
+    assert isinstance(guide, ConjugateGuide)
+    _, guide = build(ModelSpec("dmm", 2, 3, hidden=5, guide="conjugate"))
+    assert isinstance(guide, ConjugateGuide)

@@ -160,3 +160,12 @@ def test_iwae_of_a_custom_linear_model_with_its_exact_posterior_is_exact():
     exact = kalman_filter(x, 0.8 * one, W, 0.25 * one, 0.09 * torch.eye(2, dtype=F64),
                           torch.zeros(1, dtype=F64), 0.25 * one).log_likelihood
     torch.testing.assert_close(iwae, exact, rtol=1e-8, atol=1e-8)
+
+
+def test_forecast_names_a_2d_prefix():
+    from pyrossm.guides import StructuredGuide
+    from pyrossm.nonlinear import DeepMarkovModel
+
+    model, guide = DeepMarkovModel(2, 1), StructuredGuide(2, 1)
+    with pytest.raises(ValueError, match=r"^x: .*unsqueeze\(0\)"):
+        model.forecast(torch.randn(10, 2), 3, guide=guide)

@@ -88,7 +88,7 @@ from pyrossm.infer.evaluate import (
     observed_steps,
     smc_log_likelihood,
 )
-from pyrossm.infer.fit import History, TrainingDivergedError, fit, resolve_device
+from pyrossm.infer.fit import FitConfig, History, TrainingDivergedError, fit, resolve_device
 from pyrossm.infer.handlers import FreeBitsELBO, LatentScaleMessenger
 from pyrossm.infer.schedules import Constant, Cyclical, Linear, Sigmoid, make_schedule
 
@@ -102,6 +102,7 @@ __all__ = [
     "Cyclical",
     "ELBOResult",
     "Evaluation",
+    "FitConfig",
     "FreeBitsELBO",
     "History",
     "LatentScaleMessenger",
