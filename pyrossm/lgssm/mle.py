@@ -25,7 +25,8 @@ Start values: a moment / principal-component estimate (see :func:`pca_start`), t
 ``gtol``/``ftol``. The gradient: central differences of the univariate-treatment likelihood
 (:mod:`pyrossm.lgssm._univariate`; a full R is whitened per step), all 2k + 1 parameter sets
 in one batched NumPy pass — much cheaper than a taped autograd pass through T small steps
-(autograd through :func:`~pyrossm.lgssm.kalman_filter` when R is singular and not diagonal).
+(autograd through :func:`~pyrossm.lgssm.kalman_filter` when R is singular and not diagonal,
+and for up to 100 polishing iterations when the difference gradient stalls).
 Standard errors: observed information, the autograd Hessian of the exact (Kalman)
 log-likelihood in the *natural* parameterisation (the entries of A, C, vech(Q), ... — as
 statsmodels' ``cov_type="approx"``), inverted.
@@ -63,6 +64,7 @@ KINDS = ("free", "variance", "cov", "contraction", "ar")
 FLOOR_REL = 1e-12  # variance floor, relative to the data's variance s²
 BOUNDARY_REL = 1e-6  # a variance below BOUNDARY_REL · s² is reported as on the boundary
 CONVERGED_GRAD = 1e-4  # max |gradient| of the per-observation loss accepted as converged
+POLISH_ITER = 100  # autograd L-BFGS iterations after a stalled difference-gradient run
 
 
 class Block:
@@ -305,7 +307,8 @@ def pca_start(spec, x):
     else:
         A = torch.linalg.solve(z0.T @ z0 + 1e-3 * len(z0) * eye, z0.T @ z1).T
         norm = float(torch.linalg.matrix_norm(A, 2))
-        limit = 0.95 if spec.init == "stationary" or _kind(spec, "A") == "contraction" else 1.0
+        stable = any(b.name == "A" and b.kind == "contraction" for b in spec.blocks)
+        limit = 0.95 if spec.init == "stationary" or stable else 1.0
         if norm > limit:
             A = A * (limit / norm)
     resid = z1 - z0 @ A.T
@@ -321,10 +324,6 @@ def pca_start(spec, x):
         g = guesses[b.name]
         out[b.name] = torch.diagonal(g) if b.kind == "variance" and g.dim() == 2 else g
     return out
-
-
-def _kind(spec, name):
-    return next((b.kind for b in spec.blocks if b.name == name), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +371,7 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
     theta0 = _pack(values0, blocks)
     n_obs = max(int((~torch.isnan(x[..., burn:, :])).sum()), 1)
 
-    def loss_and_grad(theta_np):
+    def exact_loss_and_grad(theta_np):
         theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)
         try:
             ll = burned_log_likelihood(spec, _unpack(theta, blocks), x, burn)
@@ -384,8 +383,7 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
         (grad,) = torch.autograd.grad(loss, theta)
         return float(loss.detach()), grad.numpy().astype(np.float64)
 
-    if _univariate_ok(spec, values0, x):
-        def loss_and_grad(theta_np):  # noqa: F811  central differences, one batched pass
+    def fast_loss_and_grad(theta_np):  # central differences, one batched pass
             k = len(theta_np)
             h = 1e-5 * np.maximum(1.0, np.abs(theta_np))
             thetas = np.concatenate([theta_np[None], theta_np + np.diag(h), theta_np - np.diag(h)])
@@ -394,10 +392,12 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
                 return 1e10, np.zeros_like(theta_np)
             return float(loss[0]), (loss[1 : k + 1] - loss[k + 1 :]) / (2 * h)
 
+    fast = _univariate_ok(spec, values0, x)
+    use = {"fn": fast_loss_and_grad if fast else exact_loss_and_grad}
     last = {}
 
     def evaluate(theta_np):
-        out = loss_and_grad(theta_np)
+        out = use["fn"](theta_np)
         last["theta"], last["out"] = theta_np.copy(), out
         return out
 
@@ -410,8 +410,18 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
         evaluate, theta0.numpy(), jac=True, method="L-BFGS-B", callback=record,
         options=dict(maxiter=max_iter, gtol=gtol, ftol=ftol, maxcor=20),
     )
-    theta = torch.tensor(opt.x, dtype=torch.float64)
+    iterations, evaluations = int(opt.nit), int(opt.nfev)
     record(opt.x)
+    if fast and not opt.success and float(np.abs(last["out"][1]).max()) >= CONVERGED_GRAD:
+        # the difference gradient stalled (an ill-conditioned optimum): polish with autograd
+        use["fn"] = exact_loss_and_grad
+        opt = scipy.optimize.minimize(
+            evaluate, opt.x, jac=True, method="L-BFGS-B", callback=record,
+            options=dict(maxiter=POLISH_ITER, gtol=gtol, ftol=ftol, maxcor=20),
+        )
+        iterations, evaluations = iterations + int(opt.nit), evaluations + int(opt.nfev)
+        record(opt.x)
+    theta = torch.tensor(opt.x, dtype=torch.float64)
     final, grad = last["out"]
     if len(history) > 1 and history[-1] == history[-2]:
         history.pop()
@@ -420,7 +430,7 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
     grad_norm = float(np.abs(grad).max())
     # A line search that stops at the noise level of the difference gradient is converged too.
     converged = bool(opt.success) or grad_norm < CONVERGED_GRAD
-    info = dict(iterations=int(opt.nit), evaluations=int(opt.nfev), converged=converged,
+    info = dict(iterations=iterations, evaluations=evaluations, converged=converged,
                 grad_norm=grad_norm, message=str(opt.message), history=history,
                 start_values=values0)
     return values, info
