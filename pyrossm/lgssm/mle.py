@@ -63,7 +63,7 @@ __all__ = ["Block", "ModelSpec", "fit_spec", "fit_model", "pca_start"]
 KINDS = ("free", "variance", "cov", "contraction", "ar")
 FLOOR_REL = 1e-12  # variance floor, relative to the data's variance s²
 BOUNDARY_REL = 1e-6  # a variance below BOUNDARY_REL · s² is reported as on the boundary
-CONVERGED_GRAD = 1e-4  # max |gradient| of the per-observation loss accepted as converged
+CONVERGED_GRAD = 1e-4  # max |gradient| of the per-observed-step loss accepted as converged
 POLISH_ITER = 100  # autograd L-BFGS iterations after a stalled difference-gradient run
 
 
@@ -362,14 +362,14 @@ def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12)
     """Maximise the burned log-likelihood over the spec's natural parameters (L-BFGS).
 
     ``x (batch, T, obs_dim)`` float64, NaN = missing. Returns ``(values, info)`` where
-    ``info`` holds ``iterations``, ``evaluations``, ``grad_norm`` (of the per-observation loss
-    in θ), ``converged``, ``message``, ``history`` (loss per observed entry per iteration) and
+    ``info`` holds ``iterations``, ``evaluations``, ``grad_norm`` (of the per-observed-step loss
+    in θ), ``converged``, ``message``, ``history`` (loss per observed step per iteration) and
     ``start_values``.
     """
     blocks = spec.blocks
     values0 = spec.start(x, start)
     theta0 = _pack(values0, blocks)
-    n_obs = max(int((~torch.isnan(x[..., burn:, :])).sum()), 1)
+    n_obs = max(int((~torch.isnan(x[..., burn:, :])).any(-1).sum()), 1)  # observed steps
 
     def exact_loss_and_grad(theta_np):
         theta = torch.tensor(theta_np, dtype=torch.float64, requires_grad=True)

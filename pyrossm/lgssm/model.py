@@ -423,7 +423,7 @@ class LinearGaussianSSM(PyroModule):
         Writes the estimates into the model and returns a :class:`~pyrossm.lgssm.MLEResults`
         (estimates, standard errors, log-likelihood, AIC/BIC, residual diagnostics,
         ``summary()``), which is also the list of the loss history per iteration (negative
-        log-likelihood per observed entry).
+        log-likelihood per observed step, as before).
         """
         from .mle import fit_model
 

@@ -62,7 +62,7 @@ class MLEResults(list):
     """A maximum-likelihood fit: estimates, standard errors, fit statistics, diagnostics.
 
     For backward compatibility the object *is* the list of the loss history (the negative
-    log-likelihood per observed entry at the start and after each L-BFGS iteration), so
+    log-likelihood per observed step at the start and after each L-BFGS iteration), so
     ``losses[-1]`` still works.
 
     Attributes:

@@ -315,9 +315,9 @@ def test_fit_increases_likelihood_to_the_mle():
         start = float(ssm.log_prob(s["x"]).sum())
     losses = ssm.fit(s["x"], num_steps=FIT_STEPS, start="current")
     assert len(losses) >= 1 and np.isfinite(losses).all()
-    # the history is the negative log-likelihood per observed entry; its first entry is the
+    # the history is the negative log-likelihood per observed step; its first entry is the
     # loss at the starting point (here the model's current values)
-    assert abs(losses[0] + start / s["x"].numel()) < 1e-9 * abs(start)
+    assert abs(losses[0] + start / s["x"][..., 0].numel()) < 1e-9 * abs(start)
     with torch.no_grad():
         end = float(ssm.log_prob(s["x"]).sum())
     true = float(kalman_filter(*[s[k] for k in ("x",) + NAMES]).log_likelihood.sum())
@@ -325,7 +325,7 @@ def test_fit_increases_likelihood_to_the_mle():
     assert end >= true - 1e-3 * abs(true), (end, true)
     # the last entry is the loss at the returned parameters
     assert losses[-1] < losses[0]
-    assert abs(losses[-1] + end / s["x"].numel()) < 1e-9 * abs(end)
+    assert abs(losses[-1] + end / s["x"][..., 0].numel()) < 1e-9 * abs(end)
 
 
 @pytest.mark.parametrize("missing", ["none", "steps"])
