@@ -30,6 +30,8 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 
+from pyrossm._checks import check_mask
+
 __all__ = [
     "AutoregressiveGaussianSequence",
     "DiagonalGaussianSequence",
@@ -52,18 +54,7 @@ def shift_sequence(z: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
 
 
 def _check_mask(mask, batch_shape, num_steps, name="mask"):
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name}: expected a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
-    try:
-        torch.broadcast_shapes(mask.shape, batch_shape + (num_steps,))
-    except RuntimeError:
-        raise ValueError(
-            f"{name}: expected a shape broadcastable to batch_shape + (T,) = "
-            f"{tuple(batch_shape) + (num_steps,)}, got {tuple(mask.shape)}"
-        ) from None
-    return mask
+    return check_mask(mask, tuple(batch_shape) + (num_steps,), name, broadcast=True)
 
 
 def _mask_steps(lp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 
+from pyrossm._checks import check_mask
+
 __all__ = ["Forecast", "Interval", "sequence_lengths"]
 
 
@@ -61,12 +63,7 @@ def sequence_lengths(mask, num_steps: int, batch_shape=(), device=None) -> torch
     """
     if mask is None:
         return torch.full(tuple(batch_shape), num_steps, dtype=torch.long, device=device)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape[-1:] != (
-        num_steps,
-    ):
-        raise ValueError(f"mask: expected a bool tensor (..., time={num_steps}), got "
-                         f"{getattr(mask, 'dtype', type(mask).__name__)} "
-                         f"{tuple(getattr(mask, 'shape', ()))}")
+    check_mask(mask, tuple(getattr(mask, "shape", (1,)))[:-1] + (num_steps,))
     steps = torch.arange(1, num_steps + 1, device=mask.device)
     return (mask.long() * steps).amax(-1) if num_steps else mask.new_zeros(mask.shape[:-1]).long()
 

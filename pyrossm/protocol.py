@@ -63,6 +63,7 @@ import torch
 from pyro import poutine
 from pyro.nn import PyroModule
 
+from ._checks import check_mask
 from .distributions import SequentialSequenceDistribution
 from .forecast import Forecast, sequence_lengths
 
@@ -129,15 +130,7 @@ def check_sequences(x, mask, name="x") -> torch.Tensor:
                          f"got {tuple(x.shape)}")
     if mask is None:
         return torch.ones(batch, steps, dtype=torch.bool, device=x.device)
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, steps) or (
-        mask.dtype != torch.bool
-    ):
-        raise ValueError(
-            f"mask: expected a bool tensor of shape (batch, time) = {(batch, steps)}, "
-            f"got {getattr(mask, 'dtype', type(mask).__name__)} "
-            f"{tuple(getattr(mask, 'shape', ()))}"
-        )
-    return mask
+    return check_mask(mask, (batch, steps))
 
 
 def _where(keep: torch.Tensor, new: Any, old: Any) -> Any:

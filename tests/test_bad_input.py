@@ -276,3 +276,21 @@ def test_bad_input_raises_a_clear_error(call, name, tmp_path):
     message = str(info.value)
     assert re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9])", message, re.I), (
         f"{type(info.value).__name__} does not name {name!r}: {message}")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: _kf(mask=m),
+        lambda m: _ssm().log_prob(_x(), mask=m),
+        lambda m: _dmm()(_x(), mask=m),
+        lambda m: _lstm_ssm()(_x(), mask=m),
+    ],
+    ids=["kalman_filter", "LinearGaussianSSM.log_prob", "DeepMarkovModel", "LSTMStateSpaceModel"],
+)
+def test_one_mask_check_one_exception_type(call):
+    # one checker (pyrossm._checks.check_mask): wrong dtype -> TypeError, wrong shape -> ValueError
+    with pytest.raises(TypeError, match="^mask: expected a bool tensor"):
+        call(torch.ones(2, 5))
+    with pytest.raises(ValueError, match="^mask: expected a bool tensor"):
+        call(torch.ones(2, 4, dtype=torch.bool))

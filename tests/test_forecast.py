@@ -154,7 +154,7 @@ def test_aliases_lengths_and_bad_input():
         fc.interval(1.5)
     mask = torch.tensor([[True, False, True, False], [False, False, False, False]])
     assert sequence_lengths(mask, 4).tolist() == [3, 0]
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(TypeError, match="mask"):
         sequence_lengths(mask.long(), 4)
     ssm = lgssm()
     x = torch.randn(2, 4, 1, dtype=F64)

@@ -38,6 +38,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
+from pyrossm._checks import check_mask
 from pyrossm.protocol import lengths_to_mask
 
 __all__ = [
@@ -116,14 +117,12 @@ class SequenceDataset:
             mask = torch.ones(num, steps, dtype=torch.bool, device=x.device)
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
-        if mask.shape != (num, steps):
-            raise ValueError(
-                f"mask: expected shape (batch, time) = {(num, steps)}, got {tuple(mask.shape)}"
-            )
-        if mask.dtype != torch.bool:
+        if mask.dtype != torch.bool and not mask.is_floating_point() and not mask.is_complex():
+            # user data: a 0/1 integer mask is read as bool (documented), anything else is not
             if not ((mask == 0) | (mask == 1)).all():
-                raise ValueError("mask: expected a boolean (or 0/1) tensor")
+                raise ValueError("mask: expected a boolean (or 0/1 integer) tensor")
             mask = mask.bool()
+        check_mask(mask, (num, steps))
         self.x = x
         self.mask = mask.to(x.device)
         # Lengths as "last True step + 1": for right-padded data this is the length; the trailing

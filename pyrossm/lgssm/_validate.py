@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pyrossm._checks import check_mask
+
 
 def _fail(name, expected, got):
     raise ValueError(f"{name}: expected {expected}, got {got}")
@@ -118,21 +120,7 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
         _fail("x", "finite values or NaN for missing entries", "Inf entries")
     for name in ("Q", "R", "init_cov"):
         _check_covariance(name, named[name])
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask: expected a bool tensor of shape {tuple(x.shape[:-1])}, got "
-                f"{type(mask).__name__} {getattr(mask, 'dtype', '')}"
-            )
-        try:
-            torch.broadcast_shapes(mask.shape, x.shape[:-1])
-            ok = mask.shape[-1:] == x.shape[-2:-1]
-        except RuntimeError:
-            ok = False
-        if not ok:
-            _fail(
-                "mask", f"shape {tuple(x.shape[:-1])} (batch..., T)", f"shape {tuple(mask.shape)}"
-            )
+    check_mask(mask, tuple(x.shape[:-1]), broadcast=True)
     try:
         torch.broadcast_shapes(x.shape[:-2], init_mean.shape[:-1])
     except RuntimeError:

@@ -11,6 +11,8 @@ import math
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
+from pyrossm._checks import check_mask
+
 __all__ = ["LinearGaussianChain", "LinearGaussianObservations"]
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -27,14 +29,7 @@ def _mvn_log_density(residual, scale_tril):
 
 
 def _check_mask(mask, batch_shape, num_steps):
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool or mask.shape[-1] != num_steps:
-        raise ValueError(
-            f"mask: expected a bool tensor of shape {tuple(batch_shape) + (num_steps,)} "
-            f"(batch, time), got dtype {mask.dtype} and shape {tuple(mask.shape)}"
-        )
-    return mask
+    return check_mask(mask, tuple(batch_shape) + (num_steps,), broadcast=True)
 
 
 class LinearGaussianChain(TorchDistribution):
