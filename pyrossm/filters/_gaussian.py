@@ -14,21 +14,11 @@ removed from the log-likelihood afterwards (as in :mod:`pyrossm.lgssm.inference`
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+from pyrossm._gaussian import mv, sym
 from pyrossm.lgssm.inference import FilterResult, SmootherResult
-
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def sym(P):
-    return 0.5 * (P + P.transpose(-1, -2))
-
-
-def mv(M, v):
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _fail(name, expected, got):

@@ -19,13 +19,12 @@ with time at dim -2.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
 __all__ = ["Gaussian", "Proposal", "StateSpace", "as_proposal", "as_state_space"]
 
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class Gaussian:

@@ -30,6 +30,8 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+from pyrossm._gaussian import mv as _mv
 from pyrossm.distributions import SequentialSequenceDistribution
 from pyrossm.guides.encoders import _check_right_padded
 from pyrossm.guides.filtering import PosteriorStats
@@ -43,11 +45,6 @@ from pyrossm.guides.messages import (
 __all__ = ["ConjugateGaussianSequence", "ConjugateGuide", "POTENTIALS"]
 
 POTENTIALS = ("linear", "mlp")
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _mv(M, v):
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 class ConjugateGaussianSequence(SequentialSequenceDistribution):

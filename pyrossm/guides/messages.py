@@ -40,20 +40,15 @@ from typing import NamedTuple
 
 import torch
 
+from pyrossm._gaussian import mv as _mv
+from pyrossm._gaussian import sym as _sym
+
 __all__ = [
     "Conditionals",
     "backward_information_filter",
     "forward_conditionals",
     "observation_potentials",
 ]
-
-
-def _mv(M, v):
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def _sym(M):
-    return 0.5 * (M + M.transpose(-1, -2))
 
 
 def _eye_like(M):

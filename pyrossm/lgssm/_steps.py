@@ -23,9 +23,11 @@ import math
 
 import torch
 
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+from pyrossm._gaussian import cholesky, sym
+
 from ._scan import associative_scan
 
-_LOG_2PI = math.log(2 * math.pi)
 # The steady-state stop allows this many ulps of distance to the Riccati fixed point.
 _STEADY_ULPS = 32
 # Steps of the covariance recursion run one at a time before the rest is scanned in parallel.
@@ -36,20 +38,6 @@ STEADY_STATE = True
 
 # ----------------------------------------------------------------------------------------------
 # small linear-algebra helpers
-def sym(P):
-    return 0.5 * (P + P.transpose(-1, -2))
-
-
-def mv(M, v):
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def cholesky(M):
-    # cholesky_ex skips the per-call error check (which costs milliseconds per small matrix
-    # under OpenMP); failures show up as non-finite results, checked once by the caller.
-    return torch.linalg.cholesky_ex(M)[0]
-
-
 def at(param, t, time_varying):
     return param[..., t, :, :] if time_varying else param
 
@@ -73,13 +61,6 @@ def update_cov(P_pred, K, C, R):
     n = P_pred.shape[-1]
     I_KC = torch.eye(n, dtype=P_pred.dtype, device=P_pred.device) - K @ C
     return sym(I_KC @ P_pred @ I_KC.transpose(-1, -2) + K @ R @ K.transpose(-1, -2))
-
-
-def gaussian_log_density(v, L):
-    """log N(v; 0, L Lᵀ) for residuals v (..., p) and Cholesky factors L (..., p, p)."""
-    w = torch.linalg.solve_triangular(L, v.unsqueeze(-1), upper=False).squeeze(-1)
-    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (w.pow(2).sum(-1) + v.shape[-1] * _LOG_2PI) - half_logdet
 
 
 # ----------------------------------------------------------------------------------------------

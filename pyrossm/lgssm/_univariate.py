@@ -15,13 +15,12 @@ entries missing for every parameter set), ``A (K, n, n)``, ``C (K, p, n)`` (or
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
 __all__ = ["univariate_log_likelihood", "whitened_log_likelihood"]
 
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def univariate_log_likelihood(x, A, C, Q, r, init_mean, init_cov, burn=0,

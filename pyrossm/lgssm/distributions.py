@@ -6,26 +6,16 @@ One Pyro sample site holds a whole trajectory (``event_shape == (T, dim)``), and
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
 from pyrossm._checks import check_mask
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+from pyrossm._gaussian import gaussian_log_density as _gaussian_log_density
+from pyrossm._gaussian import mv as _mv
 
 __all__ = ["LinearGaussianChain", "LinearGaussianObservations"]
 
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _mv(M, v):
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def _mvn_log_density(residual, scale_tril):
-    w = torch.linalg.solve_triangular(scale_tril, residual.unsqueeze(-1), upper=False)
-    half_logdet = torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (w.squeeze(-1).pow(2).sum(-1) + residual.shape[-1] * _LOG_2PI) - half_logdet
 
 
 def _check_mask(mask, batch_shape, num_steps):
@@ -86,9 +76,9 @@ class LinearGaussianChain(TorchDistribution):
         return torch.stack(out, -2)
 
     def log_prob(self, value):
-        first = _mvn_log_density(value[..., 0, :] - self.init_mean, self.init_tril)
+        first = _gaussian_log_density(value[..., 0, :] - self.init_mean, self.init_tril)
         resid = value[..., 1:, :] - _mv(self.A.unsqueeze(-3), value[..., :-1, :])
-        rest = _mvn_log_density(resid, self.Q_tril.unsqueeze(-3))
+        rest = _gaussian_log_density(resid, self.Q_tril.unsqueeze(-3))
         steps = torch.cat([first.unsqueeze(-1), rest], -1)
         if self.mask is not None:
             steps = steps.masked_fill(~self.mask, 0.0)
@@ -139,7 +129,7 @@ class LinearGaussianObservations(TorchDistribution):
         observed = ~torch.isnan(value)
         resid = value - self.loc
         if bool(observed.all()):
-            steps = _mvn_log_density(resid, self.R_tril)
+            steps = _gaussian_log_density(resid, self.R_tril)
         else:
             # Marginal of the observed entries: unobserved entries become independent N(0, 1)
             # pseudo-residuals equal to 0 (their rows/columns of R replaced by the identity),
@@ -151,7 +141,7 @@ class LinearGaussianObservations(TorchDistribution):
                 -1
             )
             resid = torch.where(observed, resid, torch.zeros_like(resid))
-            steps = _mvn_log_density(resid, torch.linalg.cholesky(R_eff))
+            steps = _gaussian_log_density(resid, torch.linalg.cholesky(R_eff))
             steps = steps + 0.5 * _LOG_2PI * (1 - o).sum(-1)
         if self.mask is not None:
             steps = steps.masked_fill(~self.mask, 0.0)

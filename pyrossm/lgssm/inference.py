@@ -51,20 +51,18 @@ from typing import NamedTuple
 
 import torch
 
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+from pyrossm._gaussian import cholesky, gaussian_log_density, mv, sym
+
 from . import _steps
 from ._scan import associative_scan
 from ._steps import (
-    _LOG_2PI,
     _param_batch,
     at,
-    cholesky,
-    gaussian_log_density,
     innovation_terms,
     missing_filter,
-    mv,
     shared_covariances,
     shared_filter,
-    sym,
     update_cov,
 )
 from ._validate import all_finite, validate_inputs, validate_offsets

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from pyrossm._gaussian import mv as _mv
+
 from ..protocol import Trajectory
 from .inference import kalman_filter
 
 __all__ = ["forecast_moments", "psd_factor", "sample_lgssm", "sample_posterior"]
-
-
-def _mv(M, v):
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def psd_factor(name: str, M: torch.Tensor, check: bool = True) -> torch.Tensor:

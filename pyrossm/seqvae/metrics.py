@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+
 __all__ = [
     "ACTIVE_UNIT_THRESHOLD",
     "SequenceEvaluation",
@@ -46,7 +48,6 @@ __all__ = [
 ]
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class SequenceEvaluation(NamedTuple):
