@@ -153,10 +153,21 @@ def test_linear_structured_posterior_stats_match_monte_carlo():
     assert ((z.std(0) - stats.scales).abs() < K_SE * stats.scales * math.sqrt(0.5 / N)).all()
 
 
-def test_nonlinear_posterior_stats_shapes():
+def test_nonlinear_posterior_stats_are_monte_carlo_moments():
+    # no closed form for a nonlinear combiner: posterior_stats (S = 50 draws) against an
+    # independent 4,000-draw estimate, within K_SE standard errors of the difference
     guide = _make("structured", dict(direction="forward", combiner="nonlinear", cell="gru"))
-    stats = guide.posterior_stats(torch.randn(3, 4, OBS, dtype=torch.float64), num_samples=50)
+    x = torch.randn(3, 4, OBS, dtype=torch.float64)
+    torch.manual_seed(0)
+    stats = guide.posterior_stats(x, num_samples=50)
     assert stats.means.shape == (3, 4, STATE) and (stats.scales > 0).all()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        z = guide.distribution(x).sample((4000,))
+    se = z.std(0) * math.sqrt(1 / 50 + 1 / 4000)
+    assert ((stats.means - z.mean(0)).abs() < K_SE * se).all()
+    rel_se = math.sqrt(0.5 / 50 + 0.5 / 4000)
+    assert ((stats.scales / z.std(0) - 1).abs() < K_SE * rel_se).all()
 
 
 @pytest.mark.parametrize("combiner", ["nonlinear", "linear"])
