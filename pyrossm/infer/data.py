@@ -129,7 +129,12 @@ class SequenceDataset:
         # all-padding steps of a batch are trimmed with it. Kept on the CPU (bookkeeping only).
         steps_idx = torch.arange(1, steps + 1, device=x.device)
         self.lengths = (self.mask.long() * steps_idx).amax(dim=1).cpu()
-        self.num_steps = self.mask.sum(dim=1).cpu()  # observed steps per sequence
+        # Observed steps per sequence, the one "per step" of pyrossm: steps inside the mask with
+        # at least one observed entry (a step whose entries are all NaN is not counted).
+        observed = self.mask
+        if x.is_floating_point():
+            observed = observed & ~torch.isnan(x).reshape(num, steps, -1).all(-1)
+        self.num_steps = observed.sum(dim=1).cpu()
 
     def __len__(self) -> int:
         return self.x.shape[0]

@@ -60,7 +60,7 @@ class ELBOResult(NamedTuple):
 
     ``elbo``: mean over draws of ``log p(x, z) - log q(z|x)``; ``kl``: mean over draws of
     ``log q(z|x) - log p(z)`` (latent sites); ``reconstruction``: ``elbo + kl`` (the expected
-    log-likelihood of the observations); ``num_steps``: observed steps ``mask.sum(-1)``.
+    log-likelihood of the observations); ``num_steps``: observed steps (:func:`observed_steps`).
     """
 
     elbo: torch.Tensor
@@ -332,9 +332,4 @@ def observed_steps(data) -> torch.Tensor:
     >>> observed_steps(torch.tensor([[[1.0], [float("nan")], [2.0]]])).tolist()
     [2]
     """
-    dataset = as_dataset(data)
-    x, mask = dataset.x, dataset.mask
-    if x.is_floating_point():
-        seen = ~torch.isnan(x).all(-1) if x.dim() == 3 else ~torch.isnan(x)
-        mask = mask & seen
-    return mask.sum(-1).cpu()
+    return as_dataset(data).num_steps
