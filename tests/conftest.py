@@ -24,6 +24,17 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PYROSSM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: batched small-matrix work is fastest single-threaded
+    (OpenMP threads spin on a loaded machine, and the CI machine's 2 cores are shared). Use it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clear_param_store():
     pyro.clear_param_store()

@@ -25,13 +25,7 @@ EXACT = 1e-8  # float64 agreement with the Kalman filter / dynamax
 DT = torch.float64
 UKF_SETTINGS = [dict(), dict(alpha=math.sqrt(3), beta=2.0, kappa=1.0), dict(alpha=0.5, beta=2.0)]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster, and the CI machine's 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -18,13 +18,7 @@ from pyrossm.guides import FilteringLSTMGuide, StructuredGuide
 K_SE = 4.0  # Monte Carlo tolerance in standard errors
 DT = torch.float64
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster, and the CI machine's 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

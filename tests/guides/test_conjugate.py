@@ -17,13 +17,7 @@ EXACT = dict(rtol=1e-9, atol=1e-9)
 K_SE = 4.0  # Monte Carlo tolerance in standard errors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batched 3x3 factorisations are fastest single-threaded (OpenMP spins on a loaded box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _truth(dtype=torch.float64):
