@@ -36,6 +36,7 @@ import math
 import warnings
 from typing import Iterator, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from pyrossm._checks import check_mask
@@ -178,7 +179,8 @@ def as_dataset(data, name: str = "data") -> SequenceDataset:
     """Turn ``data`` into a :class:`SequenceDataset`.
 
     Accepted: a tensor ``x``; a tuple ``(x, mask)`` with a ``(N, T)`` bool mask; a tuple
-    ``(x, lengths)`` with 1-D integer lengths; a list of variable-length sequences, each
+    ``(x, lengths)`` with 1-D integer lengths; a list of variable-length sequences (tensors or
+    NumPy arrays), each
     ``(T_i, obs_dim)`` float or ``(T_i,)`` token ids (right-padded by :func:`pad_sequences`);
     a :class:`SequenceDataset`.
 
@@ -189,6 +191,9 @@ def as_dataset(data, name: str = "data") -> SequenceDataset:
         return data
     if isinstance(data, torch.Tensor):
         return SequenceDataset(data)
+    if isinstance(data, list) and data and all(isinstance(s, np.ndarray) for s in data):
+        # NumPy arrays keep their dtype (float64 stays float64; fit converts with a warning)
+        data = [torch.from_numpy(s) for s in data]
     if isinstance(data, list) and data and all(isinstance(s, torch.Tensor) for s in data):
         first = data[0]
         ndim = 2 if first.is_floating_point() else 1

@@ -295,7 +295,9 @@ def evaluate(model, guide, data, *, num_samples: int = 100, elbo_samples: int = 
     ``(x, mask)``, ``(x, lengths)`` or a :class:`~pyrossm.infer.data.SequenceDataset`.
     ``num_samples``: guide draws of the IWAE bound (Burda et al. 2016); ``elbo_samples``: draws
     averaged in the ELBO; ``smc_particles > 0`` adds :func:`smc_log_likelihood` with the guide
-    as proposal (state-space models only). Per-step figures divide by the number of observed
+    as proposal when it can give per-step proposals (``StructuredGuide``,
+    ``FilteringLSTMGuide``), else with the model's transition (bootstrap); state-space models
+    only. Per-step figures divide by the number of observed
     steps (:func:`observed_steps`).
 
     >>> import pyrossm
@@ -311,8 +313,8 @@ def evaluate(model, guide, data, *, num_samples: int = 100, elbo_samples: int = 
     iwae = log_likelihood(model, guide, data, num_samples, batch_size, chunk_size, device)
     smc = None
     if smc_particles:
-        smc = smc_log_likelihood(model, data, smc_particles, guide=guide, batch_size=batch_size,
-                                 device=device)
+        smc = smc_log_likelihood(model, data, smc_particles, guide=_proposal_or_none(guide),
+                                 batch_size=batch_size, device=device)
     steps = observed_steps(data)
     total = max(int(steps.sum()), 1)
 
@@ -323,6 +325,18 @@ def evaluate(model, guide, data, *, num_samples: int = 100, elbo_samples: int = 
         terms.elbo, iwae, terms.kl, smc, steps, per_step(terms.elbo), per_step(iwae),
         per_step(terms.kl), per_step(smc), num_samples, elbo_samples,
     )
+
+
+def _proposal_or_none(guide):
+    """The guide when the particle filter can use it as a per-step proposal, else None."""
+    from pyrossm.filters.proposals import as_proposal  # the filters import the models
+
+    module = owner_module(guide, "guide")
+    try:
+        as_proposal(module)
+    except TypeError:
+        return None
+    return guide
 
 
 def observed_steps(data) -> torch.Tensor:

@@ -55,3 +55,27 @@ def test_smc_per_step_tends_to_the_exact_value():
     # bootstrap-quality proposal on 12 steps: a few thousand particles are within 0.02 nats/step
     assert abs(ev.smc_per_step - exact) < 0.02
     assert ev.smc_per_step <= exact + 0.02
+
+
+def test_smc_with_a_guide_that_cannot_propose_falls_back_to_the_bootstrap():
+    from pyrossm.guides import ConjugateGuide
+
+    ssm, _, x, mask = _problem()
+    guide = ConjugateGuide(2, 1, transition=ssm).double()
+    pyro.set_rng_seed(3)
+    ev = evaluate(ssm.model, guide, (x, mask), num_samples=2, smc_particles=50)
+    pyro.set_rng_seed(3)
+    elbo(ssm.model, guide, (x, mask), num_samples=1)
+    log_likelihood(ssm.model, guide, (x, mask), num_samples=2)
+    bootstrap = smc_log_likelihood(ssm.model, (x, mask), num_particles=50)
+    torch.testing.assert_close(ev.smc, bootstrap, rtol=0, atol=0)
+
+
+def test_a_list_of_numpy_sequences_is_a_padded_dataset():
+    import numpy as np
+
+    from pyrossm.infer import as_dataset
+
+    data = as_dataset([np.ones((4, 2)), np.full((2, 2), np.nan), np.zeros((3, 2))])
+    assert data.x.shape == (3, 4, 2) and data.x.dtype == torch.float64
+    assert data.lengths.tolist() == [4, 2, 3] and data.num_steps.tolist() == [4, 0, 3]
