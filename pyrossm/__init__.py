@@ -6,11 +6,18 @@ Model families (each a folder; sequences are ``(batch, time, dim)`` with time at
   Kalman filter and RTS smoother (sequential or parallel-in-time), ``LinearGaussianSSM``.
 * :mod:`pyrossm.nonlinear` — LSTM-driven nonlinear state-space model, deep Markov model.
 * :mod:`pyrossm.seqvae` — Bowman-style sequence VAE and its LSTM language-model baseline.
-* :mod:`pyrossm.guides` — filtering LSTM encoder and structured (ST-L / DKS) guides.
-* :mod:`pyrossm.infer` — the one SVI training loop (``fit``), annealing, IWAE evaluation.
+* :mod:`pyrossm.guides` — filtering LSTM encoder, structured (ST-L / DKS) and conjugate guides.
+* :mod:`pyrossm.infer` — the one SVI training loop (``fit``, ELBO or FIVO), annealing, and the
+  one evaluation path (``evaluate``: ELBO, IWAE, particle filter).
+* :mod:`pyrossm.filters` — extended / unscented Kalman filters and smoothers, particle filters.
+* :mod:`pyrossm.forecast`, :mod:`pyrossm.scoring` — the one ``Forecast`` type; CRPS, coverage,
+  backtests.
+* :mod:`pyrossm.build` — every model/guide pair from one ``ModelSpec``.
 * :mod:`pyrossm.datasets`, :mod:`pyrossm.plotting`, :mod:`pyrossm.inference_data` (arviz).
 
-The contract between models, guides and the trainer is in :mod:`pyrossm.protocol`.
+The contract between models, guides and the trainer is in :mod:`pyrossm.protocol`, with the
+public ``StateSpaceModel`` base class for models of your own. The command line and the paper
+experiments live apart, in ``pyrossm.app`` and ``pyrossm.experiments``.
 
 Example::
 

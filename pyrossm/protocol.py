@@ -38,8 +38,9 @@ Models and guides
   (``x.repeat_interleave``), not by adding plates.
 * Annealing: the training loop scales every *unobserved* site (in model and guide) by the KL
   factor with a messenger; models do not need to know about annealing.
-* ``model.num_observed_steps(x, mask)`` is not required; per-step figures divide by
-  ``mask.sum()`` (or the number of tokens, for language models).
+* Per-step figures divide by the number of observed steps (steps inside the mask with at
+  least one observed entry; every real token for language models):
+  :func:`pyrossm.infer.observed_steps`.
 
 State-space models: :class:`StateSpaceModel`
 --------------------------------------------

@@ -8,7 +8,8 @@ For a sequence ``x`` (shape ``(T, obs_dim)``, time at dim -2 of a batch) and ``K
 * ``log_likelihood = logsumexp_k log w_k - log K``   (IWAE bound, Burda et al. 2016; increases
   with K and tends to ``log p(x)``)
 * ``kl_per_step = mean_k (log q(z_k | x) - log p(z_k)) / steps``  (the single-sample KL
-  estimate over the latent sites divided by the number of observed steps ``mask.sum()``)
+  estimate over the latent sites divided by the number of observed steps,
+  :func:`observed_steps`)
 * ``smc_log_likelihood``: a third estimate of ``log p(x)``, the log of the particle filter's
   unbiased estimate ``p̂(x)`` (:func:`pyrossm.filters.particle_filter`, bootstrap or with the
   guide's per-step conditionals as proposals). It resamples, so with a poor guide (or none) it
@@ -24,7 +25,7 @@ and guide in eval mode (their previous mode is restored).
 Example
 -------
 >>> # ll = log_likelihood(model, guide, (x, mask), num_samples=1000)    # (N,)
->>> # per_step = ll.sum() / mask.sum()
+>>> # per_step = ll.sum() / observed_steps((x, mask)).sum()
 """
 
 from __future__ import annotations
