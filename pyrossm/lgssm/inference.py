@@ -54,7 +54,7 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, gaussian_log_density, mv, sym
 
-from . import _steps
+from . import _chunked, _steps
 from ._scan import associative_scan
 from ._steps import (
     _param_batch,
@@ -124,6 +124,7 @@ class _Prepared(NamedTuple):
     num_missing: torch.Tensor | None  # (..., T) number of unobserved entries
     b: torch.Tensor | None = None  # transition offsets (..., T, n) with b_0 = 0, or None
     raw: tuple | None = None  # (C, R, tv_C, tv_R) before masking, when obs is given
+    masked: bool = True  # C, R masked per step (see _mask_params); False: still raw
 
 
 def _full_time(param, T):
@@ -131,7 +132,7 @@ def _full_time(param, T):
     return param.expand(param.shape[:-3] + (T,) + param.shape[-2:])
 
 
-def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None):
+def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None, masked=True):
     if validate:
         validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask)
         validate_offsets(x, init_mean, b, d)
@@ -152,18 +153,29 @@ def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None)
     if bool(obs.all()):
         return _Prepared(x, None, A, C, Q, R, init_mean, init_cov, tv, None, b)
     x = torch.where(obs, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    num_missing = (~obs).sum(-1).to(x.dtype)
+    raw = (C, R, tv["C"], tv["R"])
+    prep = _Prepared(x, obs, A, C, Q, R, init_mean, init_cov, tv, num_missing, b, raw, False)
+    return _mask_params(prep) if masked else prep
+
+
+def _mask_params(prep):
+    """The prepared problem with C and R masked per step (for the kernels that need them; the
+    fast missing-data kernels read ``prep.raw`` instead and skip this (T, p, n) expansion)."""
+    if prep.obs is None or prep.masked:
+        return prep
+    x, obs = prep.x, prep.obs
+    C, R, tvC, tvR = prep.raw
     # An unobserved entry is turned into a harmless pseudo-observation: its row of C is zeroed,
     # its row/column of R replaced by the identity and its innovation is 0, so the update
     # ignores it; its N(0; 0, 1) factor is removed from the log-likelihood afterwards.
     o = obs.to(x.dtype)
-    raw = (C, R, tv["C"], tv["R"])
-    C_tv = C if tv["C"] else C.unsqueeze(-3)
-    R_tv = R if tv["R"] else R.unsqueeze(-3)
+    C_tv = C if tvC else C.unsqueeze(-3)
+    R_tv = R if tvR else R.unsqueeze(-3)
     C = C_tv * o.unsqueeze(-1)
     eye = torch.eye(R.shape[-1], dtype=x.dtype, device=x.device)
     R = R_tv * (o.unsqueeze(-1) * o.unsqueeze(-2)) + eye * (1 - o).unsqueeze(-1)
-    tv = dict(tv, C=True, R=True)
-    return _Prepared(x, obs, A, C, Q, R, init_mean, init_cov, tv, (1 - o).sum(-1), b, raw)
+    return prep._replace(C=C, R=R, tv=dict(prep.tv, C=True, R=True), masked=True)
 
 
 def _step_log_likelihoods(prep, pred_means, pred_covs):
@@ -198,7 +210,12 @@ def _sequential_filter(prep, allow_steady=None):
             _no_batch(M, tv)
             for M, tv in ((prep.A, prep.tv["A"]), (prep.Q, prep.tv["Q"]), (C, tvC), (R, tvR))
         ):
+            if _chunked.applicable(prep):
+                out = _chunked.chunked_missing_filter(prep)
+                if out is not None:  # None: the warm-up did not converge
+                    return out
             return missing_filter(prep)
+    prep = _mask_params(prep)
     if allow_steady is None:
         allow_steady = _steps.STEADY_STATE
     x = prep.x
@@ -243,7 +260,9 @@ def _sequential_filter(prep, allow_steady=None):
         pred_rest = pred_rest + prep.b[..., 1:, :]
     m0 = m0.expand(pred_rest.shape[:-2] + m0.shape[-1:])
     pred_means = torch.cat([m0.unsqueeze(-2), pred_rest], -2)
-    return filt_means, filt_covs, pred_means, pred_covs, None
+    return filt_means, filt_covs, pred_means, pred_covs, _step_log_likelihoods(
+        prep, pred_means, pred_covs
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,10 +409,11 @@ def kalman_filter(
 
 def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None, d=None):
     """The filter without broadcasting its outputs: covariances keep the parameters' batch."""
-    prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b, d)
+    prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b, d, masked=False)
     if prep.x.shape[-2] == 0:
         raise ValueError("x: expected at least one time step (shape (..., T, obs_dim), T >= 1)")
     if parallel:
+        prep = _mask_params(prep)
         filt_means, filt_covs, pred_means, pred_covs = _parallel_filter(prep)
         step_ll = None
     else:

@@ -1,0 +1,320 @@
+"""The Kalman filter with missing entries, parallel over chunks of time (private).
+
+Sequences are ``(..., T, p)`` with time at dim -2 (NaN or ``mask`` = missing). Used by
+:func:`pyrossm.lgssm.kalman_filter` when the parameters are time-invariant and have no batch
+dims; the result equals the sequential filter to rounding.
+
+Why it is exact. The filter is two recursions.
+
+* The covariance recursion does not depend on the values of x, only on which entries are
+  observed, and the Riccati map forgets its starting point at a geometric rate. The series is cut
+  into chunks of ``L`` steps; every chunk (and every sequence) runs as one batch, starting ``W``
+  steps early (the warm-up) from the prior covariance. A chunk is accepted when, at the step
+  before it starts, its warm-up covariance equals the covariance the previous chunk computed for
+  that same step to within a few ulps (relative to ``sqrt(P_ii P_jj)``); the remaining gap can
+  only shrink. Otherwise the warm-up is doubled, and past ``_MAX_WARMUP`` the sequential filter
+  is used (e.g. a unit root with Q = 0 never forgets).
+* Given the gains, the mean recursion is affine in the mean at the start of the chunk:
+  m_t = p_t + Φ_t m_{s-1}. Every chunk carries its particular solution p_t (started from 0) and
+  its transfer matrix Φ_t (started from I) through the same steps as its covariance; the chunks
+  are then stitched one after the other (``T / L`` small products) and every step's mean and
+  innovation follows in one vectorised product.
+
+Each time step processes the entries of x_t one at a time (Durbin & Koopman 2012, §6.4):
+x_t is first whitened by the Cholesky factor of R restricted to its observed entries (one
+factor per pattern of missing entries, computed once), so each entry is a scalar update: no
+matrix factorisation inside the loop, a handful of batched products per entry.
+
+The state is kept as rows: ``X = [P; mᵀ; Φᵀ]`` of shape ``(M, 2n + 1, n)``, so one product
+predicts all of them (``X Aᵀ``) and one rank-one product updates all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+from pyrossm._gaussian import cholesky
+
+# Warm-up steps tried first, and the most tried before the sequential filter takes over.
+_FIRST_WARMUP = 32
+_MAX_WARMUP = 512
+# Accept a chunk when its warm-up covariance is this many ulps from the previous chunk's.
+_MATCH_ULPS = 64
+# Patterns of missing entries are tabulated (2^p of them) up to this observation dimension.
+_MAX_TABLE_DIM = 10
+
+
+def applicable(prep):
+    """Whether the chunked kernel applies and is expected to be faster than the sequential
+    one: missing entries, time-invariant parameters without batch dims, ``p <= 10``."""
+    if prep.obs is None or prep.raw is None:
+        return False
+    C, R, tvC, tvR = prep.raw
+    if tvC or tvR or prep.tv["A"] or prep.tv["Q"]:
+        return False
+    if any(M.dim() != 2 for M in (prep.A, prep.Q, C, R)) or R.shape[-1] > _MAX_TABLE_DIM:
+        return False
+    T, n = prep.x.shape[-2], prep.A.shape[-1]
+    N = math.prod(torch.broadcast_shapes(prep.x.shape[:-2], prep.obs.shape[:-2],
+                                         prep.init_mean.shape[:-1], prep.init_cov.shape[:-2]))
+    return plan(T, N, n) is not None
+
+
+def _whitening_tables(C, R, dt, dev):
+    """For every pattern of observed entries (``2^p`` of them, bit i = entry i observed):
+    ``W = L_o⁻¹`` with ``L_o`` the Cholesky factor of R restricted to the observed entries
+    (identity elsewhere), and the whitened ``W C`` (rows of unobserved entries 0), as one
+    table ``(p, n + p, 2^p)``; and ``log|L_o|`` ``(2^p,)``."""
+    p = R.shape[-1]
+    weights = 2 ** torch.arange(p, device=dev)
+    pats = ((torch.arange(2**p, device=dev).unsqueeze(-1) // weights) % 2).to(dt)
+    R_tab = R * (pats.unsqueeze(-1) * pats.unsqueeze(-2)) + torch.diag_embed(1 - pats)
+    L_tab = cholesky(R_tab)
+    eye = torch.eye(p, dtype=dt, device=dev)
+    Winv_tab = torch.linalg.solve_triangular(L_tab, eye.expand_as(L_tab), upper=False)
+    Cw_tab = Winv_tab @ (C * pats.unsqueeze(-1))
+    logdet_tab = torch.log(torch.diagonal(L_tab, dim1=-2, dim2=-1)).sum(-1)
+    # (p, n + p, 2^p): [W C | W] by pattern, batch last, for one index_select per step
+    G = torch.cat([Cw_tab, Winv_tab], -1).permute(1, 2, 0).contiguous()
+    return weights, G, logdet_tab
+
+
+def _chunk_view(v, L, W, nc):
+    """``(T, N, ...)`` -> ``(W + L, nc N, ...)``: local step j of chunk k is global step
+    ``k L - W + j``; steps outside ``[0, T)`` are zeros (no observation)."""
+    T = v.shape[0]
+    if nc == 1 and W == 0 and L == T:
+        return v
+    pad = lambda k: torch.zeros((k,) + v.shape[1:], dtype=v.dtype, device=v.device)  # noqa: E731
+    vp = torch.cat([pad(W), v, pad(nc * L - T)], 0)  # (W + nc L, N, ...)
+    idx = torch.arange(W + L, device=v.device).unsqueeze(0) + L * torch.arange(
+        nc, device=v.device
+    ).unsqueeze(1)  # (nc, W + L)
+    out = vp[idx.reshape(-1)].reshape((nc, W + L) + v.shape[1:])
+    return out.transpose(0, 1).reshape((W + L, nc * v.shape[1]) + v.shape[2:])
+
+
+def _batch_last(v):
+    """``(S, M, ...)`` -> ``(S, ..., M)`` contiguous: elementwise kernels vectorise over the
+    batch, which torch's batched products of tiny matrices do not (they loop over it)."""
+    return v.permute((0,) + tuple(range(2, v.dim())) + (1,)).contiguous()
+
+
+def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
+    """The loop over the ``W + L`` local steps of all chunks at once; the batch ``M = nc N``
+    (chunk-major) is the last dim of every tensor.
+
+    The state has an extra constant coordinate (last column, 1 in the mean row), so that
+    ``c̃ = [W C, -W x]`` turns ``X c̃`` into ``[P c; c·m - x; Φᵀ c]`` in one product: the
+    update is ``X -= K ⊗ (X c̃)`` with ``K = P c / (c P cᵀ + 1)``. ``X`` is stored
+    column-major ``(n + 1, 2n + 2, M)``: rows ``[P (n + 1 rows, last 0); mᵀ; Φᵀ]``.
+
+    Returns, for local steps ``W ..``: filtered ``X`` ``(L, n + 1, 2n + 2, M)``,
+    ``X c̃`` per entry ``(L, p, 2n + 2, M)`` and its variance ``S`` ``(L, p, M)``; and the
+    filtered covariance ``(n, n, M)`` at local step ``W - 1`` (for the warm-up check).
+    """
+    n = A.shape[-1]
+    p = G.shape[0]
+    M = nc * N
+    dt, dev = x.dtype, x.device
+    cc = _chunk_view(code, L, W, nc)  # (W + L, M); outside [0, T): pattern 0, nothing observed
+    xc = _batch_last(_chunk_view(x, L, W, nc))  # (W + L, p, M)
+    bc = None if bt is None else _batch_last(_chunk_view(bt, L, W, nc))  # (W + L, n, M)
+    n1 = n + 1
+    R = 2 * n1 if nc > 1 else n1 + 1  # one chunk: no transfer part
+    Aa = torch.zeros(n1, n1, dtype=dt, device=dev)
+    Aa[:n, :n] = A
+    Aa[n, n] = 1
+    Qa = torch.zeros(n1, n1, 1, dtype=dt, device=dev)
+    Qa[:n, :n, 0] = Q
+    if bc is not None:
+        bc = torch.cat([bc, torch.zeros_like(bc[:, :1])], 1).unsqueeze(2)  # (W + L, n1, 1, M)
+    X0 = torch.zeros(n1, R, M, dtype=dt, device=dev)
+    X0[:n, :n] = init_cov.permute(1, 2, 0).repeat(1, 1, nc)
+    X0[:n, n1] = init_mean.t().repeat(1, nc)
+    X0[n, n1] = 1
+    start = torch.zeros(n1, R - n1, M, dtype=dt, device=dev)  # rows [mᵀ; Φᵀ] = [0 .. 0 1; I 0]
+    start[n, 0] = 1
+    if nc > 1:
+        start[:n, 1:] = torch.eye(n, dtype=dt, device=dev).unsqueeze(-1)
+    # Chunks whose warm-up reaches back to t = 0 restart there from the prior, like the first
+    # chunk: local step W - k L of chunk k is t = 0.
+    at_origin = {}
+    for k in range(nc):
+        if 0 < W - k * L < W + L or (k == 0 and W > 0):
+            flag = torch.zeros(nc, N, dtype=torch.bool, device=dev)
+            flag[k] = True
+            at_origin[W - k * L] = flag.reshape(M)
+    X = X0
+    filts, rs, Ss = [], [], []
+    P_before = None
+    for j in range(W + L):
+        if j > 0:
+            if j == W:  # chunks start: particular part from 0, transfer part from I
+                X = torch.cat([X[:, :n1], start], 1)
+            U = (Aa @ X.reshape(n1, R * M)).reshape(n1, R, M)  # every row times Ãᵀ
+            # P⁻ = Ã (Ã P)ᵀ: the P block of U is Ã P (column-major), transposed once.
+            P = (Aa @ U[:, :n1].transpose(0, 1).reshape(n1, n1 * M)).reshape(n1, n1, M) + Qa
+            if bc is None:
+                X = torch.cat([P, U[:, n1:]], 1)
+            else:
+                X = torch.cat([P, U[:, n1 : n1 + 1] + bc[j], U[:, n1 + 1 :]], 1)
+            if j in at_origin:  # t = 0: the prior, not a predicted step
+                X = torch.where(at_origin[j], X0, X)
+        g = G.index_select(-1, cc[j])  # (p, n + p, M): [W C | W] of each sequence's pattern
+        xw = (g[:, n:] * xc[j].unsqueeze(0)).sum(1, keepdim=True)  # (p, 1, M)
+        c = torch.cat([g[:, :n], -xw], 1).unsqueeze(2)  # (p, n + 1, 1, M): [c, -x]
+        for i in range(p):
+            ci = c[i]
+            r = (X * ci).sum(0)  # (R, M): [P c; c·m - x; Φᵀ c]
+            S = (r[:n] * ci[:n, 0]).sum(0) + 1
+            X = torch.addcmul(X, (r[:n1] / S).unsqueeze(1), r.unsqueeze(0), value=-1)
+            if j >= W:
+                rs.append(r)
+                Ss.append(S)
+        if j == W - 1:
+            P_before = X[:n, :n]
+        if j >= W:
+            filts.append(X)
+    stack = lambda seq: torch.stack(seq, 0)  # noqa: E731
+    r = stack(rs).reshape(L, p, R, M)
+    S = stack(Ss).reshape(L, p, M)
+    return stack(filts), r, S, P_before
+
+
+def _warmup_matches(P_before, filts, nc, N, eps):
+    """Whether every chunk's warm-up covariance (step before it starts) matches the previous
+    chunk's last filtered covariance to ``_MATCH_ULPS`` ulps."""
+    if nc == 1:
+        return True
+    n = P_before.shape[0]
+    with torch.no_grad():
+        mine = P_before.reshape(n, n, nc, N)[..., 1:, :]
+        theirs = filts[-1, :n, :n].reshape(n, n, nc, N)[..., :-1, :]
+        d = torch.diagonal(theirs, dim1=0, dim2=1).abs().clamp_min(torch.finfo(mine.dtype).tiny)
+        d = d.movedim(-1, 0)  # (n, nc - 1, N)
+        scale = (d.unsqueeze(1) * d.unsqueeze(0)).sqrt()
+        gap = float(((mine - theirs).abs() / scale).max())
+    return math.isfinite(gap) and gap <= _MATCH_ULPS * eps
+
+
+# Cost model of one step (µs on a 2-core CPU, one thread, n = p = 4): a fixed part for the
+# ~30 small ops and a part per unit of state (batch element × row of X). The sequential kernel
+# of :mod:`._steps` (one Cholesky per sequence per step) for comparison. Measured with
+# benchmarks/kalman.py; only the ratios matter.
+_STEP_FIXED, _STEP_PER_UNIT = 200.0, 0.2
+_SEQ_FIXED, _SEQ_PER_SEQUENCE = 140.0, 1.7
+
+
+def _cost(T, N, n, nc, W):
+    rows = 2 * n + 2 if nc > 1 else n + 2
+    steps = (W if nc > 1 else 0) + math.ceil(T / nc)
+    return steps * (_STEP_FIXED + _STEP_PER_UNIT * N * nc * rows)
+
+
+def plan(T, N, n, W=_FIRST_WARMUP):
+    """The number of chunks that minimises the modelled cost, or None when the sequential
+    kernel is expected to be faster."""
+    candidates = [1] + [k for k in range(2, T // (4 * W) + 1)]
+    best = min(candidates, key=lambda k: _cost(T, N, n, k, W))
+    if _cost(T, N, n, best, W) >= T * (_SEQ_FIXED + _SEQ_PER_SEQUENCE * N):
+        return None
+    return best
+
+
+def chunked_missing_filter(prep, chunk_length=None, warmup=None):
+    """The filter with missing entries (see the module docstring). Returns
+    ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``, or None when
+    the warm-up does not converge within ``_MAX_WARMUP`` steps."""
+    C, R = prep.raw[0], prep.raw[1]
+    A, Q = prep.A, prep.Q
+    T, p = prep.x.shape[-2:]
+    n = A.shape[-1]
+    batch = torch.broadcast_shapes(
+        prep.x.shape[:-2], prep.obs.shape[:-2], prep.init_mean.shape[:-1],
+        prep.init_cov.shape[:-2], () if prep.b is None else prep.b.shape[:-2],
+    )
+    N = math.prod(batch)
+    tm = lambda v: v.expand(batch + v.shape[-2:]).reshape(N, T, v.shape[-1]).transpose(0, 1)  # noqa: E731
+    dt, dev = prep.x.dtype, prep.x.device
+    weights, G, logdet_tab = _whitening_tables(C, R, dt, dev)
+    obs = tm(prep.obs)
+    code = (obs.long() * weights).sum(-1)  # (T, N)
+    x = tm(prep.x)
+    bt = None if prep.b is None else tm(prep.b)
+    init_mean = prep.init_mean.expand(batch + (n,)).reshape(N, n)
+    init_cov = prep.init_cov.expand(batch + (n, n)).reshape(N, n, n)
+    eps = torch.finfo(dt).eps
+    W = warmup or _FIRST_WARMUP
+    nc_plan = plan(T, N, n, W) or 1
+    while True:
+        L = chunk_length or math.ceil(T / nc_plan)
+        nc = math.ceil(T / L)
+        if nc == 1:
+            W = 0
+        filts, r, S, P_before = _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N)
+        if _warmup_matches(P_before, filts, nc, N, eps):
+            break
+        if warmup is not None or 2 * W > _MAX_WARMUP:
+            return None
+        W *= 2
+    n1 = n + 1
+    # Stitch: the filtered mean m_s before each chunk starts, chunk by chunk (batch last).
+    last = filts[-1].reshape(n1, filts.shape[2], nc, N)
+    starts = [torch.zeros(n, N, dtype=dt, device=dev)]
+    for k in range(1, nc):
+        phi_t = last[:n, n1 + 1 :, k - 1]  # [b, k']: Φ[b, k']
+        starts.append(last[:n, n1, k - 1] + (phi_t * starts[-1].unsqueeze(0)).sum(1))
+    ms = torch.stack(starts, 1).reshape(n, nc * N)  # (n, M), chunk-major like the batch
+    # m_t = p_t + Φ_t m_s; innovations c·m - x likewise (elementwise, batch last).
+    if nc > 1:
+        mean = lambda X: X[:, :n, n1] + (X[:, :n, n1 + 1 :] * ms.unsqueeze(0)).sum(2)  # noqa: E731
+        neg_v = r[:, :, n1] + (r[:, :, n1 + 1 :] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
+    else:
+        mean = lambda X: X[:, :n, n1]  # noqa: E731
+        neg_v = r[:, :, n1]
+    ll = -0.5 * (neg_v.pow(2) / S + torch.log(S)).sum(1)  # (L, M)
+    num_obs = obs.to(dt).sum(-1)  # (T, N)
+    ll = _time_major(ll, nc, N, T) - 0.5 * _LOG_2PI * num_obs - logdet_tab[code]
+    filt_m = _time_major(mean(filts), nc, N, T)  # (T, n, N)
+    filt_P = _time_major(filts[:, :n, :n], nc, N, T)  # (T, n, n, N)
+    pred_m, pred_P = _predict(A, Q, bt, filt_m, filt_P, init_mean, init_cov)
+    out = lambda u: u.movedim(-1, 0).reshape(batch + u.shape[:-1])  # noqa: E731
+    return (
+        out(filt_m),
+        out(_sym(filt_P)),
+        out(pred_m),
+        out(_sym(pred_P)),
+        out(ll),
+    )
+
+
+def _time_major(u, nc, N, T):
+    """``(L, ..., nc N)`` (chunk-major batch) -> ``(T, ..., N)``."""
+    L = u.shape[0]
+    u = u.reshape((L,) + u.shape[1:-1] + (nc, N)).movedim(-2, 0)  # (nc, L, ..., N)
+    return u.reshape((nc * L,) + u.shape[2:])[:T]
+
+
+def _predict(A, Q, bt, filt_m, filt_P, init_mean, init_cov):
+    """Predicted moments of every step from the filtered ones of the step before, batch last:
+    m⁻_t = A m_{t-1} + b_t, P⁻_t = A P_{t-1} Aᵀ + Q (P⁻_0, m⁻_0 the prior)."""
+    T, n, N = filt_m.shape
+    m = (A @ filt_m[:-1].transpose(0, 1).reshape(n, -1)).reshape(n, T - 1, N).transpose(0, 1)
+    if bt is not None:
+        m = m + bt[1:].transpose(-1, -2)
+    AP = (A @ filt_P[:-1].transpose(0, 1).reshape(n, -1)).reshape(n, T - 1, n, N)
+    P = (A @ AP.transpose(0, 2).reshape(n, -1)).reshape(n, T - 1, n, N).transpose(0, 1)
+    P = P + Q.unsqueeze(-1)
+    return (
+        torch.cat([init_mean.t().unsqueeze(0), m], 0),
+        torch.cat([init_cov.permute(1, 2, 0).unsqueeze(0), P], 0),
+    )
+
+
+def _sym(P):
+    """``(T, n, n, N)`` symmetrised."""
+    return 0.5 * (P + P.transpose(1, 2))

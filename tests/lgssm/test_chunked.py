@@ -1,0 +1,131 @@
+"""The chunk-parallel Kalman filter with missing entries (``pyrossm.lgssm._chunked``).
+
+It must equal the sequential filter to rounding: against the dense joint Gaussian (float64,
+short T with tiny chunks forced), against the sequential kernel (all five outputs and the
+gradients, batch shapes, offsets, masks), and in float32 no worse than the sequential kernel
+against a float64 reference. Where the Riccati map does not forget its start (a unit root with
+Q = 0) the kernel must decline, and ``kalman_filter`` still be exact.
+
+Shapes follow pyrossm: x is (batch..., T, obs_dim), time at dim -2.
+"""
+
+import numpy as np
+import pytest
+import torch
+from lgssm_oracles import assert_rel_close, dense_oracle, random_system
+
+from pyrossm.lgssm import _chunked, kalman_filter
+from pyrossm.lgssm._steps import missing_filter
+from pyrossm.lgssm.inference import _prepare
+
+ARGS = ("x", "A", "C", "Q", "R", "init_mean", "init_cov")
+OUTPUTS = ("filtered_means", "filtered_covs", "predicted_means", "predicted_covs",
+           "step_log_likelihoods")
+
+
+def _prep(s, mask=None, b=None, d=None):
+    return _prepare(*(s[k] for k in ARGS), mask, True, b, d)
+
+
+def _both(prep, **kw):
+    chunked = _chunked.chunked_missing_filter(prep, **kw)
+    assert chunked is not None, "the warm-up should converge on a stable system"
+    return chunked, missing_filter(prep)
+
+
+@pytest.mark.parametrize("chunk_length,warmup", [(7, 48), (16, 40), (60, 0)])
+def test_dense_oracle_with_forced_chunks(chunk_length, warmup):
+    s = random_system(3, 4, 48, seed=1, missing="entries", max_singular=0.6)
+    res = _chunked.chunked_missing_filter(_prep(s), chunk_length=chunk_length,
+                                          warmup=warmup or None)
+    ref = dense_oracle(*(s[k] for k in ARGS))
+    for name, got in zip(OUTPUTS, res):
+        assert_rel_close(got, ref[name], 1e-9, name)
+
+
+@pytest.mark.parametrize("batch", [(), (5,), (2, 3)])
+def test_equals_sequential_kernel(batch):
+    s = random_system(4, 3, 300, seed=2, batch=batch, missing="entries")
+    got, ref = _both(_prep(s), chunk_length=37, warmup=48)
+    for name, a, b in zip(OUTPUTS, got, ref):
+        assert a.shape == b.shape, name
+        assert_rel_close(a, b, 1e-10, name)
+
+
+def test_offsets_mask_and_batched_prior():
+    s = random_system(3, 2, 250, seed=3, batch=(4,), missing="entries")
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(4, 250, 3, generator=g, dtype=torch.float64)
+    d = torch.randn(250, 2, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 250, generator=g) > 0.2
+    s["init_mean"] = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    got, ref = _both(_prep(s, mask, b, d), chunk_length=50, warmup=40)
+    for name, a, r in zip(OUTPUTS, got, ref):
+        assert_rel_close(a, r, 1e-10, name)
+
+
+def test_gradients_equal_sequential():
+    s = random_system(2, 2, 160, seed=4, batch=(3,), missing="entries")
+    grads = []
+    for kernel in ("chunked", "sequential"):
+        leaves = {k: s[k].clone().requires_grad_(True) for k in ARGS[1:]}
+        p = _prepare(s["x"], *(leaves[k] for k in ARGS[1:]), None, True)
+        out = (_chunked.chunked_missing_filter(p, chunk_length=20, warmup=32)
+               if kernel == "chunked" else missing_filter(p))
+        # every output enters the loss, so every path through the kernel is checked
+        loss = out[4].sum() + sum((o * torch.cos(torch.arange(o.numel(), dtype=o.dtype)
+                                                 ).reshape(o.shape)).sum() for o in out[:4])
+        grads.append(torch.autograd.grad(loss, list(leaves.values())))
+    for name, a, b in zip(ARGS[1:], *grads):
+        if name in ("Q", "R", "init_cov"):  # only the symmetric part is defined
+            a, b = a + a.transpose(-1, -2), b + b.transpose(-1, -2)
+        assert_rel_close(a, b, 1e-9, f"d/d{name}")
+
+
+def test_float32_no_worse_than_sequential():
+    s = random_system(4, 4, 3000, seed=5, batch=(8,), missing="entries")
+    ref = missing_filter(_prep(s))
+    s32 = {k: v.float() for k, v in s.items()}
+    got, seq = _both(_prep(s32))
+    for name, a, q, r in zip(OUTPUTS, got, seq, ref):
+        scale = r.abs().max()
+        err_chunked = float((a.double() - r).abs().max() / scale)
+        err_seq = float((q.double() - r).abs().max() / scale)
+        assert err_chunked <= max(4 * err_seq, 1e-6), (name, err_chunked, err_seq)
+
+
+def test_declines_when_the_riccati_map_does_not_forget():
+    # A constant level (A = 1, Q = 0): the covariance shrinks like 1/t and never forgets its
+    # start, so no warm-up can match; kalman_filter must fall back and stay exact.
+    T = 2000
+    g = torch.Generator().manual_seed(6)
+    x = (3.0 + torch.randn(2, T, 1, generator=g, dtype=torch.float64))
+    x[torch.rand(x.shape, generator=g) < 0.1] = float("nan")
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    args = (x, one, one, zero, one, torch.zeros(1, dtype=torch.float64), 100 * one)
+    prep = _prepare(*args, None, True)
+    assert _chunked.chunked_missing_filter(prep, warmup=64) is None
+    res = kalman_filter(*args)
+    # closed form: the posterior of a constant under a N(0, 100) prior
+    obs = ~torch.isnan(x[..., 0])
+    k = obs.cumsum(-1).double()
+    s = torch.where(obs, x[..., 0], torch.zeros(())).cumsum(-1)
+    prec = 1 / 100 + k
+    np.testing.assert_allclose(res.filtered_means[..., 0], s / prec, rtol=1e-10)
+    np.testing.assert_allclose(res.filtered_covs[..., 0, 0], 1 / prec, rtol=1e-10)
+
+
+def test_dispatch_uses_the_kernel_where_it_pays(monkeypatch):
+    s = random_system(4, 4, 2000, seed=7, batch=(4,), missing="entries")
+    calls = []
+    original = _chunked.chunked_missing_filter
+    monkeypatch.setattr(_chunked, "chunked_missing_filter",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    res = kalman_filter(*(s[k] for k in ARGS))
+    assert calls, "a long series with few sequences should be filtered in chunks"
+    ref = missing_filter(_prep(s))
+    assert_rel_close(res.step_log_likelihoods, ref[4], 1e-10, "step_log_likelihoods")
+    # short series, or time-varying parameters: the sequential kernel
+    assert not _chunked.applicable(_prep(random_system(2, 2, 50, seed=8, missing="entries")))
+    tv = random_system(2, 2, 600, seed=9, time_varying=True, missing="entries")
+    assert not _chunked.applicable(_prep(tv))
