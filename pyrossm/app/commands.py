@@ -280,7 +280,10 @@ def sample(args):
         return 0
     suffix = _check_out(args.out, (".npz", ".csv"))
     with torch.no_grad():
-        z, x = model.sample(args.steps, num_samples=args.num_samples)
+        if getattr(model, "init", None) == "diffuse":
+            z, x = _sample_after_diffuse_start(args, cfg, model)
+        else:
+            z, x = model.sample(args.steps, num_samples=args.num_samples)
     z, x = z.detach().cpu().double(), _unstandardize(x.detach().cpu().double(),
                                                      cfg["data"]["standardization"])
     if suffix == ".npz":
@@ -307,6 +310,26 @@ def sample(args):
         _save_fig(ax.figure, plot)
         del plt
     return 0
+
+
+def _sample_after_diffuse_start(args, cfg, model):
+    """Draws from a model fitted with a diffuse initial state (``fit`` on one sequence): that
+    prior has no scale (variance 1e6), so the draws start from the smoothed state at the first
+    step of the training data, z_1 ~ p(z_1 | x), then follow the fitted dynamics."""
+    from types import SimpleNamespace
+
+    from pyrossm.lgssm.sampling import sample_lgssm
+
+    splits = _run_data(SimpleNamespace(data=None, data_dir=None, run=args.run), cfg, "train")
+    stats = cfg["data"]["standardization"]
+    (x, mask), _, _ = _prepared(splits._replace(test=splits.train), stats, stats is not None)
+    dtype, device = model.init_mean.dtype, model.init_mean.device
+    sm = model.smooth(x[:1].to(device=device, dtype=dtype), mask[:1].to(device))
+    m = model.matrices()
+    print("note: the fitted initial state is diffuse; trajectories start from the smoothed "
+          "state at the first step of the training data")
+    return sample_lgssm(m["A"], m["C"], m["Q"], m["R"], sm.smoothed_means[0, 0],
+                        sm.smoothed_covs[0, 0], args.steps, (args.num_samples,))
 
 
 def forecast(args):

@@ -166,7 +166,7 @@ def save_run(out, cfg, model, guide, history=None):
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "run.json", "w") as f:
         json.dump(cfg, f, indent=1)
-    torch.save({"model": model.state_dict(),
+    torch.save({"model": model.state_dict(), "init": getattr(model, "init", None),
                 "guide": guide.state_dict() if guide is not None else None}, out / "model.pt")
     if history is not None:
         (out / "history.json").write_text(history.to_json() if hasattr(history, "to_json")
@@ -187,6 +187,9 @@ def load_run(run_dir, device="cpu"):
         vocab = Vocabulary.load(run_dir / "vocab.json")
     model, guide = build(cfg["model"], vocab)
     state = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
+    init = state.get("init")
+    if init is not None and getattr(model, "init", init) != init:  # e.g. fit() chose "diffuse"
+        model._switch_init(init)
     model.load_state_dict(state["model"])
     if guide is not None and state["guide"] is not None:
         guide.load_state_dict(state["guide"])

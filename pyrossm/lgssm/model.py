@@ -13,6 +13,8 @@ site ``"z"`` for the latent trajectory, one observed site ``"x"``) for SVI with 
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import torch
 from pyro.distributions import constraints
@@ -78,7 +80,9 @@ class LinearGaussianSSM(PyroModule):
             covariance from the Lyapunov equation P = A P Aᵀ + Q), ``"diffuse"`` (approximate
             diffuse: mean 0, covariance ``diffuse_variance · I``, the first ``state_dim``
             log-likelihood terms dropped by :meth:`fit`), ``"fixed"`` or ``"learned"``
-            (default: ``"learned"`` when ``learn`` names init_mean/init_cov, else ``"fixed"``).
+            (default: ``"learned"`` when ``learn`` names init_mean/init_cov, else ``"fixed"``;
+            a default ``"learned"`` becomes ``"diffuse"`` when :meth:`fit` is given a single
+            sequence, from which an initial state cannot be estimated: one draw of z_1).
         stationary: keep a learned A stable in :meth:`fit` (all singular values < 1); implied
             by ``init="stationary"``.
         diagonal: names among ``Q, R, init_cov`` that :meth:`fit` keeps diagonal.
@@ -114,6 +118,7 @@ class LinearGaussianSSM(PyroModule):
         unknown = set(learn) - set(_NAMES)
         if unknown:
             raise ValueError(f"learn: expected names among {_NAMES}, got {sorted(unknown)}")
+        self._init_by_default = init is None
         if init is None:
             init = "learned" if {"init_mean", "init_cov"} & set(learn) else "fixed"
         if init not in INIT_OPTIONS:
@@ -160,6 +165,19 @@ class LinearGaussianSSM(PyroModule):
             setattr(self, store, PyroParam(value, constraint))
         else:
             self.register_buffer(store, value)
+
+    def _switch_init(self, init):
+        """Change the initial-state option after construction (mean 0, covariance I or
+        derived; init_mean/init_cov learnable only for ``"learned"``)."""
+        names = ("init_mean", "init_cov")
+        self.init = init
+        self._learn = tuple(k for k in self._learn if k not in names) + (
+            names if init == "learned" else ()
+        )
+        self.stationary = self.stationary or (init == "stationary" and "A" in self._learn)
+        kw = dict(dtype=self.A.dtype, device=self.A.device)
+        self._set("init_mean", torch.zeros(self.state_dim, **kw))
+        self._set("init_cov", torch.eye(self.state_dim, **kw))
 
     @classmethod
     def from_matrices(
@@ -428,6 +446,10 @@ class LinearGaussianSSM(PyroModule):
         from .mle import fit_model
 
         self._check_x(x)
+        if self._init_by_default and self.init == "learned" and math.prod(x.shape[:-2]) == 1:
+            # One sequence is one draw of z_1: a learned initial state degenerates (its
+            # covariance collapses); the approximate diffuse prior is statsmodels' choice too.
+            self._switch_init("diffuse")
         if optimizer != "lbfgs":
             raise ValueError(f"optimizer: expected 'lbfgs', got {optimizer!r}")
         return fit_model(self, x, mask, burn=burn, start=start, max_iter=50 * num_steps,

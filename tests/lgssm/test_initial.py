@@ -92,11 +92,38 @@ def test_init_options_and_learn():
 def test_learned_init_with_one_sequence_warns():
     x = torch.randn(1, 30, 1, dtype=F64)
     with pytest.warns(UserWarning, match="init='learned' with one sequence"):
-        LinearGaussianSSM(1, 1, dtype=F64).fit(x, num_steps=1, std_errors=False)
+        LinearGaussianSSM(1, 1, dtype=F64, init="learned").fit(x, num_steps=1, std_errors=False)
+
+
+def test_default_init_on_one_sequence_is_diffuse_and_converges():
+    # The call: LinearGaussianSSM(2, 3).fit(x) on one standardised 3-column series with
+    # NaN. A learned initial state from one draw degenerated (R singular, unconverged); the
+    # default now switches to the approximate diffuse prior and reaches the diffuse MLE.
+    g = torch.Generator().manual_seed(0)
+    truth = LinearGaussianSSM.from_matrices(
+        A=[[0.8, 0.1], [0.0, 0.5]], C=[[1.0, 0.0], [0.5, 1.0], [0.3, -0.7]],
+        Q=[[0.5, 0.0], [0.0, 0.3]], R=0.4 * torch.eye(3), dtype=F64,
+    )
+    torch.manual_seed(0)
+    _, x = truth.sample(200, num_samples=1)
+    x[torch.rand(x.shape, generator=g, dtype=F64) < 0.1] = float("nan")
+    default = LinearGaussianSSM(2, 3, dtype=F64)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        with pytest.raises(UserWarning, match="init='learned'"):
-            LinearGaussianSSM(1, 1, dtype=F64).fit(x, num_steps=1, std_errors=False)
+        warnings.simplefilter("ignore", UserWarning)  # boundary notes are not the point here
+        res = default.fit(x, std_errors=False)
+        explicit = LinearGaussianSSM(2, 3, dtype=F64, init="diffuse")
+        ref = explicit.fit(x, std_errors=False)
+    assert default.init == "diffuse" and "init_mean" not in default._learn
+    assert res.converged, res.message
+    assert float(res.log_likelihood) == pytest.approx(float(ref.log_likelihood), abs=1e-4)
+    f = default.forecast(x, 4)
+    assert torch.isfinite(f.means).all() and torch.isfinite(f.covs).all()
+    # several sequences keep the learned initial state
+    many = LinearGaussianSSM(1, 1, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        many.fit(torch.randn(4, 30, 1, dtype=F64), num_steps=1, std_errors=False)
+    assert many.init == "learned"
 
 
 def test_from_matrices_dtype_follows_tensor_inputs():
