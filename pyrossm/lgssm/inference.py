@@ -28,6 +28,11 @@ with O(log T) depth (``parallel=True``). Without missing data the sequential fil
 parameters it stops at the Riccati fixed point only when that is reached to rounding (a
 contraction test, not a tolerance on consecutive steps), and covariances of long series that do
 not converge quickly come from the associative scan (see :mod:`pyrossm.lgssm._steps`).
+With missing entries and time-invariant parameters, long series are cut into chunks filtered
+as one batch, each started early from the prior and accepted only when its covariance has
+met the previous chunk's to a few ulps (the Riccati map forgets its start); the means are
+stitched exactly (they are affine in the mean at the chunk's start). Entries are processed one
+at a time after whitening by R (Durbin & Koopman 2012, §6.4); see :mod:`pyrossm.lgssm._chunked`.
 Singular predicted covariances (e.g. Q and init_cov singular) are handled by the smoother with
 a pseudo-inverse gain.
 
