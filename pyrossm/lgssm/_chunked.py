@@ -12,8 +12,9 @@ Why it is exact. The filter is two recursions.
   steps early (the warm-up) from the prior covariance. A chunk is accepted when, at the step
   before it starts, its warm-up covariance equals the covariance the previous chunk computed for
   that same step to within a few ulps (relative to ``sqrt(P_ii P_jj)``); the remaining gap can
-  only shrink. Otherwise the warm-up is doubled, and past ``_MAX_WARMUP`` the sequential filter
-  is used (e.g. a unit root with Q = 0 never forgets).
+  only shrink. Otherwise the warm-up is made 4 times longer, and past ``_MAX_WARMUP`` the
+  sequential filter is used (e.g. a unit root with Q = 0 never forgets). Long runs of unobserved
+  steps (right padding) under a non-contracting transition are detected up front.
 * Given the gains, the mean recursion is affine in the mean at the start of the chunk:
   m_t = p_t + Φ_t m_{s-1}. Every chunk carries its particular solution p_t (started from 0) and
   its transfer matrix Φ_t (started from I) through the same steps as its covariance; the chunks
@@ -38,9 +39,10 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky
 
-# Warm-up steps tried first, and the most tried before the sequential filter takes over.
+# Warm-up steps tried first (then 4 times as many), and the most tried before the sequential
+# filter takes over.
 _FIRST_WARMUP = 32
-_MAX_WARMUP = 512
+_MAX_WARMUP = 128
 # Accept a chunk when its warm-up covariance is this many ulps from the previous chunk's.
 _MATCH_ULPS = 64
 # Patterns of missing entries are tabulated (2^p of them) up to this observation dimension.
@@ -60,7 +62,23 @@ def applicable(prep):
     T, n = prep.x.shape[-2], prep.A.shape[-1]
     N = math.prod(torch.broadcast_shapes(prep.x.shape[:-2], prep.obs.shape[:-2],
                                          prep.init_mean.shape[:-1], prep.init_cov.shape[:-2]))
-    return plan(T, N, n) is not None
+    if plan(T, N, n) is None:
+        return False
+    return not _never_forgets(prep.A, prep.obs)
+
+
+def _never_forgets(A, obs):
+    """Whether a warm-up cannot converge: a long run of steps with nothing observed (e.g. right
+    padding) under a transition that does not contract (spectral radius ≥ 1), where the
+    covariance only grows and keeps its start. Checked up front, so as not to pay for failing
+    attempts."""
+    with torch.no_grad():
+        if float(torch.linalg.eigvals(A.detach()).abs().max()) < 1 - 1e-6:
+            return False
+        seen = obs.any(-1)  # (..., T)
+        t = torch.arange(seen.shape[-1], device=seen.device)
+        last = torch.where(seen, t, torch.full_like(t, -1)).cummax(-1).values
+        return int((t - last).max()) >= _FIRST_WARMUP
 
 
 def _whitening_tables(C, R, dt, dev):
@@ -258,9 +276,9 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None):
         filts, r, S, P_before = _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N)
         if _warmup_matches(P_before, filts, nc, N, eps):
             break
-        if warmup is not None or 2 * W > _MAX_WARMUP:
+        if warmup is not None or 4 * W > _MAX_WARMUP:
             return None
-        W *= 2
+        W *= 4
     n1 = n + 1
     # Stitch: the filtered mean m_s before each chunk starts, chunk by chunk (batch last).
     last = filts[-1].reshape(n1, filts.shape[2], nc, N)
