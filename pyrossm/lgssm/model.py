@@ -67,6 +67,15 @@ def _cholesky_of(name, cov, allow_singular=False):
     return L
 
 
+def _future_steps(offset, lengths, horizon):
+    """``offset (..., T + H, d)`` -> the ``horizon`` steps after each sequence's length:
+    ``(..., H, d)``."""
+    batch = torch.broadcast_shapes(offset.shape[:-2], lengths.shape)
+    idx = lengths.reshape(lengths.shape + (1,)) + torch.arange(horizon, device=lengths.device)
+    idx = idx.expand(batch + (horizon,)).unsqueeze(-1).expand(batch + (horizon, offset.shape[-1]))
+    return offset.expand(batch + offset.shape[-2:]).gather(-2, idx)
+
+
 class LinearGaussianSSM(PyroModule):
     """Linear-Gaussian state-space model with learnable (or fixed) parameters.
 
@@ -318,17 +327,30 @@ class LinearGaussianSSM(PyroModule):
         return x
 
     # ------------------------------------------------------------------ exact inference
-    def filter(self, x, mask=None, parallel=False):
-        """Kalman filter of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.FilterResult`."""
-        return kalman_filter(self._check_x(x), *self.matrices().values(), mask, parallel)
+    def filter(self, x, mask=None, parallel=False, *, transition_offset=None,
+               observation_offset=None):
+        """Kalman filter of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.FilterResult`.
 
-    def smooth(self, x, mask=None, parallel=False):
-        """RTS smoother of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.SmootherResult`."""
-        return kalman_smoother(self._check_x(x), *self.matrices().values(), mask, parallel)
+        ``transition_offset (..., T, state_dim)`` b_t and ``observation_offset (..., T,
+        obs_dim)`` d_t (control inputs, regression effects: z_t = A z_{t-1} + b_t + …,
+        x_t = C z_t + d_t + …), as in :func:`~pyrossm.lgssm.kalman_filter`."""
+        return kalman_filter(self._check_x(x), *self.matrices().values(), mask, parallel,
+                             transition_offset=transition_offset,
+                             observation_offset=observation_offset)
 
-    def log_prob(self, x, mask=None):
-        """Exact log p(x) of each sequence, shape ``x.shape[:-2]``."""
-        return self.filter(x, mask).log_likelihood
+    def smooth(self, x, mask=None, parallel=False, *, transition_offset=None,
+               observation_offset=None):
+        """RTS smoother of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.SmootherResult`
+        (offsets as in :meth:`filter`)."""
+        return kalman_smoother(self._check_x(x), *self.matrices().values(), mask, parallel,
+                               transition_offset=transition_offset,
+                               observation_offset=observation_offset)
+
+    def log_prob(self, x, mask=None, *, transition_offset=None, observation_offset=None):
+        """Exact log p(x) of each sequence, shape ``x.shape[:-2]`` (offsets as in
+        :meth:`filter`)."""
+        return self.filter(x, mask, transition_offset=transition_offset,
+                           observation_offset=observation_offset).log_likelihood
 
     # ------------------------------------------------------------------ generation
     def sample(self, num_steps, num_samples=1, generator=None):
@@ -350,7 +372,8 @@ class LinearGaussianSSM(PyroModule):
             return sample_posterior(self._check_x(x), *self.matrices().values(), num_samples,
                                     mask, generator=generator)
 
-    def forecast(self, x, horizon, num_samples=100, mask=None, generator=None):
+    def forecast(self, x, horizon, num_samples=100, mask=None, generator=None, *,
+                 transition_offset=None, observation_offset=None):
         """Forecast ``horizon`` steps after each sequence of ``x (..., T, obs_dim)``.
 
         Each sequence is forecast from its own length: the last True step of ``mask (..., T)``
@@ -359,6 +382,19 @@ class LinearGaussianSSM(PyroModule):
         predictive means and covariances, and ``num_samples`` sampled paths (``0``: moments
         only). Returns a :class:`~pyrossm.forecast.Forecast` (``samples (S, ..., H, p)``,
         ``mean (..., H, p)``, ``covariance (..., H, p, p)``, latent moments, ``lengths``).
+
+        Offsets (exogenous inputs, see :meth:`filter`) are given on the time axis of ``x``
+        extended by the horizon: ``transition_offset (..., T + horizon, state_dim)``,
+        ``observation_offset (..., T + horizon, obs_dim)``; a sequence of length ℓ is filtered
+        with steps ``< ℓ`` and forecast with steps ``ℓ .. ℓ + horizon - 1``. For a structural
+        model with a :class:`~pyrossm.lgssm.Regression` in the observation equation, pass
+        ``observation_offset = exog @ beta`` (past and future regressors).
+
+        >>> import torch
+        >>> ssm = LinearGaussianSSM.from_matrices(A=1.0, C=1.0, Q=0.1, R=1.0)
+        >>> x, u = torch.randn(1, 20, 1), torch.ones(1, 23, 1)   # 3 future inputs
+        >>> ssm.forecast(x, 3, observation_offset=2.0 * u).mean.shape
+        torch.Size([1, 3, 1])
         """
         if not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"horizon: expected a positive int, got {horizon!r}")
@@ -369,8 +405,21 @@ class LinearGaussianSSM(PyroModule):
         if bool((lengths < 1).any()):
             raise ValueError("mask: expected at least one True step in every sequence, got a "
                              "sequence with none")
+        T = x.shape[-2]
+        offsets = {}
+        for name, value, size in (("transition_offset", transition_offset, self.state_dim),
+                                  ("observation_offset", observation_offset, self.obs_dim)):
+            if value is None:
+                continue
+            if (not isinstance(value, torch.Tensor) or value.dim() < 2
+                    or value.shape[-2:] != (T + horizon, size)):
+                raise ValueError(
+                    f"{name}: expected shape (..., T + horizon = {T + horizon}, {size}) (past "
+                    f"and future steps, time at dim -2), got "
+                    f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)}")
+            offsets[name] = value
         with torch.no_grad():
-            filt = self.filter(x, mask)
+            filt = self.filter(x, mask, **{k: v[..., :T, :] for k, v in offsets.items()})
             n = self.state_dim
             idx = (lengths - 1).reshape(lengths.shape + (1, 1))
             m = filt.filtered_means.gather(-2, idx.expand(lengths.shape + (1, n))).squeeze(-2)
@@ -380,6 +429,22 @@ class LinearGaussianSSM(PyroModule):
             zm, zP, xm, xP = forecast_moments(A, C, Q, R, m, P, horizon)
             z, xs = sample_lgssm(A, C, Q, R, m, P, horizon, (num_samples,), start="transition",
                                  generator=generator)
+            if offsets:
+                # Offsets shift the forecast by a deterministic path: δ_h = A δ_{h-1} + b_{ℓ+h}
+                # in the state, C δ_h + d_{ℓ+h} in the observations (covariances unchanged).
+                future = lambda v: _future_steps(v, lengths, horizon)  # noqa: E731
+                dz = torch.zeros_like(zm)
+                if "transition_offset" in offsets:
+                    b = future(offsets["transition_offset"])
+                    d, steps = torch.zeros_like(m), []
+                    for h in range(horizon):
+                        d = d @ A.transpose(-1, -2) + b[..., h, :]
+                        steps.append(d)
+                    dz = torch.stack(steps, -2)
+                dx = dz @ C.transpose(-1, -2)
+                if "observation_offset" in offsets:
+                    dx = dx + future(offsets["observation_offset"])
+                zm, xm, z, xs = zm + dz, xm + dx, z + dz, xs + dx
         return Forecast(xs, z, xm, xP, zm, zP, lengths=lengths)
 
     # ------------------------------------------------------------------ Pyro model
