@@ -303,8 +303,10 @@ def structural(components, irregular=True, dtype=torch.float64, device=None,
     (unit variances until fitted); its :meth:`~LinearGaussianSSM.fit` estimates the
     components' variances and coefficients (names as statsmodels' ``UnobservedComponents``)
     and writes the matrices back. With a :class:`Regression` component, ``fit`` uses its
-    ``exog``; the model's other methods (filter, forecast) see x without the regression
-    effect, i.e. pass ``x − exog @ beta``.
+    ``exog``; the model's other methods (filter, smooth, log_prob, forecast) take the
+    regression effect as an offset: ``observation_offset = exog @ beta`` (for ``forecast``
+    over T + horizon steps, the future regressors included), or ``transition_offset`` with
+    γᵀ u_t in the level's entry for ``equation="state"``.
     """
     comps = list(components)
     if not comps:
