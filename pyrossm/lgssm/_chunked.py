@@ -205,7 +205,9 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
 
 def _warmup_matches(P_before, filts, nc, N, eps):
     """Whether every chunk's warm-up covariance (step before it starts) matches the previous
-    chunk's last filtered covariance to ``_MATCH_ULPS`` ulps."""
+    chunk's last filtered covariance to ``_MATCH_ULPS`` ulps of ``sqrt(P_ii P_jj)``, with a floor
+    of the largest variance's ulp (a component decaying to 0 with no noise, e.g. a singular Q,
+    keeps its start in relative terms but no longer matters)."""
     if nc == 1:
         return True
     n = P_before.shape[0]
@@ -214,6 +216,7 @@ def _warmup_matches(P_before, filts, nc, N, eps):
         theirs = filts[-1, :n, :n].reshape(n, n, nc, N)[..., :-1, :]
         d = torch.diagonal(theirs, dim1=0, dim2=1).abs().clamp_min(torch.finfo(mine.dtype).tiny)
         d = d.movedim(-1, 0)  # (n, nc - 1, N)
+        d = torch.maximum(d, eps * d.amax(0, keepdim=True))
         scale = (d.unsqueeze(1) * d.unsqueeze(0)).sqrt()
         gap = float(((mine - theirs).abs() / scale).max())
     return math.isfinite(gap) and gap <= _MATCH_ULPS * eps

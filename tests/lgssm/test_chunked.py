@@ -168,3 +168,21 @@ def test_right_padding():
         assert_rel_close(a, r, 1e-10, name)
     res = kalman_filter(*stable, mask=mask)
     assert_rel_close(res.log_likelihood, ref[4].sum(-1), 1e-10, "log_likelihood")
+
+
+def test_singular_q_component_decaying_to_zero():
+    # A state with no process noise decays to 0 geometrically: in relative terms its variance
+    # keeps its start forever, but it stops mattering; the floor at the largest variance's ulp
+    # lets the chunks be accepted, and the result equals the sequential kernel.
+    g = torch.Generator().manual_seed(11)
+    d = dict(dtype=torch.float64)
+    A = torch.tensor([[0.9, 0.1], [0.0, 0.5]], **d)
+    Q = torch.tensor([[1.0, 0.0], [0.0, 0.0]], **d)
+    P0 = torch.tensor([[1.0, 0.0], [0.0, 1e4]], **d)
+    R = torch.tensor([[1.0, 0.3], [0.3, 0.5]], **d)
+    x = torch.randn(4, 1500, 2, generator=g, **d)
+    x[torch.rand(x.shape, generator=g, **d) < 0.1] = float("nan")
+    prep = _prepare(x, A, torch.ones(2, 2, **d), Q, R, torch.zeros(2, **d), P0, None, True)
+    got, ref = _both(prep, chunk_length=100)
+    for name, a, r in zip(OUTPUTS, got, ref):
+        assert_rel_close(a, r, 1e-10, name)
