@@ -369,7 +369,8 @@ def main(argv=None):
                    config={k: v for k, v in vars(args).items() if k != "out"},
                    machine=machine(),
                    timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   total_seconds=time.perf_counter() - t_start, results=results)
+                   total_seconds=time.perf_counter() - t_start,
+                   cpu_seconds=time.process_time(), results=results)
     out = RESULTS / "smc_vs_iwae.json" if args.out is None else args.out
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
