@@ -34,8 +34,10 @@ Cases (all with the guide as trained with the model):
   temporary directory first), on the JSB chorales test split (or its first
   ``--jsb-sequences``); data from ``$PYROSSM_DATA_DIR``.
 
-Run from the repository root with one torch thread (``--quick`` takes a few minutes; the full run
-about 25 minutes of one idle core)::
+Run from the repository root with one torch thread (``--quick``: about 20 s; the full run: 25
+minutes on the shared 2-core machine at load 4-5, 23 of them for JSB, where IWAE with K = 1000
+costs twice the guided SMC with N = 1000: IWAE reruns the guide's RNN for every draw, the
+filter runs it once per sequence)::
 
     PYROSSM_DATA_DIR=/work/shared/data python benchmarks/smc_vs_iwae.py
     PYROSSM_DATA_DIR=/work/shared/data python benchmarks/smc_vs_iwae.py --quick --out ''
