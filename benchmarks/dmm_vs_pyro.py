@@ -285,7 +285,7 @@ def run_pyro_example(path, epochs, threads):
             "stderr_tail": (out.stderr or "")[-2000:] if out.returncode else None}
 
 
-def summarize(paths, epochs=(10, 25, 50, 100), output=None):
+def summarize(paths, epochs=(10, 25, 50, 100, 150, 200), output=None):
     """Table of test -ELBO/frame at ``epochs`` from result files of this script, one row per
     (file, runner); written to ``output`` as JSON when given."""
     rows = []
