@@ -24,10 +24,17 @@ Why it is exact. The filter is two recursions.
 Each time step processes the entries of x_t one at a time (Durbin & Koopman 2012, §6.4):
 x_t is first whitened by the Cholesky factor of R restricted to its observed entries (one
 factor per pattern of missing entries, computed once), so each entry is a scalar update: no
-matrix factorisation inside the loop, a handful of batched products per entry.
+matrix factorisation inside the loop, five elementwise operations per entry.
 
-The state is kept as rows: ``X = [P; mᵀ; Φᵀ]`` of shape ``(M, 2n + 1, n)``, so one product
-predicts all of them (``X Aᵀ``) and one rank-one product updates all of them.
+The state is kept as rows ``X = [P; mᵀ; Φᵀ]`` with an extra constant coordinate (so that the
+observation enters the same product as the state), stored column-major with the batch
+``M = chunks × sequences`` last: ``(n + 1, 2n + 2, M)``. One product predicts every row and one
+rank-one update per entry updates every row; every operation is a single vectorised kernel
+(torch's batched products of tiny matrices loop over the batch instead).
+
+Reference for the chunking: the same forgetting argument as the steady-state stop of
+:mod:`pyrossm.lgssm._steps`; for the affine stitching, the prefix-sum view of linear
+recurrences (Blelloch 1990; Särkkä & García-Fernández 2021 for the Kalman filter).
 """
 
 from __future__ import annotations
