@@ -29,8 +29,8 @@ Caveat: this is fine-tuning for a few minutes from a model trained by the ELBO f
 epochs, not FIVO training from scratch; the two arms run one after the other on a shared
 machine, so the CPU seconds of each are recorded beside the wall-clock budget.
 
-Run from the repository root (about ``2 * --minutes`` + 6 minutes at the defaults;
-``--quick``: under a minute)::
+Run from the repository root (``2 * --minutes`` + 10 minutes: 26 minutes at the defaults on the
+shared 2-core machine at load 3, 17.5 of them CPU; ``--quick``: under a minute)::
 
     PYROSSM_DATA_DIR=/work/shared/data nice -n 5 python benchmarks/fivo_jsb.py
     PYROSSM_DATA_DIR=/work/shared/data python benchmarks/fivo_jsb.py --quick --out ''
