@@ -24,7 +24,7 @@ Why it is exact. The filter is two recursions.
 Each time step processes the entries of x_t one at a time (Durbin & Koopman 2012, §6.4):
 x_t is first whitened by the Cholesky factor of R restricted to its observed entries (one
 factor per pattern of missing entries, computed once), so each entry is a scalar update: no
-matrix factorisation inside the loop, five elementwise operations per entry.
+matrix factorisation inside the loop, seven elementwise operations per entry.
 
 The state is kept as rows ``X = [P; mᵀ; Φᵀ]`` with an extra constant coordinate (so that the
 observation enters the same product as the state), stored column-major with the batch
