@@ -50,7 +50,6 @@ import glob
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -60,8 +59,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
 import pyro  # noqa: E402
+from particle_filter import machine  # noqa: E402  (benchmarks/particle_filter.py)
 
 from pyrossm.experiments.synthetic import build_synthetic, make_synthetic_data  # noqa: E402
 from pyrossm.filters import particle_filter  # noqa: E402
@@ -75,14 +76,6 @@ from pyrossm.lgssm import LinearGaussianSSM  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CASES = ("lgssm_linear", "dmm_linear", "dmm_pendulum", "jsb_dmm")
-
-
-def machine():
-    return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(),
-                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                versions=dict(python=platform.python_version(), torch=torch.__version__,
-                              pyro=pyro.__version__))
 
 
 def mean_se(values):
