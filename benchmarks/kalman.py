@@ -7,7 +7,8 @@ missing data and with 10% of the entries missing (NaN, drawn independently). Tim
 
 * pyrossm ``kalman_filter(..., parallel=False)`` (always returns the moments too), the same with
   the steady-state stop of the covariance recursion turned off (``_steps.STEADY_STATE = False``),
-  and ``parallel=True``;
+  and ``parallel=True``; with missing data also with ``pyrossm.lgssm.set_compile(True)``
+  (``torch.compile``'d time steps; the compile time, like dynamax's, is the first call's);
 * dynamax 1.0.3 ``lgssm_filter`` under ``jax.jit(jax.vmap(...))``, returning the
   log-likelihood only (``dynamax``) or also the filtered means and covariances
   (``dynamax +moments``); missing entries are given to it as per-sequence time-varying
@@ -46,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from pyrossm.lgssm import _steps, kalman_filter  # noqa: E402
+from pyrossm.lgssm import _steps, kalman_filter, set_compile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,14 +86,16 @@ def cast(problem, dtype):
 
 # ---------------------------------------------------------------------------------------------
 # methods: each returns a function computing the (batch,) log-likelihoods of its sequences
-def pyrossm_method(parallel, steady_state=True):
+def pyrossm_method(parallel, steady_state=True, compiled=False):
     def run(p):
         _steps.STEADY_STATE = steady_state
+        previous = set_compile(compiled)
         try:
             return kalman_filter(p["x"], p["A"], p["C"], p["Q"], p["R"], p["init_mean"],
                                  p["init_cov"], parallel=parallel).log_likelihood
         finally:
             _steps.STEADY_STATE = True
+            set_compile(previous)
     return run
 
 
@@ -231,7 +234,7 @@ def have_dynamax():
     return None
 
 
-CONTENDERS = ["sequential", "no_steady_state", "parallel", "dynamax", "gaussian_hmm",
+CONTENDERS = ["sequential", "compiled", "no_steady_state", "parallel", "dynamax", "gaussian_hmm",
               "pykalman", "statsmodels"]
 
 
@@ -262,6 +265,10 @@ def run_cell(args, batch, steps, frac, dtype):
     if "sequential" not in skip:
         record("pyrossm sequential", pyrossm_method(False), p, 1, ref,
                "one batched call; returns log-likelihoods and all moments")
+    if "compiled" not in skip and frac > 0:
+        record("pyrossm sequential, compiled", pyrossm_method(False, compiled=True), p, 1, ref,
+               "pyrossm.lgssm.set_compile(True): torch.compile'd time steps of the "
+               "missing-data kernel; first call = compile")
     if "no_steady_state" not in skip:
         record("pyrossm sequential, no steady stop", pyrossm_method(False, False), p, 1, ref,
                "the covariance recursion never stops at the Riccati fixed point")

@@ -15,8 +15,11 @@ import torch
 # test that needs a real data file finds it through PYROSSM_DATA_DIR or skips.
 os.environ.setdefault("PYROSSM_OFFLINE", "1")
 
-# Keep the default suite predictable on the 2-core CI machine.
-torch.set_num_threads(int(os.environ.get("PYROSSM_TEST_THREADS", "2")))
+# Keep the suite predictable on the 2-core CI machine: one torch thread by default. With two,
+# OpenMP threads spin against each other on a loaded machine (a 300-epoch DMM slow test took
+# over 20 minutes with 2 threads at load 3-5, against 60 s with 1). PYROSSM_TEST_THREADS=2 to
+# compare.
+torch.set_num_threads(int(os.environ.get("PYROSSM_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

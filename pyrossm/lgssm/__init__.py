@@ -6,6 +6,7 @@ Model (column vectors; sequences ``(batch, time, dim)`` with time at dim -2)::
     z_1 ~ N(init_mean, init_cov);  z_t = A z_{t-1} + B ε_t;  x_t = C z_t + D ψ_t
 """
 
+from ._chunked import set_compile
 from .distributions import LinearGaussianChain, LinearGaussianObservations
 from .inference import FilterResult, SmootherResult, kalman_filter, kalman_smoother
 from .initial import diffuse_covariance, stationary_covariance
@@ -41,6 +42,7 @@ __all__ = [
     "ljung_box",
     "sample_lgssm",
     "sample_posterior",
+    "set_compile",
     "stationary_covariance",
     "structural",
 ]

@@ -40,6 +40,8 @@ recurrences (Blelloch 1990; Särkkä & García-Fernández 2021 for the Kalman fi
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
@@ -54,6 +56,61 @@ _MAX_WARMUP = 128
 _MATCH_ULPS = 64
 # Patterns of missing entries are tabulated (2^p of them) up to this observation dimension.
 _MAX_TABLE_DIM = 10
+
+
+# Opt-in: torch.compile fuses the ~30 small elementwise operations of a time step into a few
+# loops, and runs _BLOCK steps per call (the call itself costs ~60 µs), at a one-off compile of
+# 20-30 s per process and shape; so it pays for large or repeated problems only.
+_BLOCK = 8
+_state = {"compile": os.environ.get("PYROSSM_COMPILE", "") == "1", "compiled": None}
+
+
+def set_compile(enabled: bool = True) -> bool:
+    """Run the time steps of the missing-data Kalman filter (:func:`kalman_filter` and
+    everything built on it: ``log_prob``, ``fit``, ...) through ``torch.compile``. Returns the
+    previous setting. Also switched on by the environment variable ``PYROSSM_COMPILE=1``.
+
+    Like dynamax's ``jit``, the first call of every shape compiles (10-30 s on a CPU, needs a
+    C++ compiler; on failure a warning is given and the uncompiled steps are used); later calls
+    run each time step about twice as fast (``benchmarks/kalman.py --compile``). Results equal
+    the uncompiled kernel's to rounding.
+
+    >>> import pyrossm
+    >>> previous = pyrossm.lgssm.set_compile(False)
+    """
+    previous = _state["compile"]
+    _state["compile"] = bool(enabled)
+    return previous
+
+
+def _compiled_block():
+    """The compiled :func:`_block_rows`, or None when compiling is off."""
+    if not _state["compile"]:
+        return None
+    if _state["compiled"] is None:
+        _state["compiled"] = _guarded(torch.compile(_block_rows), _block_rows)
+    return _state["compiled"]
+
+
+def _guarded(compiled, eager):
+    """``compiled`` until it fails to compile (no C++ compiler, an unsupported backend):
+    then a warning, and ``eager`` from then on."""
+    ok = []
+
+    def call(*args):
+        if ok:
+            return compiled(*args)
+        try:
+            out = compiled(*args)
+        except Exception as err:  # noqa: BLE001 -- any compile failure falls back
+            _state["compile"] = False
+            warnings.warn(f"pyrossm.lgssm.set_compile: torch.compile failed ({type(err).__name__}:"
+                          f" {str(err)[:200]}); using the uncompiled Kalman steps", stacklevel=3)
+            return eager(*args)
+        ok.append(True)
+        return out
+
+    return call
 
 
 def applicable(prep):
@@ -137,12 +194,13 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
     update is ``X -= K ⊗ (X c̃)`` with ``K = P c / (c P cᵀ + 1)``. ``X`` is stored
     column-major ``(n + 1, 2n + 2, M)``: rows ``[P (n + 1 rows, last 0); mᵀ; Φᵀ]``.
 
-    Returns, for local steps ``W ..``: filtered ``X`` ``(L, n + 1, 2n + 2, M)``,
+    Returns, for local steps ``W ..``: filtered ``X`` ``(L, n + 1, 2n + 2, M)``, the predicted
+    covariances ``(L, n, n, M)``,
     ``X c̃`` per entry ``(L, p, 2n + 2, M)`` and its variance ``S`` ``(L, p, M)``; and the
     filtered covariance ``(n, n, M)`` at local step ``W - 1`` (for the warm-up check).
+    The loop body is :func:`_step_rows` (blocks of it compiled with :func:`set_compile`).
     """
     n = A.shape[-1]
-    p = G.shape[0]
     M = nc * N
     dt, dev = x.dtype, x.device
     cc = _chunk_view(code, L, W, nc)  # (W + L, M); outside [0, T): pattern 0, nothing observed
@@ -174,53 +232,112 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
             flag[k] = True
             at_origin[W - k * L] = flag.reshape(M)
     X = X0
-    filts, rs, Ss = [], [], []
+    outs = []  # per run of steps: the outputs of _kept, each with a leading time dim
     P_before = None
-    for j in range(W + L):
-        if j > 0:
-            if j == W:  # chunks start: particular part from 0, transfer part from I
-                X = torch.cat([X[:, :n1], start], 1)
-            U = (Aa @ X.reshape(n1, R * M)).reshape(n1, R, M)  # every row times Ãᵀ
-            # P⁻ = Ã (Ã P)ᵀ: the P block of U is Ã P (column-major), transposed once.
-            P = (Aa @ U[:, :n1].transpose(0, 1).reshape(n1, n1 * M)).reshape(n1, n1, M) + Qa
-            if bc is None:
-                X = torch.cat([P, U[:, n1:]], 1)
-            else:
-                X = torch.cat([P, U[:, n1 : n1 + 1] + bc[j], U[:, n1 + 1 :]], 1)
-            if j in at_origin:  # t = 0: the prior, not a predicted step
-                X = torch.where(at_origin[j], X0, X)
-        g = G.index_select(-1, cc[j])  # (p, n + p, M): [W C | W] of each sequence's pattern
-        xw = (g[:, n:] * xc[j].unsqueeze(0)).sum(1, keepdim=True)  # (p, 1, M)
-        c = torch.cat([g[:, :n], -xw], 1).unsqueeze(2)  # (p, n + 1, 1, M): [c, -x]
-        for i in range(p):
-            ci = c[i]
-            r = (X * ci).sum(0)  # (R, M): [P c; c·m - x; Φᵀ c]
-            S = (r[:n] * ci[:n, 0]).sum(0) + 1
-            X = torch.addcmul(X, (r[:n1] / S).unsqueeze(1), r.unsqueeze(0), value=-1)
-            if j >= W:
-                rs.append(r)
-                Ss.append(S)
-        if j == W - 1:
+    block = _compiled_block()
+    special = {0, W} | set(at_origin)  # restarts: one eager step each
+    j = 0
+    while j < W + L:
+        k = 1
+        if j in special:
+            if j > 0:
+                if j == W:  # chunks start: particular part from 0, transfer part from I
+                    X = torch.cat([X[:, :n1], start], 1)
+                X = _predict_rows(X, Aa, Qa, None if bc is None else bc[j])
+                if j in at_origin:  # t = 0: the prior, not a predicted step
+                    X = torch.where(at_origin[j], X0, X)
+            P = X[:n, :n]
+            X, r, S = _update_rows(X, G, cc[j], xc[j])
+            out = _kept(X, r, S, P)
+        elif block is not None and j + _BLOCK <= W + L and not any(
+            i in special for i in range(j, j + _BLOCK)
+        ):
+            k = _BLOCK
+            X, *out = block(X, Aa, Qa, None if bc is None else bc[j : j + k], G,
+                            cc[j : j + k], xc[j : j + k])
+        else:
+            X, r, S, P = _step_rows(X, Aa, Qa, None if bc is None else bc[j], G, cc[j], xc[j])
+            out = _kept(X, r, S, P)
+        if k == 1:
+            out = tuple(u.unsqueeze(0) for u in out)
+        j += k
+        if j == W:  # X is the filtered state at local step W - 1
             P_before = X[:n, :n]
-        if j >= W:
-            filts.append(X)
-    stack = lambda seq: torch.stack(seq, 0)  # noqa: E731
-    r = stack(rs).reshape(L, p, R, M)
-    S = stack(Ss).reshape(L, p, M)
-    return stack(filts), r, S, P_before
+        if j > W:
+            outs.append(out)
+    return tuple(torch.cat(u, 0) for u in zip(*outs)) + (P_before,)
 
 
-def _warmup_matches(P_before, filts, nc, N, eps):
+def _kept(X, r, S, P):
+    """What the filter keeps of a step (the rest of ``X`` and ``X c̃`` is not needed): filtered
+    covariance ``(n, n, M)``, mean and transfer columns ``(n, R - n - 1, M)``, predicted
+    covariance, innovation columns of ``X c̃`` ``(p, R - n - 1, M)`` and ``S`` ``(p, M)``."""
+    n = X.shape[0] - 1
+    return X[:n, :n], X[:n, n + 1 :], P, r[:, n + 1 :], S
+
+
+def _predict_rows(X, Aa, Qa, b):
+    """Every row of ``X`` (column-major ``(n + 1, R, M)``) times Ãᵀ, and ``P⁻ = Ã P Ãᵀ + Q``:
+    one product predicts every row; ``P⁻ = Ã (Ã P)ᵀ`` transposes the P block once. ``b``
+    ``(n + 1, 1, M)`` or None: the transition offset, added to the mean row."""
+    n1, R, M = X.shape
+    U = (Aa @ X.reshape(n1, R * M)).reshape(n1, R, M)
+    P = (Aa @ U[:, :n1].transpose(0, 1).reshape(n1, n1 * M)).reshape(n1, n1, M) + Qa
+    if b is None:
+        return torch.cat([P, U[:, n1:]], 1)
+    return torch.cat([P, U[:, n1 : n1 + 1] + b, U[:, n1 + 1 :]], 1)
+
+
+def _update_rows(X, G, code, x):
+    """The update by every entry of ``x`` ``(p, M)`` in turn, whitened by its pattern's row of
+    ``G`` (``code`` ``(M,)``). With ``c̃ = [W C, -W x]``, ``X c̃ = [P c; c·m - x; Φᵀ c]``
+    and ``X -= K ⊗ (X c̃)``, ``K = P c / (c P cᵀ + 1)``. Returns ``X``, the products
+    ``X c̃`` ``(p, R, M)`` and their variances ``S`` ``(p, M)``."""
+    n1 = X.shape[0]
+    n, p = n1 - 1, G.shape[0]
+    g = G.index_select(-1, code)  # (p, n + p, M): [W C | W] of each sequence's pattern
+    xw = (g[:, n:] * x.unsqueeze(0)).sum(1, keepdim=True)  # (p, 1, M)
+    c = torch.cat([g[:, :n], -xw], 1).unsqueeze(2)  # (p, n + 1, 1, M): [c, -x]
+    rs, Ss = [], []
+    for i in range(p):
+        ci = c[i]
+        r = (X * ci).sum(0)  # (R, M)
+        S = (r[:n] * ci[:n, 0]).sum(0) + 1
+        X = torch.addcmul(X, (r[:n1] / S).unsqueeze(1), r.unsqueeze(0), value=-1)
+        rs.append(r)
+        Ss.append(S)
+    return X, torch.stack(rs, 0), torch.stack(Ss, 0)
+
+
+def _step_rows(X, Aa, Qa, b, G, code, x):
+    """One predict and update (the loop body of :func:`_run`); also returns the predicted
+    covariance ``(n, n, M)``."""
+    X = _predict_rows(X, Aa, Qa, b)
+    n = X.shape[0] - 1
+    return _update_rows(X, G, code, x) + (X[:n, :n],)
+
+
+def _block_rows(X, Aa, Qa, bs, G, codes, xs):
+    """``codes.shape[0]`` steps of :func:`_step_rows` (the unit compiled by
+    :func:`set_compile`). Returns the last ``X`` and every step's :func:`_kept`, stacked."""
+    outs = []
+    for k in range(codes.shape[0]):
+        X, r, S, P = _step_rows(X, Aa, Qa, None if bs is None else bs[k], G, codes[k], xs[k])
+        outs.append(_kept(X, r, S, P))
+    return (X,) + tuple(torch.stack(u, 0) for u in zip(*outs))
+
+
+def _warmup_matches(P_before, P_last, nc, N, eps):
     """Whether every chunk's warm-up covariance (step before it starts) matches the previous
-    chunk's last filtered covariance to ``_MATCH_ULPS`` ulps of ``sqrt(P_ii P_jj)``, with a floor
-    of the largest variance's ulp (a component decaying to 0 with no noise, e.g. a singular Q,
-    keeps its start in relative terms but no longer matters)."""
+    chunk's last filtered covariance ``P_last`` to ``_MATCH_ULPS`` ulps of ``sqrt(P_ii P_jj)``,
+    with a floor of the largest variance's ulp (a component decaying to 0 with no noise, e.g. a
+    singular Q, keeps its start in relative terms but no longer matters)."""
     if nc == 1:
         return True
     n = P_before.shape[0]
     with torch.no_grad():
         mine = P_before.reshape(n, n, nc, N)[..., 1:, :]
-        theirs = filts[-1, :n, :n].reshape(n, n, nc, N)[..., :-1, :]
+        theirs = P_last.reshape(n, n, nc, N)[..., :-1, :]
         d = torch.diagonal(theirs, dim1=0, dim2=1).abs().clamp_min(torch.finfo(mine.dtype).tiny)
         d = d.movedim(-1, 0)  # (n, nc - 1, N)
         d = torch.maximum(d, eps * d.amax(0, keepdim=True))
@@ -285,33 +402,34 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None):
         nc = math.ceil(T / L)
         if nc == 1:
             W = 0
-        filts, r, S, P_before = _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N)
-        if _warmup_matches(P_before, filts, nc, N, eps):
+        filt_P, mc, pred_P, v, S, P_before = _run(A, Q, G, code, x, bt, init_mean, init_cov,
+                                                  L, W, nc, N)
+        if _warmup_matches(P_before, filt_P[-1], nc, N, eps):
             break
         if warmup is not None or 4 * W > _MAX_WARMUP:
             return None
         W *= 4
-    n1 = n + 1
     # Stitch: the filtered mean m_s before each chunk starts, chunk by chunk (batch last).
-    last = filts[-1].reshape(n1, filts.shape[2], nc, N)
+    # Columns of mc and v: 0 the particular solution p_t, 1.. the transfer matrix Φ_t.
+    last = mc[-1].reshape(n, mc.shape[2], nc, N)
     starts = [torch.zeros(n, N, dtype=dt, device=dev)]
     for k in range(1, nc):
-        phi_t = last[:n, n1 + 1 :, k - 1]  # [b, k']: Φ[b, k']
-        starts.append(last[:n, n1, k - 1] + (phi_t * starts[-1].unsqueeze(0)).sum(1))
+        phi_t = last[:, 1:, k - 1]  # [b, k']: Φ[b, k']
+        starts.append(last[:, 0, k - 1] + (phi_t * starts[-1].unsqueeze(0)).sum(1))
     ms = torch.stack(starts, 1).reshape(n, nc * N)  # (n, M), chunk-major like the batch
     # m_t = p_t + Φ_t m_s; innovations c·m - x likewise (elementwise, batch last).
     if nc > 1:
-        mean = lambda X: X[:, :n, n1] + (X[:, :n, n1 + 1 :] * ms.unsqueeze(0)).sum(2)  # noqa: E731
-        neg_v = r[:, :, n1] + (r[:, :, n1 + 1 :] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
+        filt_m = mc[:, :, 0] + (mc[:, :, 1:] * ms.unsqueeze(0)).sum(2)
+        neg_v = v[:, :, 0] + (v[:, :, 1:] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
     else:
-        mean = lambda X: X[:, :n, n1]  # noqa: E731
-        neg_v = r[:, :, n1]
+        filt_m, neg_v = mc[:, :, 0], v[:, :, 0]
     ll = -0.5 * (neg_v.pow(2) / S + torch.log(S)).sum(1)  # (L, M)
     num_obs = obs.to(dt).sum(-1)  # (T, N)
     ll = _time_major(ll, nc, N, T) - 0.5 * _LOG_2PI * num_obs - logdet_tab[code]
-    filt_m = _time_major(mean(filts), nc, N, T)  # (T, n, N)
-    filt_P = _time_major(filts[:, :n, :n], nc, N, T)  # (T, n, n, N)
-    pred_m, pred_P = _predict(A, Q, bt, filt_m, filt_P, init_mean, init_cov)
+    filt_m = _time_major(filt_m, nc, N, T)  # (T, n, N)
+    filt_P = _time_major(filt_P, nc, N, T)  # (T, n, n, N)
+    pred_m = _predict_means(A, bt, filt_m, init_mean)
+    pred_P = _time_major(pred_P, nc, N, T)  # (T, n, n, N)
     out = lambda u: u.movedim(-1, 0).reshape(batch + u.shape[:-1])  # noqa: E731
     return (
         out(filt_m),
@@ -329,22 +447,17 @@ def _time_major(u, nc, N, T):
     return u.reshape((nc * L,) + u.shape[2:])[:T]
 
 
-def _predict(A, Q, bt, filt_m, filt_P, init_mean, init_cov):
-    """Predicted moments of every step from the filtered ones of the step before, batch last:
-    m⁻_t = A m_{t-1} + b_t, P⁻_t = A P_{t-1} Aᵀ + Q (P⁻_0, m⁻_0 the prior)."""
+def _predict_means(A, bt, filt_m, init_mean):
+    """Predicted means of every step from the filtered ones of the step before, batch last:
+    m⁻_t = A m_{t-1} + b_t (m⁻_0 the prior mean). (The predicted covariances come from the
+    loop.)"""
     T, n, N = filt_m.shape
     m = (A @ filt_m[:-1].transpose(0, 1).reshape(n, -1)).reshape(n, T - 1, N).transpose(0, 1)
     if bt is not None:
         m = m + bt[1:].transpose(-1, -2)
-    AP = (A @ filt_P[:-1].transpose(0, 1).reshape(n, -1)).reshape(n, T - 1, n, N)
-    P = (A @ AP.transpose(0, 2).reshape(n, -1)).reshape(n, T - 1, n, N).transpose(0, 1)
-    P = P + Q.unsqueeze(-1)
-    return (
-        torch.cat([init_mean.t().unsqueeze(0), m], 0),
-        torch.cat([init_cov.permute(1, 2, 0).unsqueeze(0), P], 0),
-    )
+    return torch.cat([init_mean.t().unsqueeze(0), m], 0)
 
 
 def _sym(P):
-    """``(T, n, n, N)`` symmetrised."""
-    return 0.5 * (P + P.transpose(1, 2))
+    """``(T, n, n, N)`` symmetrised (one new tensor: these are the largest outputs)."""
+    return torch.add(P, P.transpose(1, 2)).mul_(0.5)
