@@ -27,6 +27,7 @@ core)::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -155,12 +156,47 @@ def run_speed(args):
 
 # ---------------------------------------------------------------------------------------------
 # FIVO vs ELBO on the pendulum
-def _train_and_score(args, objective, init_seed, x_train, x_test):
+def _fresh(args, init_seed):
     torch.manual_seed(init_seed)  # the same initial weights for both objectives
     model = DeepMarkovModel(obs_dim=2, z_dim=args.z_dim, transition_dim=args.hidden,
                             emission_dim=args.hidden, emission="gaussian")
     guide = StructuredGuide(obs_dim=2, state_dim=args.z_dim, hidden_dim=args.hidden,
                             direction=args.direction)
+    return model, guide
+
+
+_PRETRAINED = {}
+
+
+def _pretrained(args, init_seed, x_train):
+    """``--pretrain-seconds``: the ELBO-trained start shared by both arms of one seed (trained
+    once, then copied), so the arms differ only in the objective of the continuation."""
+    if init_seed not in _PRETRAINED:
+        model, guide = _fresh(args, init_seed)
+        t0 = time.perf_counter()
+        annealing = None
+        if args.pretrain_annealing is not None:  # linear to 1 over the pretraining's steps
+            steps = args.pretrain_epochs * math.ceil(x_train.shape[0] / args.batch_size)
+            annealing = {"name": "linear", "start": args.pretrain_annealing, "num_steps": steps}
+        hist = fit(model, guide, x_train, epochs=args.pretrain_epochs or 10**6,
+                   batch_size=args.batch_size, lr=args.lr, num_particles=args.k,
+                   objective="elbo", seed=init_seed, progress=False, device="cpu",
+                   max_seconds=args.pretrain_seconds, annealing=annealing)
+        _PRETRAINED[init_seed] = (copy.deepcopy(model.state_dict()),
+                                  copy.deepcopy(guide.state_dict()),
+                                  time.perf_counter() - t0, len(hist.records))
+        print(f"seed {init_seed}: ELBO pretraining {_PRETRAINED[init_seed][2]:.1f} s, "
+              f"{len(hist.records)} epochs", flush=True)
+    return _PRETRAINED[init_seed]
+
+
+def _train_and_score(args, objective, init_seed, x_train, x_test):
+    model, guide = _fresh(args, init_seed)
+    pre = None
+    if args.pretrain_seconds or args.pretrain_epochs:
+        pre = _pretrained(args, init_seed, x_train)
+        model.load_state_dict(pre[0])
+        guide.load_state_dict(pre[1])
     t0 = time.perf_counter()
     budget = args.budget_seconds  # equal wall time: many epochs, stopped by the clock
     annealing = None  # KL annealing is an ELBO recipe; FIVO has no KL term to anneal
@@ -179,6 +215,7 @@ def _train_and_score(args, objective, init_seed, x_train, x_test):
     iwae = log_likelihood(model, guide, x_test, num_samples=args.eval_particles // 10)
     e = elbo(model, guide, x_test, num_samples=10)
     r = dict(objective=objective, init_seed=init_seed, train_seconds=seconds,
+             pretrain_seconds=pre[2] if pre else 0.0, pretrain_epochs=pre[3] if pre else 0,
              epochs=len(hist.records),
              final_train_objective_per_step=-hist["train_neg_elbo_per_step"][-1],
              test_smc_bootstrap_per_step=float(boot.sum()) / steps,
@@ -250,6 +287,14 @@ def main(argv=None):
                         "optimisation steps (pyrossm's usual recipe against posterior collapse)")
     f.add_argument("--budget-seconds", type=float, default=None,
                    help="equal wall time: train each model for this many seconds (not --epochs)")
+    f.add_argument("--pretrain-seconds", type=float, default=None,
+                   help="fine-tuning: both arms continue one ELBO-trained model (trained this "
+                        "many seconds per seed) for --budget-seconds / --epochs")
+    f.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="fine-tuning: ELBO pretraining for this many epochs (instead of seconds)")
+    f.add_argument("--pretrain-annealing", type=float, default=None,
+                   help="with --pretrain-epochs: KL annealing of the pretraining, linear from "
+                        "this beta to 1 over its steps")
     f.add_argument("--init-seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="initialisations (each trained with both objectives)")
     f.add_argument("--eval-particles", type=int, default=2000)
