@@ -305,46 +305,46 @@ def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
 
 def _steady_steps(prep, batch, K, Linv, half_logdet, Td, m):
     """Means and log-likelihoods of steps ``Td .. T-1`` at the Riccati fixed point (constant
-    gain ``K``, time-invariant parameters): batch-major lists of chunks of time that stay in cache,
-    the linear recurrence m_t = F m_{t-1} + u_t in blocks of steps (one product per block)."""
+    gain ``K``, time-invariant parameters). The linear recurrence m_t = F m_{t-1} + u_t is solved
+    in blocks of ``blk`` steps, [m_1 .. m_k] = [u_1 .. u_k] W + m_0 V (:func:`_block_operators`),
+    in three passes: every block's particular solution ``U W`` in one product, the means at the
+    block ends one small product per block, then ``m_0 V`` for every block in one product.
+    Returns batch-major one-element lists ``(N, T - Td, .)``."""
     T, p = prep.x.shape[-2:]
     n = m.shape[-1]
     N = m.shape[0]
     A, C = prep.A, prep.C
-    xb = prep.x.expand(batch + prep.x.shape[-2:]).reshape(N, T, p)
-    bb = None if prep.b is None else prep.b.expand(batch + prep.b.shape[-2:]).reshape(N, T, n)
+    S = T - Td
+    xb = prep.x.expand(batch + prep.x.shape[-2:]).reshape(N, T, p)[:, Td:]
+    bb = None
+    if prep.b is not None:
+        bb = prep.b.expand(batch + prep.b.shape[-2:]).reshape(N, T, n)[:, Td:]
     eye = torch.eye(n, dtype=m.dtype, device=m.device)
     F = (eye - K @ C) @ A
-    # Blocks trade one product per step (overhead) for blk times the arithmetic.
-    blk = int(min(128, max(1, math.sqrt(1e6 / (N * n * n))), T - Td))
+    # Blocks trade one small product per block (overhead) for blk times the arithmetic.
+    blk = int(min(128, max(2, math.sqrt(4e6 / (N * n * n))), S))
+    nb = -(-S // blk)
     W, V = _block_operators(F, blk)
-    chunk = blk * max(1, (2**16 // (N * n)) // blk)
     KT, AT, CT, LT = (M.transpose(-1, -2) for M in (K, A, C, Linv))
-    fms, pms, lls = [], [], []
-    for start in range(Td, T, chunk):
-        stop = min(start + chunk, T)
-        xc = xb[:, start:stop].reshape(-1, p)  # (N k, p): one matrix product per operator
-        bc = None if bb is None else bb[:, start:stop].reshape(-1, n)
-        uc = ((xc if bc is None else xc - bc @ CT) @ KT).reshape(N, stop - start, n)
-        if bc is not None:
-            uc = uc + bc.reshape(N, stop - start, n)
-        prev, blocks = m, []
-        for j in range(0, stop - start, blk):
-            k = min(blk, stop - start - j)
-            flat = uc[:, j : j + k].reshape(N, k * n)
-            mb = torch.addmm(m @ V[:, : k * n], flat, W[: k * n, : k * n])
-            blocks.append(mb.reshape(N, k, n))
-            m = mb[:, -n:]
-        fc = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
-        pc = torch.cat([prev.unsqueeze(1), fc[:, :-1]], 1).reshape(-1, n) @ AT
-        if bc is not None:
-            pc = pc + bc
-        w = (xc - pc @ CT) @ LT
-        ll = -0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet
-        lls.append(ll.reshape(N, stop - start))
-        fms.append(fc)
-        pms.append(pc.reshape(N, stop - start, n))
-    return fms, pms, lls
+    xu = xb if bb is None else xb - bb @ CT
+    u = xu @ KT  # (N, S, n)
+    if bb is not None:
+        u = u + bb
+    if nb * blk > S:  # zeros after the end: their outputs are dropped
+        u = torch.cat([u, u.new_zeros(N, nb * blk - S, n)], 1)
+    part = (u.reshape(N * nb, blk * n) @ W).reshape(N, nb, blk * n)  # from m_0 = 0
+    V_last = V[:, -n:]  # (F^blk)ᵀ
+    starts = [m]
+    for k in range(nb - 1):
+        starts.append(torch.addmm(part[:, k, -n:], starts[-1], V_last))
+    m0 = torch.stack(starts, 1)  # (N, nb, n): the mean before each block
+    fm = torch.baddbmm(part, m0, V.expand(N, n, blk * n)).reshape(N, nb * blk, n)[:, :S]
+    pm = torch.cat([m.unsqueeze(1), fm[:, :-1]], 1) @ AT
+    if bb is not None:
+        pm = pm + bb
+    w = (xb - pm @ CT) @ LT
+    ll = -0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet
+    return [fm], [pm], [ll]
 
 
 def _block_operators(F, blk):
