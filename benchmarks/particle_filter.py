@@ -202,8 +202,9 @@ def _train_and_score(args, objective, init_seed, x_train, x_test):
     annealing = None  # KL annealing is an ELBO recipe; FIVO has no KL term to anneal
     if objective == "elbo" and args.elbo_annealing is not None:
         annealing = {"name": "linear", "start": args.elbo_annealing, "num_steps": args.epochs}
+    lr = args.finetune_lr if pre and args.finetune_lr else args.lr
     hist = fit(model, guide, x_train, epochs=10**6 if budget else args.epochs,
-               batch_size=args.batch_size, lr=args.lr, num_particles=args.k,
+               batch_size=args.batch_size, lr=lr, num_particles=args.k,
                objective=objective, seed=init_seed, progress=False, device="cpu",
                max_seconds=budget, annealing=annealing)
     seconds = time.perf_counter() - t0
@@ -295,6 +296,8 @@ def main(argv=None):
     f.add_argument("--pretrain-annealing", type=float, default=None,
                    help="with --pretrain-epochs: KL annealing of the pretraining, linear from "
                         "this beta to 1 over its steps")
+    f.add_argument("--finetune-lr", type=float, default=None,
+                   help="fine-tuning: learning rate of both arms (default --lr)")
     f.add_argument("--init-seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="initialisations (each trained with both objectives)")
     f.add_argument("--eval-particles", type=int, default=2000)

@@ -352,16 +352,19 @@ def _warmup_matches(P_before, P_last, nc, N, eps):
 # ~30 small ops and a part per unit of state (batch element × row of X). The sequential kernel
 # of :mod:`._steps` (one Cholesky per sequence per step) for comparison. Fitted to timings of
 # both kernels at B × T = 1 × 500 … 256 × 1000 (benchmarks/kalman.py problems); only the
-# ratios matter.
+# ratios matter. Compiled (set_compile): blocks of fused steps, timed at 64 × 202 … 16 × 10,000.
 _STEP_FIXED, _STEP_PER_UNIT = 320.0, 0.15
+_COMPILED_FIXED, _COMPILED_PER_UNIT = 100.0, 0.06
 _SEQ_FIXED, _SEQ_PER_SEQUENCE = 140.0, 1.7
 
 
 def _cost(T, N, n, nc, W):
+    fixed, unit = ((_COMPILED_FIXED, _COMPILED_PER_UNIT) if _state["compile"]
+                   else (_STEP_FIXED, _STEP_PER_UNIT))
     if nc == 1:
-        return T * (_STEP_FIXED + _STEP_PER_UNIT * N * (n + 2))
+        return T * (fixed + unit * N * (n + 2))
     # chunks: the transfer rows, the warm-up, and a measured 1.3x for the larger working set
-    return 1.3 * (W + math.ceil(T / nc)) * (_STEP_FIXED + _STEP_PER_UNIT * N * nc * (2 * n + 2))
+    return 1.3 * (W + math.ceil(T / nc)) * (fixed + unit * N * nc * (2 * n + 2))
 
 
 def plan(T, N, n, W=_FIRST_WARMUP):
