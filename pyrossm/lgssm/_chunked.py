@@ -70,7 +70,7 @@ def set_compile(enabled: bool = True) -> bool:
     everything built on it: ``log_prob``, ``fit``, ...) through ``torch.compile``. Returns the
     previous setting. Also switched on by the environment variable ``PYROSSM_COMPILE=1``.
 
-    Like dynamax's ``jit``, the first call of every shape compiles (10-40 s on a CPU, needs a
+    Like dynamax's ``jit``, the first call of every shape compiles (about 25 s on a CPU, needs a
     C++ compiler; on failure a warning is given and the uncompiled steps are used from then on);
     later calls run blocks of time steps as fused loops: 1.6-2.4x faster than uncompiled on the
     cells of ``benchmarks/kalman.py`` (row "pyrossm sequential, compiled"). Results equal the

@@ -34,7 +34,7 @@ met the previous chunk's to a few ulps (the Riccati map forgets its start); the 
 stitched exactly (they are affine in the mean at the chunk's start). Entries are processed one
 at a time after whitening by R (Durbin & Koopman 2012, §6.4); see :mod:`pyrossm.lgssm._chunked`.
 For large or repeated problems, :func:`pyrossm.lgssm.set_compile` runs those time steps through
-``torch.compile`` (a one-off compile of 10-40 s per shape; then about 2x faster).
+``torch.compile`` (a one-off compile of about 25 s per shape; then 1.5-2.5x faster).
 Singular predicted covariances (e.g. Q and init_cov singular) are handled by the smoother with
 a pseudo-inverse gain.
 
