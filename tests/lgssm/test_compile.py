@@ -7,6 +7,8 @@ per shape on a CPU, so the default suite compiles two small shapes; gradients ar
 Shapes follow pyrossm: x is (batch..., T, obs_dim), time at dim -2.
 """
 
+import shutil
+
 import pytest
 import torch
 from lgssm_oracles import assert_rel_close, random_system
@@ -15,6 +17,12 @@ from pyrossm.lgssm import _chunked, kalman_filter, set_compile
 from pyrossm.lgssm.inference import _prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# torch.compile on a CPU builds C++; without a compiler set_compile falls back (tested below).
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="no C++ compiler for torch.compile's CPU backend",
+)
 
 ARGS = ("x", "A", "C", "Q", "R", "init_mean", "init_cov")
 OUTPUTS = ("filtered_means", "filtered_covs", "predicted_means", "predicted_covs",
@@ -38,6 +46,7 @@ def _run(s, compile_, **kw):
         set_compile(previous)
 
 
+@needs_cxx
 @pytest.mark.parametrize("chunk_length,warmup", [(30, 16), (60, None)])
 def test_compiled_equals_uncompiled(compiled, chunk_length, warmup):
     s = random_system(3, 4, 120, seed=11, batch=(5,), missing="entries", max_singular=0.6)
@@ -79,6 +88,7 @@ def test_set_compile_returns_the_previous_setting():
         set_compile(previous)
 
 
+@needs_cxx
 @pytest.mark.slow
 def test_compiled_gradients_equal_uncompiled(compiled):
     s = random_system(2, 2, 96, seed=13, batch=(3,), missing="entries")
