@@ -99,5 +99,11 @@ def test_compiled_gradients_equal_uncompiled(compiled):
         res = kalman_filter(s["x"], *(leaves[k] for k in ARGS[1:]))
         loss = res.log_likelihood.sum() + res.filtered_means.pow(2).sum()
         grads.append(torch.autograd.grad(loss, list(leaves.values())))
+    # With compiling on, the planner picks the chunked kernel here, and without it the
+    # sequential one. For the symmetric Q, R and init_cov only the symmetric part of a gradient
+    # is defined: the kernels read those matrices differently (all entries, or one triangle),
+    # so the antisymmetric parts differ, and a model's Q = B Bᵀ sees only the symmetric part.
     for name, a, b in zip(ARGS[1:], *grads):
+        if name in ("Q", "R", "init_cov"):
+            a, b = (0.5 * (g + g.transpose(-1, -2)) for g in (a, b))
         assert_rel_close(a, b, 1e-10, name)
