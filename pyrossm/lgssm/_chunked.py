@@ -72,7 +72,7 @@ def set_compile(enabled: bool = True) -> bool:
 
     Like dynamax's ``jit``, the first call of every shape compiles (about 25 s on a CPU, needs a
     C++ compiler; on failure a warning is given and the uncompiled steps are used from then on);
-    later calls run blocks of time steps as fused loops: 1.6-2.4x faster than uncompiled on the
+    later calls run blocks of time steps as fused loops: 1.5-2.5x faster than uncompiled on the
     cells of ``benchmarks/kalman.py`` (row "pyrossm sequential, compiled"). Results equal the
     uncompiled kernel's to rounding. Worth it for large batches, long series, or many calls
     with the same shapes; not for one small series.
@@ -196,9 +196,10 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
     update is ``X -= K ⊗ (X c̃)`` with ``K = P c / (c P cᵀ + 1)``. ``X`` is stored
     column-major ``(n + 1, 2n + 2, M)``: rows ``[P (n + 1 rows, last 0); mᵀ; Φᵀ]``.
 
-    Returns, for local steps ``W ..``: filtered ``X`` ``(L, n + 1, 2n + 2, M)``, the predicted
-    covariances ``(L, n, n, M)``,
-    ``X c̃`` per entry ``(L, p, 2n + 2, M)`` and its variance ``S`` ``(L, p, M)``; and the
+    Returns, for local steps ``W ..`` (leading dim ``L``), the parts of every step that the
+    filter uses (:func:`_kept`): filtered covariances ``(L, n, n, M)``, mean and transfer
+    columns ``(L, n, R - n - 1, M)``, predicted covariances ``(L, n, n, M)``, innovation columns
+    of ``X c̃`` ``(L, p, R - n - 1, M)`` and their variances ``S`` ``(L, p, M)``; and the
     filtered covariance ``(n, n, M)`` at local step ``W - 1`` (for the warm-up check).
     The loop body is :func:`_step_rows` (blocks of it compiled with :func:`set_compile`).
     """
