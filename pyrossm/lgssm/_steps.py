@@ -262,8 +262,7 @@ def shared_filter(prep, allow_steady=None):
     half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
     fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, Td)
     if Td < T:  # at the fixed point: constant gain, solved in blocks of steps
-        fms, pms, lls = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], Td, m)
-        fm, pm, ll = (torch.cat([a] + b, 1) for a, b in ((fm, fms), (pm, pms), (ll, lls)))
+        fm, pm, ll = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], fm, ll, m)
     full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
     shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
     return shape(fm), full(filt_c), shape(pm), full(pred_c), shape(ll)
@@ -303,48 +302,124 @@ def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
     return filt_m.transpose(0, 1), pred_m.transpose(0, 1), ll.transpose(0, 1), m
 
 
-def _steady_steps(prep, batch, K, Linv, half_logdet, Td, m):
-    """Means and log-likelihoods of steps ``Td .. T-1`` at the Riccati fixed point (constant
-    gain ``K``, time-invariant parameters). The linear recurrence m_t = F m_{t-1} + u_t is solved
-    in blocks of ``blk`` steps, [m_1 .. m_k] = [u_1 .. u_k] W + m_0 V (:func:`_block_operators`),
-    in three passes: every block's particular solution ``U W`` in one product, the means at the
-    block ends one small product per block, then ``m_0 V`` for every block in one product.
-    Returns batch-major one-element lists ``(N, T - Td, .)``."""
+def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m):
+    """All means and log-likelihoods, given those of the first ``Td`` steps (``fm (N, Td, n)``,
+    ``ll (N, Td)``, the last mean ``m``) when steps ``Td .. T-1`` are at the Riccati fixed
+    point (constant gain ``K``, time-invariant parameters). The means solve the affine
+    recurrence m_t = F m_{t-1} + K (x_t - C b_t) + b_t with F = (I - K C) A
+    (:func:`_affine_recurrence`: blocks of steps, a few large products); the predicted means
+    and the whitened innovations then take one product each over all steps.
+    Returns batch-major ``(N, T, n)``, ``(N, T, n)``, ``(N, T)``."""
     T, p = prep.x.shape[-2:]
-    n = m.shape[-1]
-    N = m.shape[0]
+    N, Td, n = fm.shape
     A, C = prep.A, prep.C
-    S = T - Td
-    xb = prep.x.expand(batch + prep.x.shape[-2:]).reshape(N, T, p)[:, Td:]
-    bb = None
-    if prep.b is not None:
-        bb = prep.b.expand(batch + prep.b.shape[-2:]).reshape(N, T, n)[:, Td:]
+    x = prep.x.expand(batch + (T, p)).reshape(N, T, p)
+    b = None if prep.b is None else prep.b.expand(batch + (T, n)).reshape(N, T, n)
     eye = torch.eye(n, dtype=m.dtype, device=m.device)
-    F = (eye - K @ C) @ A
-    # Blocks trade one small product per block (overhead) for blk times the arithmetic.
-    blk = int(min(128, max(2, math.sqrt(4e6 / (N * n * n))), S))
-    nb = -(-S // blk)
-    W, V = _block_operators(F, blk)
     KT, AT, CT, LT = (M.transpose(-1, -2) for M in (K, A, C, Linv))
-    xu = xb if bb is None else xb - bb @ CT
-    u = xu @ KT  # (N, S, n)
-    if bb is not None:
-        u = u + bb
-    if nb * blk > S:  # zeros after the end: their outputs are dropped
-        u = torch.cat([u, u.new_zeros(N, nb * blk - S, n)], 1)
-    part = (u.reshape(N * nb, blk * n) @ W).reshape(N, nb, blk * n)  # from m_0 = 0
-    V_last = V[:, -n:]  # (F^blk)ᵀ
-    starts = [m]
-    for k in range(nb - 1):
-        starts.append(torch.addmm(part[:, k, -n:], starts[-1], V_last))
-    m0 = torch.stack(starts, 1)  # (N, nb, n): the mean before each block
-    fm = torch.baddbmm(part, m0, V.expand(N, n, blk * n)).reshape(N, nb * blk, n)[:, :S]
-    pm = torch.cat([m.unsqueeze(1), fm[:, :-1]], 1) @ AT
-    if bb is not None:
-        pm = pm + bb
-    w = (xb - pm @ CT) @ LT
-    ll = -0.5 * (w.pow(2).sum(-1) + p * _LOG_2PI) - half_logdet
-    return [fm], [pm], [ll]
+    if b is None:
+        inputs, map_in = x[:, Td:], KT
+    else:  # u_t = K (x_t - C b_t) + b_t = [x_t - C b_t, b_t] [Kᵀ; I]
+        inputs = torch.cat([x[:, Td:] - b[:, Td:] @ CT, b[:, Td:]], -1)
+        map_in = torch.cat([KT, eye], 0)
+    F = (eye - K @ C) @ A
+    # Few large temporaries, written in place where possible: every fresh large array costs
+    # page faults that take as long as the arithmetic here.
+    fm_all = fm.new_empty(N, T, n)
+    fm_all[:, :Td] = fm
+    _affine_recurrence(inputs, map_in, F.transpose(-1, -2), m, out=fm_all[:, Td:])
+    # m⁻_t = A m_{t-1} (+ b_t): one product over the flattened (N T, n) array shifted by a row
+    # (row 0 of each sequence, wrongly taken from the previous sequence, is set afterwards).
+    pm = torch.empty_like(fm_all)
+    fm_flat, pm_flat = fm_all.view(N * T, n), pm.view(N * T, n)
+    _into(pm_flat[1:], torch.mm, fm_flat[:-1], AT)
+    pm[:, 0] = prep.init_mean.expand(batch + (n,)).reshape(N, n)
+    if b is not None:
+        pm[:, 1:] += b[:, 1:]
+    # whitened innovations L⁻¹ (x_t - C m⁻_t) = x_t L⁻ᵀ - m⁻_t Cᵀ L⁻ᵀ (row form)
+    w = x.reshape(N * T, p) @ LT
+    w -= pm_flat @ (CT @ LT)  # (in-place addmm_ is 2x slower for such thin products)
+    sq = w.view(N, T, p)[:, Td:]
+    sq = sq * sq if _tracks_grad(sq) else sq.mul_(sq)
+    ll_all = ll.new_empty(N, T)
+    ll_all[:, :Td] = ll
+    ssq = ll_all[:, Td:]  # a sum of p strided columns is faster than .sum(-1) over p
+    if p > 1:
+        _into(ssq, torch.add, sq[..., 0], sq[..., 1])
+    else:
+        ssq.copy_(sq[..., 0])
+    for i in range(2, p):
+        ssq += sq[..., i]
+    ssq.mul_(-0.5).sub_(0.5 * p * _LOG_2PI + half_logdet)
+    return fm_all, pm, ll_all
+
+
+def _affine_recurrence(inputs, map_in, FT, m, out=None, level=0):
+    """The means m_1 .. m_S (``(N, S, n)``) of the row-form recurrence
+    m_t = m_{t-1} Fᵀ + u_t, u_t = inputs_t @ map_in, from m_0 = ``m`` (``(N, n)``).
+
+    Steps are taken in blocks of ``blk``: [m_1 .. m_k] = [u_1 .. u_k] W + m_0 V
+    (:func:`_block_operators`), so the particular solutions (from a zero start) of all blocks
+    are one batched product, with ``map_in`` folded into W. The block starts obey the same
+    recurrence with (Fᵀ)^blk and the block ends as inputs: solved by this function again (a
+    few levels, then one small product per step); then ``m_0 V`` is added to every block in
+    place. ``inputs`` and ``out`` may be strided views over time (e.g. ``x[:, Td:]``): the
+    products read and write them directly, so no array of the size of the input is copied.
+    """
+    N, S, k = inputs.shape
+    n = FT.shape[-1]
+    if out is None:
+        out = inputs.new_empty(N, S, n)
+    blk = 8
+    nb = S // blk  # full blocks; the remaining S - nb blk steps are a short tail
+    if nb < 3 or level >= 4:
+        u = inputs @ map_in
+        for t in range(S):
+            m = torch.addmm(u[:, t], m, FT)
+            out[:, t] = m
+        return out
+    W, V = _block_operators(FT.transpose(-1, -2), blk)
+    # (I_blk ⊗ map_in) W: the input map folded into the block operator
+    W_in = (map_in @ W.reshape(blk, n, blk * n)).reshape(blk * k, blk * n)
+    body = _as_blocks(out[:, : nb * blk], blk)  # (N, nb, blk n), a view of out
+    body_in = inputs[:, : nb * blk].reshape(N, nb, blk * k)  # a view when strides allow
+    if body is None:  # out's layout does not allow a view: solve into a fresh array
+        return out.copy_(_affine_recurrence(inputs, map_in, FT, m, None, level))
+    _into(body, torch.bmm, body_in, W_in.expand(N, blk * k, blk * n))
+    G = V[:, -n:]  # (Fᵀ)^blk
+    eye = torch.eye(n, dtype=m.dtype, device=m.device)
+    ends = body[:, :-1, -n:].contiguous()  # particular block ends: inputs of the starts' recurrence
+    starts = torch.cat([m.unsqueeze(1), _affine_recurrence(ends, eye, G, m, None, level + 1)], 1)
+    body.baddbmm_(starts, V.expand(N, n, blk * n))  # + the terms of each block's start
+    r = S - nb * blk
+    if r:  # the tail, from the last block's end
+        tail = inputs[:, nb * blk :].reshape(N, r * k) @ W_in[: r * k, : r * n]
+        # (a copy: out is written next, and autograd keeps what addmm reads)
+        tail = torch.addmm(tail, body[:, -1, -n:].clone(), V[:, : r * n])
+        out[:, nb * blk :] = tail.view(N, r, n)
+    return out
+
+
+def _tracks_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _into(out, op, *args):
+    """``out[...] = op(*args)``, written straight into ``out`` (a view) with ``op``'s ``out=``
+    when autograd is not recording (``out=`` is not differentiable), else through a copy."""
+    if _tracks_grad(out, *args):
+        return out.copy_(op(*args))
+    return op(*args, out=out)
+
+
+def _as_blocks(v, blk):
+    """``(N, nb blk, d)`` -> a ``(N, nb, blk d)`` view, or None when the strides forbid it
+    (a last dim of stride 1 and a time stride of d are all that is needed)."""
+    N, L, d = v.shape
+    try:
+        return v.view(N, L // blk, blk * d)
+    except RuntimeError:
+        return None
 
 
 def _block_operators(F, blk):

@@ -1,0 +1,102 @@
+"""The steady-state means of the sequential filter (``pyrossm.lgssm._steps``), against plain loops.
+
+Past the Riccati fixed point the filtered means solve m_t = F m_{t-1} + u_t with a constant F;
+``_affine_recurrence`` solves it in blocks of steps, recursively on the block starts, reading
+and writing strided views of time. Checked here against a step-by-step loop in float64, and the
+whole filter (values and gradients, with offsets) against the same filter without the
+steady-state stop. Sequences are (batch, time, dim), time at dim -2.
+"""
+
+import pytest
+import torch
+from lgssm_oracles import assert_rel_close, random_system
+
+from pyrossm.lgssm import _steps, kalman_filter
+
+ARGS = ("x", "A", "C", "Q", "R", "init_mean", "init_cov")
+
+
+def _loop(inputs, map_in, FT, m):
+    out = []
+    for t in range(inputs.shape[1]):
+        m = m @ FT + inputs[:, t] @ map_in
+        out.append(m)
+    return torch.stack(out, 1) if out else inputs.new_zeros(inputs.shape[0], 0, FT.shape[-1])
+
+
+@pytest.mark.parametrize("steps", [0, 1, 16, 24, 25, 31, 200, 1001])
+@pytest.mark.parametrize("strided", [False, True])
+def test_affine_recurrence_equals_a_loop(steps, strided):
+    """Every step count (tails, one level, several levels; 1001 steps take three), with an
+    input map of another width than the state, into a fresh array or a strided view."""
+    g = torch.Generator().manual_seed(steps)
+    N, n, k, skip = 3, 3, 5, 7
+    d = dict(dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, **d))
+    FT = 0.95 * U  # spectral radius 0.95: errors of a wrong block operator would not fade
+    map_in = torch.randn(k, n, generator=g, **d)
+    m = torch.randn(N, n, generator=g, **d)
+    full = torch.randn(N, skip + steps, k, generator=g, **d)
+    inputs = full[:, skip:] if strided else full[:, skip:].contiguous()
+    ref = _loop(inputs, map_in, FT, m)
+    if strided:
+        buf = torch.full((N, skip + steps, n), float("nan"), **d)
+        got = _steps._affine_recurrence(inputs, map_in, FT, m, out=buf[:, skip:])
+        assert got.data_ptr() == buf[:, skip:].data_ptr()
+        assert torch.isnan(buf[:, :skip]).all()  # nothing written before the view
+    else:
+        got = _steps._affine_recurrence(inputs, map_in, FT, m)
+    assert got.shape == (N, steps, n)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_steady_means_and_gradients_equal_full_recursion(offsets, monkeypatch):
+    """The steady-state path (T = 300, fixed point after a few dozen steps) gives the full
+    recursion's log-likelihoods, moments and gradients w.r.t. x, A, C, R and the offsets, in
+    float64, with transition and observation offsets or without."""
+    s = random_system(3, 2, 300, seed=5, batch=(4,))
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(4, 300, 3, generator=g, dtype=torch.float64) if offsets else None
+    dd = torch.randn(300, 2, generator=g, dtype=torch.float64) if offsets else None
+
+    def run():
+        leaves = {k: s[k].clone().requires_grad_() for k in ("x", "A", "C", "R")}
+        extra = {}
+        if offsets:
+            extra = dict(transition_offset=b.clone().requires_grad_(),
+                         observation_offset=dd.clone().requires_grad_())
+        args = [leaves.get(k, s[k]) for k in ARGS]
+        res = kalman_filter(*args, **extra)
+        loss = res.log_likelihood.sum() + res.filtered_means.pow(2).sum()
+        loss = loss + res.predicted_means.sum()
+        loss.backward()
+        grads = [leaves[k].grad for k in leaves] + [v.grad for v in extra.values()]
+        return res, grads
+
+    calls = []
+    original = _steps.riccati_sequential
+    monkeypatch.setattr(
+        _steps, "riccati_sequential", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1]
+    )
+    fast, g_fast = run()
+    assert calls[-1][-1] is not None  # the shortcut was taken
+    monkeypatch.setattr(_steps, "STEADY_STATE", False)
+    full, g_full = run()
+    for key in fast._fields:
+        assert_rel_close(getattr(fast, key), getattr(full, key), 1e-11, key)
+    for a, c in zip(g_fast, g_full):
+        assert_rel_close(a, c, 1e-9, "gradient")
+
+
+def test_steady_path_under_no_grad_equals_with_grad():
+    """Without autograd the products write into the outputs directly (``out=``); with it they
+    go through copies. Both give the same numbers."""
+    s = random_system(2, 2, 500, seed=9, batch=(3,))
+    args = [s[k].to(torch.float32) for k in ARGS]
+    with torch.no_grad():
+        a = kalman_filter(*args)
+    A = args[1].clone().requires_grad_()
+    b = kalman_filter(args[0], A, *args[2:])
+    for key in a._fields:
+        torch.testing.assert_close(getattr(a, key), getattr(b, key).detach())
