@@ -120,11 +120,15 @@ class FitConfig:
     distributed: object = None
     chunk_length: object = None
     objective: str = "elbo"
+    guide_objective: object = None
 
     def check(self, has_val_data: bool) -> "FitConfig":
         """Raise ``ValueError`` naming the first invalid option; returns ``self``."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if self.guide_objective not in (None, self.objective, "elbo"):
+            raise ValueError(f"guide_objective: expected None, {self.objective!r} or 'elbo', "
+                             f"got {self.guide_objective!r}")
         for name in ("epochs", "batch_size", "num_particles", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
         lr = self.lr
@@ -200,6 +204,7 @@ def fit(
     distributed=None,
     chunk_length=None,
     objective: str = "elbo",
+    guide_objective=None,
 ) -> History:
     """Train ``model`` and ``guide`` by SVI; returns the :class:`History`.
 
@@ -268,6 +273,10 @@ def fit(
         of :mod:`pyrossm.infer.fivo` (a particle filter with ``num_particles`` particles and the
         guide's per-step proposals; annealing and free bits do not apply). Validation and the
         reported ``train_neg_elbo`` then hold the ELBO resp. the negative FIVO bound.
+    :param guide_objective: None (the guide follows ``objective``) or ``"elbo"``: with
+        ``objective="fivo"``, the model's gradients come from FIVO and the guide's (the
+        proposal's) from the one-particle ELBO, as Le et al. (2018) recommend for learning
+        proposals (one more forward pass per step).
     """
     args = locals()
     options = {f.name: args[f.name] for f in fields(FitConfig)}

@@ -56,7 +56,7 @@ __all__ = ["StepResult", "Trainer", "step_objective"]
 
 
 def step_objective(objective, model, guide, x, mask, num_particles, beta, free_bits,
-                   free_bits_per):
+                   free_bits_per, guide_objective=None):
     """The objective of one optimisation step -- the one place ``fit`` computes it.
 
     Returns ``(traces, objective)``: the ``(model_trace, guide_trace)`` (used for diagnostics;
@@ -65,9 +65,33 @@ def step_objective(objective, model, guide, x, mask, num_particles, beta, free_b
     objective plugs in here by returning the same two things.
     """
     if objective == "fivo":  # pyrossm.infer.fivo: the SMC bound
-        return None, fivo_objective(model, guide, x, mask, num_particles)
+        fivo = fivo_objective(model, guide, x, mask, num_particles)
+        if guide_objective != "elbo":
+            return None, fivo
+        return _fivo_model_elbo_guide(fivo, model, guide, x, mask)
     traces = elbo_traces(model, guide, x, mask, num_particles, beta)
     return traces, elbo_objective(*traces, num_particles, beta, free_bits, free_bits_per)
+
+
+def _fivo_model_elbo_guide(fivo, model, guide, x, mask):
+    """The model's gradient from FIVO, the guide's (the proposal's) from the one-particle ELBO
+    (Le et al. 2018, ICLR, section 5: a proposal learnt through a bound with many particles
+    gets a weaker, noisier signal; cf. Rainforth et al. 2018, ICML). Parameters shared by both
+    modules are the model's. Returns ``(traces, objective)`` with a surrogate whose gradient is
+    exactly that pair of gradients; its values are FIVO's."""
+    traces = elbo_traces(model, guide, x, mask, 1, 1.0)
+    elbo = elbo_objective(*traces, 1, 1.0, None)
+    model_params = [p for p in owner_module(model, "model").parameters() if p.requires_grad]
+    seen = {id(p) for p in model_params}
+    guide_params = [p for p in owner_module(guide, "guide").parameters()
+                    if p.requires_grad and id(p) not in seen]
+    grads = []
+    for surrogate, params in ((fivo.surrogate, model_params), (elbo.surrogate, guide_params)):
+        if params and surrogate.requires_grad:
+            grads += zip(params, torch.autograd.grad(surrogate, params, allow_unused=True))
+    terms = [(p * g).sum() for p, g in grads if g is not None]
+    surrogate = torch.stack(terms).sum() if terms else fivo.surrogate
+    return traces, fivo._replace(surrogate=surrogate)
 
 
 class StepResult:
@@ -228,7 +252,7 @@ class Trainer:
             try:
                 traces, obj = step_objective(cfg.objective, self.model, self.guide, x, mask,
                                              cfg.num_particles, beta, cfg.free_bits,
-                                             cfg.free_bits_per)
+                                             cfg.free_bits_per, cfg.guide_objective)
                 value, neg_elbo, kl = torch.stack(
                     [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
             except ValueError as e:

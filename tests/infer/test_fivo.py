@@ -124,3 +124,44 @@ def test_smc_estimate_beside_elbo_and_iwae():
 def test_smc_log_likelihood_bad_input():
     with pytest.raises(ValueError, match="num_particles"):
         smc_log_likelihood(_true_lgssm(), _data(num=2, T=5), num_particles=0)
+
+
+def test_fivo_model_elbo_guide_routes_each_gradient():
+    """``guide_objective="elbo"``: the model's parameters get FIVO's gradient and the guide's
+    the one-particle ELBO's, the same random numbers drawn in the same order."""
+    from pyrossm.infer.handlers import elbo_objective, elbo_traces
+    from pyrossm.infer.loop import step_objective
+
+    model = DeepMarkovModel(obs_dim=1, z_dim=2, transition_dim=8, emission_dim=8,
+                            emission="gaussian")
+    guide = StructuredGuide(obs_dim=1, state_dim=2, hidden_dim=8)
+    x = _data(num=4, T=10)
+    mp, gp = list(model.parameters()), list(guide.parameters())
+    pyro.set_rng_seed(3)
+    _, obj = step_objective("fivo", model, guide, x, None, 5, 1.0, None, "sequence", "elbo")
+    obj.surrogate.backward()
+    got = [p.grad.clone() for p in mp + gp]
+    pyro.set_rng_seed(3)
+    fivo = fivo_objective(model, guide, x, None, num_particles=5)
+    g_model = torch.autograd.grad(fivo.surrogate, mp)
+    elbo = elbo_objective(*elbo_traces(model, guide, x, None, 1, 1.0), 1, 1.0, None)
+    g_guide = torch.autograd.grad(elbo.surrogate, gp)
+    for a, b in zip(got, list(g_model) + list(g_guide), strict=True):
+        torch.testing.assert_close(a, b)
+    assert float(obj.loss) == float(fivo.loss)  # the reported value is FIVO's
+    g_fivo_guide = torch.autograd.grad(
+        fivo_objective(model, guide, x, None, num_particles=5).surrogate, gp[0])[0]
+    assert not torch.allclose(g_fivo_guide, got[len(mp)])  # the guide's is not FIVO's
+
+
+def test_fit_fivo_with_elbo_guide_and_bad_guide_objective():
+    model = DeepMarkovModel(obs_dim=1, z_dim=2, transition_dim=8, emission_dim=8,
+                            emission="gaussian")
+    guide = StructuredGuide(obs_dim=1, state_dim=2, hidden_dim=8)
+    hist = fit(model, guide, _data(num=8, T=10), epochs=2, batch_size=4, lr=0.01,
+               num_particles=4, objective="fivo", guide_objective="elbo", progress=False,
+               seed=0, device="cpu")
+    assert len(hist.records) == 2 and all(math.isfinite(v) for v in hist["train_neg_elbo"])
+    with pytest.raises(ValueError, match="guide_objective"):
+        fit(model, guide, _data(num=8, T=10), epochs=1, batch_size=4, lr=0.01,
+            objective="fivo", guide_objective="iwae", progress=False)
