@@ -61,7 +61,7 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, gaussian_log_density, mv, sym
 
-from . import _chunked, _steps
+from . import _chunked, _small, _steps
 from ._scan import associative_scan
 from ._steps import (
     _param_batch,
@@ -463,12 +463,19 @@ def _smoother_gains(filt_covs, pred_covs, A):
     APf = A[..., 1:, :, :] @ filt_covs[..., :-1, :, :]
     batch = torch.broadcast_shapes(P_next.shape[:-2], APf.shape[:-2])
     P_next, APf = P_next.expand(batch + P_next.shape[-2:]), APf.expand(batch + APf.shape[-2:])
-    L, info = torch.linalg.cholesky_ex(P_next)
     n = P_next.shape[-1]
+    tol = n * torch.finfo(P_next.dtype).eps
+    diag = torch.diagonal(P_next, dim1=-2, dim2=-1).detach()
+    if _small.use_unrolled(P_next):  # many small matrices: the batch-last factorisation
+        X, pivots = _small.spd_solve(P_next, APf)
+        with torch.no_grad():
+            singular = ~(pivots > tol * diag.abs().amax(-1, keepdim=True)).all(-1)
+            singular = singular | ~torch.isfinite(X).all(-1).all(-1)
+        if not bool(singular.any()):
+            return X.transpose(-1, -2)
+    L, info = torch.linalg.cholesky_ex(P_next)
     with torch.no_grad():
-        diag = torch.diagonal(P_next, dim1=-2, dim2=-1)
         pivots = torch.diagonal(L, dim1=-2, dim2=-1).pow(2)
-        tol = n * torch.finfo(P_next.dtype).eps
         singular = (info != 0) | (pivots <= tol * diag.abs().amax(-1, keepdim=True)).any(-1)
         singular = singular | ~torch.isfinite(L).all(-1).all(-1)
     if not bool(singular.any()):
