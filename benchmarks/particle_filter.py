@@ -207,8 +207,9 @@ def _train_and_score(args, objective, init_seed, x_train, x_test):
     lr = args.finetune_lr if pre and args.finetune_lr else args.lr
     # "fivo-elbo-guide": the model by FIVO, the guide (proposal) by the one-particle ELBO
     guide_objective = "elbo" if objective == "fivo-elbo-guide" else None
+    k = args.fivo_k if objective.startswith("fivo") and args.fivo_k else args.k
     hist = fit(model, guide, x_train, epochs=10**6 if budget else args.epochs,
-               batch_size=args.batch_size, lr=lr, num_particles=args.k,
+               batch_size=args.batch_size, lr=lr, num_particles=k,
                objective="fivo" if objective.startswith("fivo") else objective,
                guide_objective=guide_objective, seed=init_seed, progress=False, device="cpu",
                max_seconds=budget, annealing=annealing)
@@ -220,7 +221,7 @@ def _train_and_score(args, objective, init_seed, x_train, x_test):
                                 guide=guide)
     iwae = log_likelihood(model, guide, x_test, num_samples=args.eval_particles // 10)
     e = elbo(model, guide, x_test, num_samples=10)
-    r = dict(objective=objective, init_seed=init_seed, train_seconds=seconds,
+    r = dict(objective=objective, init_seed=init_seed, particles=k, train_seconds=seconds,
              pretrain_seconds=pre[2] if pre else 0.0, pretrain_epochs=pre[3] if pre else 0,
              epochs=len(hist.records),
              final_train_objective_per_step=-hist["train_neg_elbo_per_step"][-1],
@@ -292,6 +293,8 @@ def main(argv=None):
     f.add_argument("--batch-size", type=int, default=16)
     f.add_argument("--lr", type=float, default=0.01)
     f.add_argument("--k", type=int, default=4, help="particles of both objectives")
+    f.add_argument("--fivo-k", type=int, default=None,
+                   help="particles of the FIVO arms (default: --k)")
     f.add_argument("--elbo-annealing", type=float, default=None,
                    help="ELBO run only: KL annealing linear from this beta to 1 over --epochs "
                         "optimisation steps (pyrossm's usual recipe against posterior collapse)")

@@ -10,8 +10,10 @@ Two paths:
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
   over the covariance part only (O(log T) depth, no data). The means are then a linear
-  recurrence with known gains: one matrix product per step, or blocks of steps at the fixed
-  point; the log-likelihood is computed for all steps at once.
+  recurrence with known gains: one matrix product per step before the fixed point; after it,
+  blocks of 8 steps solved by one batched product, recursively on the block starts
+  (:func:`_affine_recurrence`), written straight into the output; the predicted means and the
+  log-likelihoods are computed for all steps at once.
 * **per-sequence covariances** (missing entries): one lean step per time point over the whole
   batch; an unobserved entry has its row of C zeroed, its row/column of R replaced by the
   identity and its innovation set to 0 (its N(0; 0, 1) factor is removed afterwards).
