@@ -10,9 +10,9 @@ Two paths:
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
   over the covariance part only (O(log T) depth, no data). The means are then a linear
-  recurrence with known gains: one matrix product per step before the fixed point; after it,
-  blocks of 8 steps solved by one batched product, recursively on the block starts
-  (:func:`_affine_recurrence`), written straight into the output; the predicted means and the
+  recurrence with known gains, solved in blocks of 8 steps (one batched product for all
+  blocks, recursively on the block starts; :mod:`pyrossm.lgssm._recurrence`) and after the
+  fixed point written straight into the output; the predicted means and the
   log-likelihoods are computed for all steps at once.
 * **per-sequence covariances** (missing entries): one lean step per time point over the whole
   batch; an unobserved entry has its row of C zeroed, its row/column of R replaced by the
@@ -28,6 +28,13 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, sym
 
+from ._recurrence import (
+    affine_recurrence,
+    row_group,
+    tracks_grad,
+    varying_affine_recurrence,
+    write_into,
+)
 from ._scan import associative_scan
 
 # The steady-state stop allows this many ulps of distance to the Riccati fixed point.
@@ -271,8 +278,10 @@ def shared_filter(prep, allow_steady=None):
 
 
 def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
-    """Means and log-likelihoods of steps ``0 .. Td-1`` with time-varying gains: time-major,
-    one product per step. Returns batch-major ``(N, Td, .)`` tensors and the last mean."""
+    """Means and log-likelihoods of steps ``0 .. Td-1`` with time-varying gains (the means by
+    :func:`~pyrossm.lgssm._recurrence.varying_affine_recurrence`, the rest time-major, one
+    batched product over all steps). Returns batch-major ``(N, Td, .)`` tensors and the last
+    mean."""
     n, p = prep.init_mean.shape[-1], prep.x.shape[-1]
     tvA, tvC = prep.tv["A"], prep.tv["C"]
     xt = _time_major(prep.x[..., :Td, :], batch)  # (Td, N, p)
@@ -289,11 +298,10 @@ def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
     Ft = ((eye - K @ C_all) @ A_all).transpose(-1, -2).contiguous()  # (Td, n, n)
     m0 = prep.init_mean.expand(batch + (n,)).reshape(-1, n)
     m = u[0] + m0 @ (eye - K[0] @ C_all[0]).transpose(-1, -2)
-    ms = [m]
-    for t in range(1, Td):
-        m = torch.addmm(u[t], m, Ft[t])
-        ms.append(m)
-    filt_m = torch.stack(ms, 0)
+    # steps 1 .. Td-1 in blocks (one product per step for short stretches)
+    rest = varying_affine_recurrence(u[1:].transpose(0, 1), Ft[1:], m)  # (N, Td - 1, n)
+    filt_m = torch.cat([m.unsqueeze(0), rest.transpose(0, 1)], 0)  # (Td, N, n)
+    m = filt_m[-1]
     pred_rest = _apply(A[1:] if tvA else A, filt_m[:-1], tvA)
     if bt is not None:
         pred_rest = pred_rest + bt[1:]
@@ -309,8 +317,9 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m):
     ``ll (N, Td)``, the last mean ``m``) when steps ``Td .. T-1`` are at the Riccati fixed
     point (constant gain ``K``, time-invariant parameters). The means solve the affine
     recurrence m_t = F m_{t-1} + K (x_t - C b_t) + b_t with F = (I - K C) A
-    (:func:`_affine_recurrence`: blocks of steps, a few large products); the predicted means
-    and the whitened innovations then take one product each over all steps.
+    (:func:`~pyrossm.lgssm._recurrence.affine_recurrence`: blocks of steps, a few large
+    products); the predicted means and the whitened innovations then take one product each
+    over all steps.
     Returns batch-major ``(N, T, n)``, ``(N, T, n)``, ``(N, T)``."""
     T, p = prep.x.shape[-2:]
     N, Td, n = fm.shape
@@ -329,12 +338,12 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m):
     # page faults that take as long as the arithmetic here.
     fm_all = fm.new_empty(N, T, n)
     fm_all[:, :Td] = fm
-    _affine_recurrence(inputs, map_in, F.transpose(-1, -2), m, out=fm_all[:, Td:])
+    affine_recurrence(inputs, map_in, F.transpose(-1, -2), m, out=fm_all[:, Td:])
     # m⁻_t = A m_{t-1} (+ b_t): one product over the flattened (N T, n) array shifted by a row
     # (row 0 of each sequence, wrongly taken from the previous sequence, is set afterwards).
     pm = torch.empty_like(fm_all)
     fm_flat, pm_flat = fm_all.view(N * T, n), pm.view(N * T, n)
-    _into(pm_flat[1:], torch.mm, fm_flat[:-1], AT)
+    write_into(pm_flat[1:], torch.mm, fm_flat[:-1], AT)
     pm[:, 0] = prep.init_mean.expand(batch + (n,)).reshape(N, n)
     if b is not None:
         pm[:, 1:] += b[:, 1:]
@@ -342,111 +351,18 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m):
     # log-likelihoods -|w_t|²/2 - const. Products with p or n columns are thin and slow; g
     # consecutive rows are multiplied at once by kron(I_g, M) instead (g times the arithmetic,
     # the same memory traffic, and an accumulating product that is fast at this width).
-    g = _row_group(N * T, max(n, p))
+    g = row_group(N * T, max(n, p))
     kron = lambda M: torch.kron(torch.eye(g, dtype=M.dtype, device=M.device), M)  # noqa: E731
     w = x.reshape(N * T // g, g * p) @ kron(LT)
-    if _tracks_grad(w, pm) or g == 1:
+    if tracks_grad(w, pm) or g == 1:
         w = w - pm.view(N * T // g, g * n) @ kron(CT @ LT)
     else:
         w.addmm_(pm.view(N * T // g, g * n), kron(CT @ LT), alpha=-1)
-    sq = w * w if _tracks_grad(w) else w.mul_(w)
+    sq = w * w if tracks_grad(w) else w.mul_(w)
     ll_all = (sq @ kron(torch.ones_like(LT[:, :1]))).view(N, T)  # sums over the p entries
     ll_all = ll_all.mul_(-0.5).sub_(0.5 * p * _LOG_2PI + half_logdet)
     ll_all[:, :Td] = ll
     return fm_all, pm, ll_all
-
-
-def _affine_recurrence(inputs, map_in, FT, m, out=None, level=0):
-    """The means m_1 .. m_S (``(N, S, n)``) of the row-form recurrence
-    m_t = m_{t-1} Fᵀ + u_t, u_t = inputs_t @ map_in, from m_0 = ``m`` (``(N, n)``).
-
-    Steps are taken in blocks of ``blk``: [m_1 .. m_k] = [u_1 .. u_k] W + m_0 V
-    (:func:`_block_operators`), so the particular solutions (from a zero start) of all blocks
-    are one batched product, with ``map_in`` folded into W. The block starts obey the same
-    recurrence with (Fᵀ)^blk and the block ends as inputs: solved by this function again (a
-    few levels, then one small product per step); then ``m_0 V`` is added to every block in
-    place. ``inputs`` and ``out`` may be strided views over time (e.g. ``x[:, Td:]``): the
-    products read and write them directly, so no array of the size of the input is copied.
-    """
-    N, S, k = inputs.shape
-    n = FT.shape[-1]
-    if out is None:
-        out = inputs.new_empty(N, S, n)
-    blk = 8
-    nb = S // blk  # full blocks; the remaining S - nb blk steps are a short tail
-    if nb < 3 or level >= 4:
-        u = inputs @ map_in
-        for t in range(S):
-            m = torch.addmm(u[:, t], m, FT)
-            out[:, t] = m
-        return out
-    W, V = _block_operators(FT.transpose(-1, -2), blk)
-    # (I_blk ⊗ map_in) W: the input map folded into the block operator
-    W_in = (map_in @ W.reshape(blk, n, blk * n)).reshape(blk * k, blk * n)
-    body = _as_blocks(out[:, : nb * blk], blk)  # (N, nb, blk n), a view of out
-    body_in = inputs[:, : nb * blk].reshape(N, nb, blk * k)  # a view when strides allow
-    if body is None:  # out's layout does not allow a view: solve into a fresh array
-        return out.copy_(_affine_recurrence(inputs, map_in, FT, m, None, level))
-    _into(body, torch.bmm, body_in, W_in.expand(N, blk * k, blk * n))
-    G = V[:, -n:]  # (Fᵀ)^blk
-    eye = torch.eye(n, dtype=m.dtype, device=m.device)
-    ends = body[:, :-1, -n:].contiguous()  # particular block ends: inputs of the starts' recurrence
-    starts = torch.cat([m.unsqueeze(1), _affine_recurrence(ends, eye, G, m, None, level + 1)], 1)
-    body.baddbmm_(starts, V.expand(N, n, blk * n))  # + the terms of each block's start
-    r = S - nb * blk
-    if r:  # the tail, from the last block's end
-        tail = inputs[:, nb * blk :].reshape(N, r * k) @ W_in[: r * k, : r * n]
-        # (a copy: out is written next, and autograd keeps what addmm reads)
-        tail = torch.addmm(tail, body[:, -1, -n:].clone(), V[:, : r * n])
-        out[:, nb * blk :] = tail.view(N, r, n)
-    return out
-
-
-def _row_group(rows, width, target=16):
-    """The largest g <= target / width dividing ``rows`` (at least 1)."""
-    for g in range(max(1, target // width), 1, -1):
-        if rows % g == 0:
-            return g
-    return 1
-
-
-def _tracks_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _into(out, op, *args):
-    """``out[...] = op(*args)``, written straight into ``out`` (a view) with ``op``'s ``out=``
-    when autograd is not recording (``out=`` is not differentiable), else through a copy."""
-    if _tracks_grad(out, *args):
-        return out.copy_(op(*args))
-    return op(*args, out=out)
-
-
-def _as_blocks(v, blk):
-    """``(N, nb blk, d)`` -> a ``(N, nb, blk d)`` view, or None when the strides forbid it
-    (a last dim of stride 1 and a time stride of d are all that is needed)."""
-    N, L, d = v.shape
-    try:
-        return v.view(N, L // blk, blk * d)
-    except RuntimeError:
-        return None
-
-
-def _block_operators(F, blk):
-    """W (blk n, blk n) and V (n, blk n) of the block solution of m_t = F m_{t-1} + u_t in
-    row-vector form, [m_1 .. m_k] = [u_1 .. u_k] W + m_0 V: W is lower block-Toeplitz in the
-    powers of F, so a block of steps is one matrix product instead of one product per step."""
-    n = F.shape[-1]
-    powers = [torch.eye(n, dtype=F.dtype, device=F.device)]
-    for _ in range(blk):
-        powers.append(F @ powers[-1])
-    P = torch.stack(powers)  # (blk+1, n, n): P[k] = F^k
-    idx = torch.arange(blk, device=F.device)
-    diff = idx.unsqueeze(0) - idx.unsqueeze(1)  # [j, i] = i - j
-    W = P[diff.clamp_min(0)].transpose(-1, -2) * (diff >= 0).to(F.dtype)[..., None, None]
-    W = W.permute(0, 2, 1, 3).reshape(blk * n, blk * n)
-    V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
-    return W, V
 
 
 def missing_filter(prep):

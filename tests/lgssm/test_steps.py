@@ -1,17 +1,18 @@
 """The steady-state means of the sequential filter (``pyrossm.lgssm._steps``), against plain loops.
 
-Past the Riccati fixed point the filtered means solve m_t = F m_{t-1} + u_t with a constant F;
-``_affine_recurrence`` solves it in blocks of steps, recursively on the block starts, reading
-and writing strided views of time. Checked here against a step-by-step loop in float64, and the
-whole filter (values and gradients, with offsets) against the same filter without the
-steady-state stop. Sequences are (batch, time, dim), time at dim -2.
+Past the Riccati fixed point the filtered means solve m_t = F m_{t-1} + u_t with a constant F
+(before it, with F_t varying); ``pyrossm.lgssm._recurrence`` solves both in blocks of steps,
+recursively on the block starts, reading and writing strided views of time. Checked here
+against a step-by-step loop in float64, and the whole filter (values and gradients, with
+offsets) against the same filter without the steady-state stop. Sequences are
+(batch, time, dim), time at dim -2.
 """
 
 import pytest
 import torch
 from lgssm_oracles import assert_rel_close, random_system
 
-from pyrossm.lgssm import _steps, kalman_filter
+from pyrossm.lgssm import _recurrence, _steps, kalman_filter
 
 ARGS = ("x", "A", "C", "Q", "R", "init_mean", "init_cov")
 
@@ -41,11 +42,11 @@ def test_affine_recurrence_equals_a_loop(steps, strided):
     ref = _loop(inputs, map_in, FT, m)
     if strided:
         buf = torch.full((N, skip + steps, n), float("nan"), **d)
-        got = _steps._affine_recurrence(inputs, map_in, FT, m, out=buf[:, skip:])
+        got = _recurrence.affine_recurrence(inputs, map_in, FT, m, out=buf[:, skip:])
         assert got.data_ptr() == buf[:, skip:].data_ptr()
         assert torch.isnan(buf[:, :skip]).all()  # nothing written before the view
     else:
-        got = _steps._affine_recurrence(inputs, map_in, FT, m)
+        got = _recurrence.affine_recurrence(inputs, map_in, FT, m)
     assert got.shape == (N, steps, n)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
@@ -100,3 +101,30 @@ def test_steady_path_under_no_grad_equals_with_grad():
     b = kalman_filter(args[0], A, *args[2:])
     for key in a._fields:
         torch.testing.assert_close(getattr(a, key), getattr(b, key).detach())
+
+
+@pytest.mark.parametrize("steps", [0, 5, 24, 31, 200, 1001])
+def test_varying_affine_recurrence_equals_a_loop(steps):
+    """Time-varying F_t (each block its own operators; 1001 steps take three levels), inputs
+    given as a strided time-major view, gradients too."""
+    g = torch.Generator().manual_seed(steps + 1)
+    N, n = 3, 3
+    d = dict(dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(steps, n, n, generator=g, **d))[0] if steps else \
+        torch.zeros(0, n, n, **d)
+    FT = (0.97 * U).requires_grad_()
+    m = torch.randn(N, n, generator=g, **d)
+    u = torch.randn(steps, N, n, generator=g, **d).transpose(0, 1)  # (N, S, n), strided
+    got = _recurrence.varying_affine_recurrence(u, FT, m)
+    ref, cur = [], m
+    for t in range(steps):
+        cur = cur @ FT[t] + u[:, t]
+        ref.append(cur)
+    ref = torch.stack(ref, 1) if ref else u.new_zeros(N, 0, n)
+    assert got.shape == (N, steps, n)
+    torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+    if steps:
+        w = torch.randn(N, steps, n, generator=g, **d)
+        g1, = torch.autograd.grad((got * w).sum(), FT)
+        g2, = torch.autograd.grad((ref * w).sum(), FT)
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
