@@ -61,7 +61,7 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, gaussian_log_density, mv, sym
 
-from . import _chunked, _small, _steps
+from . import _chunked, _smoother, _steps
 from ._scan import associative_scan
 from ._steps import (
     _param_batch,
@@ -451,46 +451,6 @@ def _expand(res):
     return type(res)(**out)
 
 
-def _smoother_gains(filt_covs, pred_covs, A):
-    """G_t = P_t^f A_{t+1}ᵀ (P_{t+1}^-)^{-1} for t = 0..T-2 (Cholesky solve, no inverse).
-
-    A singular predicted covariance (a state without noise, e.g. Q and init_cov singular) has
-    no inverse; there the Moore–Penrose pseudo-inverse is used, which gives the exact smoother
-    because the columns of A P^f lie in the range of P^- = A P^f Aᵀ + Q. A predicted covariance
-    counts as singular when a Cholesky pivot is below ``n·eps`` of its diagonal entry.
-    """
-    P_next = pred_covs[..., 1:, :, :]
-    APf = A[..., 1:, :, :] @ filt_covs[..., :-1, :, :]
-    batch = torch.broadcast_shapes(P_next.shape[:-2], APf.shape[:-2])
-    P_next, APf = P_next.expand(batch + P_next.shape[-2:]), APf.expand(batch + APf.shape[-2:])
-    n = P_next.shape[-1]
-    tol = n * torch.finfo(P_next.dtype).eps
-    diag = torch.diagonal(P_next, dim1=-2, dim2=-1).detach()
-    if _small.use_unrolled(P_next):  # many small matrices: the batch-last factorisation
-        X, pivots = _small.spd_solve(P_next, APf)
-        with torch.no_grad():
-            singular = ~(pivots > tol * diag.abs().amax(-1, keepdim=True)).all(-1)
-            singular = singular | ~torch.isfinite(X).all(-1).all(-1)
-        if not bool(singular.any()):
-            return X.transpose(-1, -2)
-    L, info = torch.linalg.cholesky_ex(P_next)
-    with torch.no_grad():
-        pivots = torch.diagonal(L, dim1=-2, dim2=-1).pow(2)
-        singular = (info != 0) | (pivots <= tol * diag.abs().amax(-1, keepdim=True)).any(-1)
-        singular = singular | ~torch.isfinite(L).all(-1).all(-1)
-    if not bool(singular.any()):
-        return torch.cholesky_solve(APf, L).transpose(-1, -2)
-    # Solve with an identity factor where singular (keeps NaN out of values and gradients),
-    # then put the pseudo-inverse solutions in those places.
-    eye = torch.eye(n, dtype=L.dtype, device=L.device)
-    L = _cholesky(torch.where(singular[..., None, None], eye, P_next))
-    G = torch.cholesky_solve(APf, L).transpose(-1, -2)
-    idx = singular.nonzero(as_tuple=True)
-    pinv = torch.linalg.pinv(P_next[idx], rtol=tol, hermitian=True)
-    G = G.index_put(idx, (pinv @ APf[idx]).transpose(-1, -2))
-    return G
-
-
 def kalman_smoother(
     x,
     A,
@@ -547,7 +507,7 @@ def kalman_smoother(
         return _expand(
             SmootherResult(filt.log_likelihood, fm, fc, empty, fm, fc, filt.step_log_likelihoods)
         )
-    G = _smoother_gains(fc, pc, A_all)  # (..., T-1, n, n)
+    G = _smoother.gains(fc, pc, A_all)  # (..., T-1, n, n)
     if parallel:
         # Elements (E, g, L) of Särkkä & García-Fernández (2021), eq. (45)–(47), scanned
         # backwards in time: (E_t, g_t, L_t) ∘ (E_{t+1}, ...) ∘ ... ∘ (0, m_T, P_T).
@@ -568,21 +528,7 @@ def kalman_smoother(
         _, sm, sc = associative_scan(lambda a, b: combine(b, a), elems, (-3, -2, -3))
         sm, sc = sm.flip(-2), sc.flip(-3)
     else:
-        # Covariances (parameters' batch only) and means (data batch) in separate loops; the
-        # mean step m_t = G_t m_{t+1} + (m_t^f - G_t m_{t+1}^-) is one product per step.
-        sc_list = [fc[..., -1, :, :]]
-        for t in range(T - 2, -1, -1):
-            Gt = G[..., t, :, :]
-            P = fc[..., t, :, :] + Gt @ (sc_list[-1] - pc[..., t + 1, :, :]) @ Gt.transpose(-1, -2)
-            sc_list.append(_sym(P))
-        sc = torch.stack(sc_list[::-1], -3)
-        offset = fm[..., :-1, :] - _mv(G, pm[..., 1:, :])
-        Gt_all = G.transpose(-1, -2)
-        sm_list = [fm[..., -1, :]]
-        for t in range(T - 2, -1, -1):
-            m = (sm_list[-1].unsqueeze(-2) @ Gt_all[..., t, :, :]).squeeze(-2) + offset[..., t, :]
-            sm_list.append(m)
-        sm = torch.stack(sm_list[::-1], -2)
+        sc, sm = _smoother.backward_pass(G, fm, fc, pm, pc)
     cross = sc[..., 1:, :, :] @ G.transpose(-1, -2)
     return _expand(
         SmootherResult(filt.log_likelihood, sm, sc, cross, fm, fc, filt.step_log_likelihoods)

@@ -1,0 +1,113 @@
+"""The Rauch–Tung–Striebel smoother's gains and sequential backward pass (private; see
+:func:`pyrossm.lgssm.kalman_smoother`).
+
+Shapes: means ``(..., T, n)``, covariances ``(..., T, n, n)``, time at dim -3 resp. -2.
+Without missing data the filter's covariances and the gains ``G_t`` are shared by all
+sequences (no data batch): the smoothed covariances then come from an associative scan over
+time (O(log T) depth, the parameters' batch only) and the means from the block recurrence of
+:mod:`pyrossm.lgssm._recurrence`; otherwise one step at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyrossm._gaussian import cholesky as _cholesky
+from pyrossm._gaussian import mv as _mv
+from pyrossm._gaussian import sym as _sym
+
+from . import _small
+from ._recurrence import varying_affine_recurrence
+from ._scan import associative_scan
+
+
+def gains(filt_covs, pred_covs, A):
+    """G_t = P_t^f A_{t+1}ᵀ (P_{t+1}^-)^{-1} for t = 0..T-2 (Cholesky solve, no inverse).
+
+    A singular predicted covariance (a state without noise, e.g. Q and init_cov singular) has
+    no inverse; there the Moore–Penrose pseudo-inverse is used, which gives the exact smoother
+    because the columns of A P^f lie in the range of P^- = A P^f Aᵀ + Q. A predicted covariance
+    counts as singular when a Cholesky pivot is below ``n·eps`` of its diagonal entry.
+    """
+    P_next = pred_covs[..., 1:, :, :]
+    APf = A[..., 1:, :, :] @ filt_covs[..., :-1, :, :]
+    batch = torch.broadcast_shapes(P_next.shape[:-2], APf.shape[:-2])
+    P_next, APf = P_next.expand(batch + P_next.shape[-2:]), APf.expand(batch + APf.shape[-2:])
+    n = P_next.shape[-1]
+    tol = n * torch.finfo(P_next.dtype).eps
+    diag = torch.diagonal(P_next, dim1=-2, dim2=-1).detach()
+    if _small.use_unrolled(P_next):  # many small matrices: the batch-last factorisation
+        X, pivots = _small.spd_solve(P_next, APf)
+        with torch.no_grad():
+            singular = ~(pivots > tol * diag.abs().amax(-1, keepdim=True)).all(-1)
+            singular = singular | ~torch.isfinite(X).all(-1).all(-1)
+        if not bool(singular.any()):
+            return X.transpose(-1, -2)
+    L, info = torch.linalg.cholesky_ex(P_next)
+    with torch.no_grad():
+        pivots = torch.diagonal(L, dim1=-2, dim2=-1).pow(2)
+        singular = (info != 0) | (pivots <= tol * diag.abs().amax(-1, keepdim=True)).any(-1)
+        singular = singular | ~torch.isfinite(L).all(-1).all(-1)
+    if not bool(singular.any()):
+        return torch.cholesky_solve(APf, L).transpose(-1, -2)
+    # Solve with an identity factor where singular (keeps NaN out of values and gradients),
+    # then put the pseudo-inverse solutions in those places.
+    eye = torch.eye(n, dtype=L.dtype, device=L.device)
+    L = _cholesky(torch.where(singular[..., None, None], eye, P_next))
+    G = torch.cholesky_solve(APf, L).transpose(-1, -2)
+    idx = singular.nonzero(as_tuple=True)
+    pinv = torch.linalg.pinv(P_next[idx], rtol=tol, hermitian=True)
+    G = G.index_put(idx, (pinv @ APf[idx]).transpose(-1, -2))
+    return G
+
+
+def backward_pass(G, fm, fc, pm, pc):
+    """Smoothed covariances and means ``(sc, sm)`` from the gains ``G (..., T-1, n, n)`` and
+    the filtered / predicted moments: P_t = P_t^f + G_t (P_{t+1} - P_{t+1}^-) G_tᵀ and
+    m_t = G_t m_{t+1} + (m_t^f - G_t m_{t+1}^-)."""
+    T, n = fm.shape[-2:]
+    offset = fm[..., :-1, :] - _mv(G, pm[..., 1:, :])
+    if G.dim() == 3 and fc.dim() == 3 and pc.dim() == 3:  # shared by every sequence
+        return _scanned_covs(G, fc, pc), _blocked_means(G, fm, offset)
+    # covariances (parameters' batch only) and means (data batch) in separate loops
+    sc_list = [fc[..., -1, :, :]]
+    for t in range(T - 2, -1, -1):
+        Gt = G[..., t, :, :]
+        P = fc[..., t, :, :] + Gt @ (sc_list[-1] - pc[..., t + 1, :, :]) @ Gt.transpose(-1, -2)
+        sc_list.append(_sym(P))
+    sc = torch.stack(sc_list[::-1], -3)
+    Gt_all = G.transpose(-1, -2)
+    sm_list = [fm[..., -1, :]]
+    for t in range(T - 2, -1, -1):
+        m = (sm_list[-1].unsqueeze(-2) @ Gt_all[..., t, :, :]).squeeze(-2) + offset[..., t, :]
+        sm_list.append(m)
+    return sc, torch.stack(sm_list[::-1], -2)
+
+
+def _scanned_covs(G, fc, pc):
+    """P_t = G_t P_{t+1} G_tᵀ + (P_t^f - G_t P_{t+1}^- G_tᵀ), P_{T-1} = P_{T-1}^f, by an
+    associative scan backwards in time over the maps X ↦ E X Eᵀ + L (composition:
+    (E_1, L_1) ∘ (E_2, L_2) = (E_1 E_2, E_1 L_2 E_1ᵀ + L_1))."""
+    zero = torch.zeros_like(fc[-1:])
+    E = torch.cat([G, zero], 0)
+    pc_next = torch.cat([pc[1:], zero], 0)
+    L = _sym(fc - E @ pc_next @ E.transpose(-1, -2))
+
+    def compose(later, earlier):  # "later" in scan order is earlier in time
+        E2, L2 = later
+        E1, L1 = earlier
+        return E2 @ E1, _sym(E2 @ L1 @ E2.transpose(-1, -2) + L2)
+
+    _, sc = associative_scan(lambda a, b: compose(b, a), (E.flip(0), L.flip(0)), (-3, -3))
+    return sc.flip(0)
+
+
+def _blocked_means(G, fm, offset):
+    """m_t = G_t m_{t+1} + offset_t backwards from m_{T-1} = m_{T-1}^f, for every sequence:
+    in reversed time a row-form recurrence with the shared F_sᵀ = G_{T-2-s}ᵀ."""
+    T, n = fm.shape[-2:]
+    batch = fm.shape[:-2]
+    fmN = fm.reshape(-1, T, n)
+    u = offset.expand(batch + (T - 1, n)).reshape(-1, T - 1, n).flip(1)
+    rest = varying_affine_recurrence(u, G.transpose(-1, -2).flip(0), fmN[:, -1])
+    return torch.cat([rest.flip(1), fmN[:, -1:]], 1).reshape(batch + (T, n))

@@ -1,0 +1,48 @@
+"""The smoother's backward pass when the covariances are shared by all sequences (no missing
+data): an associative scan for the covariances and block recurrences for the means
+(``pyrossm.lgssm._smoother``), against the step-by-step loop (float64, values and gradients).
+Sequences are (batch, time, dim), time at dim -2."""
+
+import pytest
+import torch
+from lgssm_oracles import assert_rel_close, random_system
+
+from pyrossm.lgssm import _smoother, kalman_filter, kalman_smoother
+
+ARGS = ("x", "A", "C", "Q", "R", "init_mean", "init_cov")
+
+
+@pytest.mark.parametrize("T", [2, 9, 40, 333])
+@pytest.mark.parametrize("time_varying", [False, True])
+def test_shared_backward_pass_equals_the_loop(T, time_varying):
+    s = random_system(3, 2, T, seed=T, batch=(5,), time_varying=time_varying)
+    A = s["A"].clone().requires_grad_()
+    f = kalman_filter(s["x"], A, *[s[k] for k in ARGS[2:]])
+    fm, fc, pm, pc = f.filtered_means, f.filtered_covs, f.predicted_means, f.predicted_covs
+    fc, pc = fc[0], pc[0]  # shared: (T, n, n), as the smoother sees them
+    A_all = A.reshape(-1, 3, 3).expand(T, 3, 3) if not time_varying else A.reshape(T, 3, 3)
+    G = _smoother.gains(fc, pc, A_all)
+    assert G.dim() == 3
+    sc, sm = _smoother.backward_pass(G, fm, fc, pm, pc)
+    # the loop: the same inputs with a batch dim of 1 on the covariances
+    sc_ref, sm_ref = _smoother.backward_pass(G[None], fm, fc[None], pm, pc[None])
+    assert_rel_close(sc, sc_ref[0], 1e-10, "smoothed covariances")
+    assert_rel_close(sm, sm_ref, 1e-10, "smoothed means")
+    w = torch.randn(sm.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g1, = torch.autograd.grad((sm * w).sum() + sc.sum(), A, retain_graph=True)
+    g2, = torch.autograd.grad((sm_ref * w).sum() + sc_ref.sum(), A)
+    assert_rel_close(g1, g2, 1e-8, "gradient w.r.t. A")
+
+
+def test_smoother_without_missing_data_takes_the_shared_path(monkeypatch):
+    calls = []
+    original = _smoother._scanned_covs
+    monkeypatch.setattr(_smoother, "_scanned_covs",
+                        lambda *a: calls.append(1) or original(*a))
+    s = random_system(2, 2, 50, seed=3, batch=(4,))
+    res = kalman_smoother(*[s[k] for k in ARGS])
+    assert calls and res.smoothed_means.shape == (4, 50, 2)
+    s = random_system(2, 2, 50, seed=3, batch=(4,), missing="entries")
+    calls.clear()
+    kalman_smoother(*[s[k] for k in ARGS])
+    assert not calls  # per-sequence covariances: the loop
