@@ -22,7 +22,8 @@ from ._scan import associative_scan
 
 
 def gains(filt_covs, pred_covs, A):
-    """G_t = P_t^f A_{t+1}ᵀ (P_{t+1}^-)^{-1} for t = 0..T-2 (Cholesky solve, no inverse).
+    """G_t = P_t^f A_{t+1}ᵀ (P_{t+1}^-)^{-1} for t = 0..T-2 (Cholesky solve, no inverse);
+    ``A`` is ``(n, n)`` or ``(..., T, n, n)`` (time-varying or batched).
 
     A singular predicted covariance (a state without noise, e.g. Q and init_cov singular) has
     no inverse; there the Moore–Penrose pseudo-inverse is used, which gives the exact smoother
@@ -30,7 +31,10 @@ def gains(filt_covs, pred_covs, A):
     counts as singular when a Cholesky pivot is below ``n·eps`` of its diagonal entry.
     """
     P_next = pred_covs[..., 1:, :, :]
-    APf = A[..., 1:, :, :] @ filt_covs[..., :-1, :, :]
+    if A.dim() == 2:  # time-invariant, no batch: A P = (P Aᵀ)ᵀ, one product over every P
+        APf = (filt_covs[..., :-1, :, :] @ A.transpose(-1, -2)).transpose(-1, -2)
+    else:
+        APf = A[..., 1:, :, :] @ filt_covs[..., :-1, :, :]
     batch = torch.broadcast_shapes(P_next.shape[:-2], APf.shape[:-2])
     P_next, APf = P_next.expand(batch + P_next.shape[-2:]), APf.expand(batch + APf.shape[-2:])
     n = P_next.shape[-1]
@@ -69,6 +73,8 @@ def backward_pass(G, fm, fc, pm, pc):
     offset = fm[..., :-1, :] - _mv(G, pm[..., 1:, :])
     if G.dim() == 3 and fc.dim() == 3 and pc.dim() == 3:  # shared by every sequence
         return _scanned_covs(G, fc, pc), _blocked_means(G, fm, offset)
+    if fc.dim() > 3 and fc[..., 0, 0, 0].numel() >= _BATCH_LAST_MIN:
+        return _batch_last_loop(G, fm, fc, pc, offset)
     # covariances (parameters' batch only) and means (data batch) in separate loops
     sc_list = [fc[..., -1, :, :]]
     for t in range(T - 2, -1, -1):
@@ -82,6 +88,39 @@ def backward_pass(G, fm, fc, pm, pc):
         m = (sm_list[-1].unsqueeze(-2) @ Gt_all[..., t, :, :]).squeeze(-2) + offset[..., t, :]
         sm_list.append(m)
     return sc, torch.stack(sm_list[::-1], -2)
+
+
+# Per-sequence covariances (missing data) of at least this many sequences are smoothed in
+# batch-last layout: a step is then a dozen elementwise operations over (n, n, n, N) arrays
+# instead of batched n × n products, which cost tens of µs each for small n.
+_BATCH_LAST_MIN = 16
+
+
+def _batch_last_loop(G, fm, fc, pc, offset):
+    """:func:`backward_pass` one step at a time with the batch laid out last, ``(T, n, n, N)``."""
+    T, n = fm.shape[-2:]
+    batch = torch.broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
+
+    def last(v, core):  # batch + (time, core...) -> (time, core..., N), contiguous
+        v = v.expand(batch + v.shape[-1 - len(core):]).reshape((-1,) + v.shape[-1 - len(core):])
+        return v.permute(tuple(range(1, v.dim())) + (0,)).contiguous()
+
+    Gl, fcl, pcl = last(G, (n, n)), last(fc, (n, n)), last(pc, (n, n))
+    offl, fml = last(offset, (n,)), last(fm[..., -1:, :], (n,))
+    P, m = fcl[-1], fml[0]
+    covs, means = [P], [m]
+    for t in range(T - 2, -1, -1):
+        Gt = Gl[t]
+        D = P - pcl[t + 1]
+        GD = (Gt.unsqueeze(2) * D.unsqueeze(0)).sum(1)  # [i, k] = Σ_j G_ij D_jk
+        P = fcl[t] + (GD.unsqueeze(1) * Gt.unsqueeze(0)).sum(2)  # + [i, l] Σ_k GD_ik G_lk
+        P = 0.5 * (P + P.transpose(0, 1))
+        m = (Gt * m.unsqueeze(0)).sum(1) + offl[t]
+        covs.append(P)
+        means.append(m)
+    sc = torch.stack(covs[::-1], 0).permute(3, 0, 1, 2).reshape(batch + (T, n, n))
+    sm = torch.stack(means[::-1], 0).permute(2, 0, 1).reshape(batch + (T, n))
+    return sc, sm
 
 
 def _scanned_covs(G, fc, pc):

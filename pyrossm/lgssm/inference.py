@@ -507,7 +507,7 @@ def kalman_smoother(
         return _expand(
             SmootherResult(filt.log_likelihood, fm, fc, empty, fm, fc, filt.step_log_likelihoods)
         )
-    G = _smoother.gains(fc, pc, A_all)  # (..., T-1, n, n)
+    G = _smoother.gains(fc, pc, A if A.dim() == 2 else A_all)  # (..., T-1, n, n)
     if parallel:
         # Elements (E, g, L) of Särkkä & García-Fernández (2021), eq. (45)–(47), scanned
         # backwards in time: (E_t, g_t, L_t) ∘ (E_{t+1}, ...) ∘ ... ∘ (0, m_T, P_T).

@@ -46,3 +46,28 @@ def test_smoother_without_missing_data_takes_the_shared_path(monkeypatch):
     calls.clear()
     kalman_smoother(*[s[k] for k in ARGS])
     assert not calls  # per-sequence covariances: the loop
+
+
+@pytest.mark.parametrize("batch", [(20,), (4, 5)])
+def test_batch_last_loop_equals_the_batched_loop(batch, monkeypatch):
+    """Per-sequence covariances (NaN entries) of 20 sequences: the batch-last loop gives the
+    batched loop's smoothed moments and gradients (float64)."""
+    s = random_system(3, 2, 30, seed=7, batch=batch, missing="entries")
+
+    def run():
+        A = s["A"].clone().requires_grad_()
+        r = kalman_smoother(s["x"], A, *[s[k] for k in ARGS[2:]])
+        (r.smoothed_means.sum() + r.smoothed_covs.pow(2).sum()).backward()
+        return r, A.grad
+
+    calls = []
+    original = _smoother._batch_last_loop
+    monkeypatch.setattr(_smoother, "_batch_last_loop", lambda *a: calls.append(1) or original(*a))
+    fast, g_fast = run()
+    assert calls
+    monkeypatch.setattr(_smoother, "_BATCH_LAST_MIN", 10**9)
+    ref, g_ref = run()
+    assert len(calls) == 1
+    for key in ("smoothed_means", "smoothed_covs", "smoothed_cross_covs"):
+        assert_rel_close(getattr(fast, key), getattr(ref, key), 1e-12, key)
+    assert_rel_close(g_fast, g_ref, 1e-10, "gradient w.r.t. A")
