@@ -63,6 +63,6 @@ def spd_solve(P, B):
         for q in range(i + 1, n):
             t = torch.addcmul(t, L[q][i], X[q], value=-1)
         X[i] = t * inv[i]
-    X = torch.stack(X, 0).permute(2, 0, 1).reshape(batch + (n, k))
+    X = torch.stack(X, 0).permute(2, 0, 1).contiguous().reshape(batch + (n, k))  # batch first
     pivots = torch.stack(pivots, -1).reshape(batch + (n,))
     return X, pivots

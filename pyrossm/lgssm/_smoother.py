@@ -46,7 +46,7 @@ def gains(filt_covs, pred_covs, A):
             singular = ~(pivots > tol * diag.abs().amax(-1, keepdim=True)).all(-1)
             singular = singular | ~torch.isfinite(X).all(-1).all(-1)
         if not bool(singular.any()):
-            return X.transpose(-1, -2)
+            return X.transpose(-1, -2).contiguous()  # the layout of the LAPACK path
     L, info = torch.linalg.cholesky_ex(P_next)
     with torch.no_grad():
         pivots = torch.diagonal(L, dim1=-2, dim2=-1).pow(2)
