@@ -33,7 +33,6 @@ Run (single core; about 10 minutes with pykalman, use --skip pykalman for 2)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -48,6 +47,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from pyrossm.lgssm import _steps, kalman_filter, set_compile  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +111,30 @@ def add_missing(p, frac, seed):
     return dict(p, x=x)
 
 
+def dynamax_params(p):
+    """``A, C, Q, R, init_mean, init_cov`` of the problem as float32 jax arrays."""
+    import jax.numpy as jnp
+
+    return tuple(jnp.asarray(p[k].numpy(), dtype=jnp.float32)
+                 for k in ("A", "C", "Q", "R", "init_mean", "init_cov"))
+
+
+def dynamax_masked(p, C, R):
+    """Missing entries as dynamax sees them: per-sequence, per-step emission weights ``H``
+    (rows of C zeroed) and covariances ``Rm`` (rows/columns of R replaced by the identity),
+    data ``y`` with 0 there, and the number of missing entries per sequence (whose N(0; 0, 1)
+    factors are removed from dynamax's log-likelihood afterwards)."""
+    import jax.numpy as jnp
+
+    x = p["x"].numpy()
+    obs = ~np.isnan(x)
+    o = jnp.asarray(obs, dtype=jnp.float32)
+    y = jnp.asarray(np.where(obs, x, 0.0), dtype=jnp.float32)
+    H = C * o[..., :, None]
+    Rm = R * o[..., :, None] * o[..., None, :] + jnp.eye(x.shape[-1]) * (1 - o)[..., None]
+    return y, H, Rm, (1 - o).sum((-1, -2))
+
+
 def dynamax_method(p, moments):
     """dynamax's ``lgssm_filter`` under jit + vmap (float32). Missing entries become
     per-sequence time-varying emission parameters (C rows zeroed, R rows/cols identity)."""
@@ -116,11 +142,9 @@ def dynamax_method(p, moments):
     import jax.numpy as jnp
     from dynamax.linear_gaussian_ssm.inference import lgssm_filter, make_lgssm_params
 
-    f32 = lambda t: jnp.asarray(t.numpy(), dtype=jnp.float32)  # noqa: E731
-    A, C, Q, R, m0, P0 = (f32(p[k]) for k in ("A", "C", "Q", "R", "init_mean", "init_cov"))
+    A, C, Q, R, m0, P0 = dynamax_params(p)
     x = p["x"].numpy()
     obs = ~np.isnan(x)
-    k = x.shape[-1]
 
     def out(res, correction=0.0):
         ll = res.marginal_loglik + correction
@@ -131,11 +155,7 @@ def dynamax_method(p, moments):
         fn = jax.jit(jax.vmap(lambda y: out(lgssm_filter(params, y))))
         args = (jnp.asarray(x, dtype=jnp.float32),)
     else:
-        o = jnp.asarray(obs, dtype=jnp.float32)
-        y = jnp.asarray(np.where(obs, x, 0.0), dtype=jnp.float32)
-        H = C * o[..., :, None]
-        Rm = R * o[..., :, None] * o[..., None, :] + jnp.eye(k) * (1 - o)[..., None]
-        nmiss = (1 - o).sum((-1, -2))
+        y, H, Rm, nmiss = dynamax_masked(p, C, R)
 
         def one(y, H, Rm, nm):
             params = make_lgssm_params(m0, P0, A, Q, H, Rm)
@@ -223,6 +243,27 @@ def versions():
         except Exception:  # pragma: no cover - optional
             out[mod] = None
     return out
+
+
+def set_threads(threads):
+    """torch's threads; with one, XLA's too (before jax is imported). None: unchanged."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        if threads == 1:
+            os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                  "intra_op_parallelism_threads=1")
+
+
+def machine():
+    """The machine and libraries of a run (written into every result JSON)."""
+    return dict(platform=platform.platform(), processor=platform.processor(),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                xla_flags=os.environ.get("XLA_FLAGS"),
+                affinity=sorted(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity") else None,
+                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                versions=versions())
 
 
 def have_dynamax():
@@ -353,11 +394,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kalman.json"),
                     help="JSON output path ('' to skip)")
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-        if args.threads == 1:  # before jax is imported: one thread for XLA too
-            os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
-                                  "intra_op_parallelism_threads=1")
+    set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     rows = []
     for cell in args.cells:
@@ -372,22 +409,11 @@ def main(argv=None):
         config=dict(cells=args.cells, missing=args.missing, state_dim=args.state_dim,
                     obs_dim=args.obs_dim, dtype=args.dtype, repeats=args.repeats,
                     subset=args.subset, seed=args.seed),
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                     omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-                     xla_flags=os.environ.get("XLA_FLAGS"),
-                     affinity=sorted(os.sched_getaffinity(0))
-                     if hasattr(os, "sched_getaffinity") else None,
-                     load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                     versions=versions()),
+        machine=machine(),
         timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         results=rows,
     )
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    write_result(result, args.out)
     return result
 
 

@@ -25,9 +25,7 @@ smoothed means against dynamax's. Prints a table, writes JSON (--out, default
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -39,7 +37,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kalman import add_missing, cast, have_dynamax, make_problem, versions  # noqa: E402
+from kalman import (  # noqa: E402
+    add_missing,
+    cast,
+    dynamax_masked,
+    dynamax_params,
+    have_dynamax,
+    machine,
+    make_problem,
+    set_threads,
+    write_result,
+)
 
 from pyrossm.lgssm import _small, kalman_filter, kalman_smoother  # noqa: E402
 
@@ -67,19 +75,10 @@ def pyrossm_filter(p):
 def dynamax_smoother(p):
     """jit(vmap(lgssm_smoother)) in float32; missing entries as in ``kalman.py``."""
     import jax
-    import jax.numpy as jnp
     from dynamax.linear_gaussian_ssm.inference import lgssm_smoother, make_lgssm_params
 
-    f32 = lambda t: jnp.asarray(t.numpy(), dtype=jnp.float32)  # noqa: E731
-    A, C, Q, R, m0, P0 = (f32(p[k]) for k in ("A", "C", "Q", "R", "init_mean", "init_cov"))
-    x = p["x"].numpy()
-    obs = ~np.isnan(x)
-    k = x.shape[-1]
-    o = jnp.asarray(obs, dtype=jnp.float32)
-    y = jnp.asarray(np.where(obs, x, 0.0), dtype=jnp.float32)
-    H = C * o[..., :, None]
-    Rm = R * o[..., :, None] * o[..., None, :] + jnp.eye(k) * (1 - o)[..., None]
-    nmiss = (1 - o).sum((-1, -2))
+    A, C, Q, R, m0, P0 = dynamax_params(p)
+    y, H, Rm, nmiss = dynamax_masked(p, C, R)
 
     def one(y, H, Rm, nm):
         post = lgssm_smoother(make_lgssm_params(m0, P0, A, Q, H, Rm), y)
@@ -150,11 +149,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kalman_smoother.json"))
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-        if args.threads == 1:  # before jax is imported: one thread for XLA too
-            os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
-                                  "intra_op_parallelism_threads=1")
+    set_threads(args.threads)
     rows = []
     for cell in args.cells:
         batch, steps = (int(v) for v in cell.lower().split("x"))
@@ -163,15 +158,10 @@ def main(argv=None):
     result = dict(benchmark="kalman smoother",
                   command="python benchmarks/kalman_smoother.py " + " ".join(
                       argv if argv is not None else sys.argv[1:]),
-                  config=vars(args), versions=versions(),
-                  load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                  config=vars(args), machine=machine(),
                   timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   results=rows)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    write_result(result, args.out)
     return result
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -50,6 +49,10 @@ from pyrossm.datasets import simulate_pendulum  # noqa: E402
 from pyrossm.filters import particle_filter  # noqa: E402
 from pyrossm.infer import fit  # noqa: E402
 from pyrossm.infer.evaluate import elbo, log_likelihood, smc_log_likelihood  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_result  # noqa: E402
+
 from pyrossm.lgssm import kalman_filter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +65,6 @@ def machine():
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
                               pyro=pyro.__version__))
-
-
-def write(result, path):
-    if path:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +322,7 @@ def main(argv=None):
     else:
         args.steps = args.steps or 50
         result, default = run_fivo(args), RESULTS / "fivo_pendulum.json"
-    write(result, default if args.out is None else args.out)
+    write_result(result, default if args.out is None else args.out)
     return result
 
 
