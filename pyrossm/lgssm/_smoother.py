@@ -73,8 +73,12 @@ def backward_pass(G, fm, fc, pm, pc):
     offset = fm[..., :-1, :] - _mv(G, pm[..., 1:, :])
     if G.dim() == 3 and fc.dim() == 3 and pc.dim() == 3:  # shared by every sequence
         return _scanned_covs(G, fc, pc), _blocked_means(G, fm, offset)
-    if fc.dim() > 3 and fc[..., 0, 0, 0].numel() >= _BATCH_LAST_MIN:
-        return _batch_last_loop(G, fm, fc, pc, offset)
+    if fc.dim() > 3:  # per-sequence covariances
+        N = torch.Size(torch.broadcast_shapes(fm.shape[:-2], fc.shape[:-3])).numel()
+        if T >= _CHUNKED_MIN_STEPS and N <= _CHUNKED_MAX_SEQUENCES:
+            return _chunked_pass(G, fm, fc, pc, offset)
+        if N >= _BATCH_LAST_MIN:
+            return _batch_last_loop(G, fm, fc, pc, offset)
     # covariances (parameters' batch only) and means (data batch) in separate loops
     sc_list = [fc[..., -1, :, :]]
     for t in range(T - 2, -1, -1):
@@ -94,6 +98,84 @@ def backward_pass(G, fm, fc, pm, pc):
 # batch-last layout: a step is then a dozen elementwise operations over (n, n, n, N) arrays
 # instead of batched n × n products, which cost tens of µs each for small n.
 _BATCH_LAST_MIN = 16
+
+
+# Per-sequence covariances of few sequences (at most _CHUNKED_MAX_SEQUENCES) and at least
+# _CHUNKED_MIN_STEPS steps are smoothed in chunks of time run as one batch (:func:`_chunked_pass`;
+# the chunks and the sequences together make a batch of about _CHUNKED_BATCH). Measured here
+# (float32, n = 4, 10% missing): 1 × 5000 steps 41 ms against 198 ms one step at a time,
+# 16 × 10,000 475 ms against 625 ms; from 32 sequences on the step-by-step loop is as fast, and at
+# 64 faster (its per-step products are already wide, the chunks' completion costs B × T more).
+_CHUNKED_MIN_STEPS = 64
+_CHUNKED_MAX_SEQUENCES = 32
+_CHUNKED_BATCH = 2048
+
+
+def _chunked_pass(G, fm, fc, pc, offset):
+    """:func:`backward_pass` with time cut into ``nc`` chunks that run backwards together.
+
+    A step is the congruence P_t = c_t + G_t P_{t+1} G_tᵀ (c_t = P_t^f - G_t P_{t+1}^- G_tᵀ)
+    and m_t = o_t + G_t m_{t+1}; over a stretch of steps these compose to
+    P_t = X_t + Φ_t P_end Φ_tᵀ and m_t = y_t + Φ_t m_end, with Φ_t = G_t ⋯ G_{end-1} and (X, y)
+    the solution from P_end = 0, m_end = 0. Every chunk computes its (X, y, Φ) from zero in
+    the same loop (``L`` steps instead of ``T``), the chunks' end states are then passed back
+    one chunk at a time, and every step is completed in one batched product. Exact: no
+    truncation, only the order of the arithmetic changes.
+    """
+    T, n = fm.shape[-2:]
+    batch = torch.broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
+    S = T - 1  # steps t = 0 .. T-2
+    N = 1
+    for d in batch:
+        N *= d
+    nc = max(1, min(S // 16, -(-_CHUNKED_BATCH // N)))
+    L = -(-S // nc)
+    pad = nc * L - S
+
+    def chunks(v, core, eye=False):  # batch + (S, core) -> (L, nc N, core), padded at the end
+        v = v.expand(batch + v.shape[-1 - len(core):]).reshape((N, S) + core)
+        if pad:  # identity steps after t = S - 1 (G = I, c = 0, o = 0) leave the state as is
+            fill = v.new_zeros((N, pad) + core)
+            if eye:
+                fill = fill + torch.eye(n, dtype=v.dtype, device=v.device)
+            v = torch.cat([v, fill], 1)
+        v = v.reshape((N, nc, L) + core).permute((2, 1, 0) + tuple(range(3, 3 + len(core))))
+        return v.reshape((L, nc * N) + core)
+
+    c = fc[..., :-1, :, :] - G @ pc[..., 1:, :, :] @ G.transpose(-1, -2)
+    Gc, cc, oc = chunks(G, (n, n), eye=True), chunks(c, (n, n)), chunks(offset, (n,))
+    X = torch.zeros_like(cc[0])
+    y = torch.zeros_like(oc[0])
+    Phi = torch.eye(n, dtype=X.dtype, device=X.device).expand_as(X)
+    Xs, ys, Phis = [None] * L, [None] * L, [None] * L
+    for j in range(L - 1, -1, -1):
+        Gj = Gc[j]
+        X = torch.baddbmm(cc[j], Gj @ X, Gj.transpose(-1, -2))
+        y = torch.baddbmm(oc[j].unsqueeze(-1), Gj, y.unsqueeze(-1)).squeeze(-1)
+        Phi = Gj @ Phi
+        Xs[j], ys[j], Phis[j] = X, y, Phi
+    # the chunks' end states, passed back from the last chunk: (nc, N, ...)
+    P_end = [fc.expand(batch + fc.shape[-3:]).reshape(N, T, n, n)[:, -1]]
+    m_end = [fm.expand(batch + fm.shape[-2:]).reshape(N, T, n)[:, -1]]
+    X0, y0, Phi0 = (v.reshape(nc, N, *v.shape[1:]) for v in (Xs[0], ys[0], Phis[0]))
+    for k in range(nc - 1, 0, -1):
+        P_end.append(X0[k] + Phi0[k] @ P_end[-1] @ Phi0[k].transpose(-1, -2))
+        m_end.append(y0[k] + (Phi0[k] @ m_end[-1].unsqueeze(-1)).squeeze(-1))
+    P_end = torch.stack(P_end[::-1], 0).reshape(nc * N, n, n)
+    m_end = torch.stack(m_end[::-1], 0).reshape(nc * N, n)
+    Xs, ys, Phis = torch.stack(Xs, 0), torch.stack(ys, 0), torch.stack(Phis, 0)  # (L, nc N, .)
+    P = Xs + Phis @ P_end @ Phis.transpose(-1, -2)
+    m = ys + (Phis @ m_end.unsqueeze(-1)).squeeze(-1)
+
+    def unchunk(v, core):  # (L, nc N, core...) -> batch + (S, core...)
+        v = v.reshape((L, nc, N) + core).permute((2, 1, 0) + tuple(range(3, 3 + len(core))))
+        return v.reshape((N, nc * L) + core)[:, :S]
+
+    fcN = fc.expand(batch + fc.shape[-3:]).reshape(N, T, n, n)
+    fmN = fm.expand(batch + fm.shape[-2:]).reshape(N, T, n)
+    sc = torch.cat([_sym(unchunk(P, (n, n))), fcN[:, -1:]], 1).reshape(batch + (T, n, n))
+    sm = torch.cat([unchunk(m, (n,)), fmN[:, -1:]], 1).reshape(batch + (T, n))
+    return sc, sm
 
 
 def _batch_last_loop(G, fm, fc, pc, offset):

@@ -14,7 +14,8 @@ ARGS = ("x", "A", "C", "Q", "R", "init_mean", "init_cov")
 
 @pytest.mark.parametrize("T", [2, 9, 40, 333])
 @pytest.mark.parametrize("time_varying", [False, True])
-def test_shared_backward_pass_equals_the_loop(T, time_varying):
+def test_shared_backward_pass_equals_the_loop(T, time_varying, monkeypatch):
+    monkeypatch.setattr(_smoother, "_CHUNKED_MIN_STEPS", 10**9)  # the reference is the loop
     s = random_system(3, 2, T, seed=T, batch=(5,), time_varying=time_varying)
     A = s["A"].clone().requires_grad_()
     f = kalman_filter(s["x"], A, *[s[k] for k in ARGS[2:]])
@@ -71,3 +72,30 @@ def test_batch_last_loop_equals_the_batched_loop(batch, monkeypatch):
     for key in ("smoothed_means", "smoothed_covs", "smoothed_cross_covs"):
         assert_rel_close(getattr(fast, key), getattr(ref, key), 1e-12, key)
     assert_rel_close(g_fast, g_ref, 1e-10, "gradient w.r.t. A")
+
+
+@pytest.mark.parametrize("batch,T", [((1,), 100), ((3,), 97), ((2, 2), 64)])
+def test_chunked_pass_equals_the_loop(batch, T, monkeypatch):
+    """Few sequences with NaN entries, long enough to be cut into chunks of time (97 and 64
+    steps leave a partial last chunk: identity steps pad it): the chunked backward pass gives
+    the step-by-step loop's smoothed moments and gradients (float64)."""
+    s = random_system(3, 2, T, seed=T, batch=batch, missing="entries")
+
+    def run():
+        A = s["A"].clone().requires_grad_()
+        r = kalman_smoother(s["x"], A, *[s[k] for k in ARGS[2:]])
+        (r.smoothed_means.sum() + r.smoothed_covs.pow(2).sum()).backward()
+        return r, A.grad
+
+    calls = []
+    original = _smoother._chunked_pass
+    monkeypatch.setattr(_smoother, "_chunked_pass", lambda *a: calls.append(1) or original(*a))
+    fast, g_fast = run()
+    assert calls
+    monkeypatch.setattr(_smoother, "_CHUNKED_MIN_STEPS", 10**9)
+    monkeypatch.setattr(_smoother, "_BATCH_LAST_MIN", 10**9)
+    ref, g_ref = run()
+    assert len(calls) == 1
+    for key in ("smoothed_means", "smoothed_covs", "smoothed_cross_covs"):
+        assert_rel_close(getattr(fast, key), getattr(ref, key), 1e-10, key)
+    assert_rel_close(g_fast, g_ref, 1e-9, "gradient w.r.t. A")
