@@ -1,11 +1,19 @@
 """The Rauch–Tung–Striebel smoother's gains and sequential backward pass (private; see
 :func:`pyrossm.lgssm.kalman_smoother`).
 
-Shapes: means ``(..., T, n)``, covariances ``(..., T, n, n)``, time at dim -3 resp. -2.
-Without missing data the filter's covariances and the gains ``G_t`` are shared by all
-sequences (no data batch): the smoothed covariances then come from an associative scan over
-time (O(log T) depth, the parameters' batch only) and the means from the block recurrence of
-:mod:`pyrossm.lgssm._recurrence`; otherwise one step at a time.
+Shapes: means ``(..., T, n)``, covariances ``(..., T, n, n)``, time at dim -2 resp. -3.
+A backward step is the congruence P_t = c_t + G_t P_{t+1} G_tᵀ with
+c_t = P_t^f - G_t P_{t+1}^- G_tᵀ, and m_t = o_t + G_t m_{t+1} with o_t = m_t^f - G_t m_{t+1}^-.
+
+* Without missing data the filter's covariances and the gains ``G_t`` are shared by all
+  sequences (no data batch): the smoothed covariances come from an associative scan over time
+  (O(log T) depth, the parameters' batch only) and the means from the block recurrence of
+  :mod:`pyrossm.lgssm._recurrence`.
+* With per-sequence covariances (missing data): few long sequences are cut into chunks of time
+  solved backwards as one batch and completed exactly (:func:`_chunked_pass`); many sequences
+  take one step at a time, the batch laid out last (:func:`_batch_last_loop`).
+
+The gains' many small solves use :mod:`pyrossm.lgssm._small` when there are many of them.
 """
 
 from __future__ import annotations

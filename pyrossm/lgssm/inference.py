@@ -36,7 +36,9 @@ at a time after whitening by R (Durbin & Koopman 2012, §6.4); see :mod:`pyrossm
 For large or repeated problems, :func:`pyrossm.lgssm.set_compile` runs those time steps through
 ``torch.compile`` (a one-off compile of about 25 s per shape; then 1.5-2.5x faster).
 Singular predicted covariances (e.g. Q and init_cov singular) are handled by the smoother with
-a pseudo-inverse gain.
+a pseudo-inverse gain. The smoother's backward pass is an associative scan plus block
+recurrences when the covariances are shared by the sequences (no missing data) and chunks of
+time run as one batch for few long sequences with gaps (see :mod:`pyrossm.lgssm._smoother`).
 
 References: Särkkä, *Bayesian Filtering and Smoothing* (2013), ch. 4 and 8; Särkkä &
 García-Fernández, "Temporal parallelization of Bayesian smoothers", IEEE TAC 66(1), 2021.
