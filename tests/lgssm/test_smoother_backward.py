@@ -49,12 +49,10 @@ def test_smoother_without_missing_data_takes_the_shared_path(monkeypatch):
     assert not calls  # per-sequence covariances: the loop
 
 
-@pytest.mark.parametrize("batch", [(20,), (4, 5)])
-def test_batch_last_loop_equals_the_batched_loop(batch, monkeypatch):
-    """Per-sequence covariances (NaN entries) of 20 sequences: the batch-last loop gives the
-    batched loop's smoothed moments and gradients (float64)."""
-    s = random_system(3, 2, 30, seed=7, batch=batch, missing="entries")
-
+def _path_equals_the_loop(s, monkeypatch, path, switches, rtol, grad_rtol):
+    """Smooth ``s`` (values and the gradient w.r.t. A) once through ``_smoother.<path>`` (it
+    must be taken) and once with the module constants ``switches`` raised (the step-by-step
+    loop); both must agree to ``rtol`` (the gradients to ``grad_rtol``)."""
     def run():
         A = s["A"].clone().requires_grad_()
         r = kalman_smoother(s["x"], A, *[s[k] for k in ARGS[2:]])
@@ -62,16 +60,25 @@ def test_batch_last_loop_equals_the_batched_loop(batch, monkeypatch):
         return r, A.grad
 
     calls = []
-    original = _smoother._batch_last_loop
-    monkeypatch.setattr(_smoother, "_batch_last_loop", lambda *a: calls.append(1) or original(*a))
+    original = getattr(_smoother, path)
+    monkeypatch.setattr(_smoother, path, lambda *a: calls.append(1) or original(*a))
     fast, g_fast = run()
     assert calls
-    monkeypatch.setattr(_smoother, "_BATCH_LAST_MIN", 10**9)
+    for name in switches:
+        monkeypatch.setattr(_smoother, name, 10**9)
     ref, g_ref = run()
     assert len(calls) == 1
     for key in ("smoothed_means", "smoothed_covs", "smoothed_cross_covs"):
-        assert_rel_close(getattr(fast, key), getattr(ref, key), 1e-12, key)
-    assert_rel_close(g_fast, g_ref, 1e-10, "gradient w.r.t. A")
+        assert_rel_close(getattr(fast, key), getattr(ref, key), rtol, key)
+    assert_rel_close(g_fast, g_ref, grad_rtol, "gradient w.r.t. A")
+
+
+@pytest.mark.parametrize("batch", [(20,), (4, 5)])
+def test_batch_last_loop_equals_the_batched_loop(batch, monkeypatch):
+    """Per-sequence covariances (NaN entries) of 20 sequences: the batch-last loop gives the
+    batched loop's smoothed moments and gradients (float64)."""
+    s = random_system(3, 2, 30, seed=7, batch=batch, missing="entries")
+    _path_equals_the_loop(s, monkeypatch, "_batch_last_loop", ["_BATCH_LAST_MIN"], 1e-12, 1e-10)
 
 
 @pytest.mark.parametrize("batch,T", [((1,), 100), ((3,), 97), ((2, 2), 64)])
@@ -80,22 +87,5 @@ def test_chunked_pass_equals_the_loop(batch, T, monkeypatch):
     steps leave a partial last chunk: identity steps pad it): the chunked backward pass gives
     the step-by-step loop's smoothed moments and gradients (float64)."""
     s = random_system(3, 2, T, seed=T, batch=batch, missing="entries")
-
-    def run():
-        A = s["A"].clone().requires_grad_()
-        r = kalman_smoother(s["x"], A, *[s[k] for k in ARGS[2:]])
-        (r.smoothed_means.sum() + r.smoothed_covs.pow(2).sum()).backward()
-        return r, A.grad
-
-    calls = []
-    original = _smoother._chunked_pass
-    monkeypatch.setattr(_smoother, "_chunked_pass", lambda *a: calls.append(1) or original(*a))
-    fast, g_fast = run()
-    assert calls
-    monkeypatch.setattr(_smoother, "_CHUNKED_MIN_STEPS", 10**9)
-    monkeypatch.setattr(_smoother, "_BATCH_LAST_MIN", 10**9)
-    ref, g_ref = run()
-    assert len(calls) == 1
-    for key in ("smoothed_means", "smoothed_covs", "smoothed_cross_covs"):
-        assert_rel_close(getattr(fast, key), getattr(ref, key), 1e-10, key)
-    assert_rel_close(g_fast, g_ref, 1e-9, "gradient w.r.t. A")
+    _path_equals_the_loop(s, monkeypatch, "_chunked_pass",
+                          ["_CHUNKED_MIN_STEPS", "_BATCH_LAST_MIN"], 1e-10, 1e-9)
