@@ -133,9 +133,9 @@ def _chunked_pass(G, fm, fc, pc, offset):
     T, n = fm.shape[-2:]
     batch = torch.broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
     S = T - 1  # steps t = 0 .. T-2
-    N = 1
-    for d in batch:
-        N *= d
+    N = torch.Size(batch).numel()
+    fcN = fc.expand(batch + fc.shape[-3:]).reshape(N, T, n, n)
+    fmN = fm.expand(batch + fm.shape[-2:]).reshape(N, T, n)
     nc = max(1, min(S // 16, -(-_CHUNKED_BATCH // N)))
     L = -(-S // nc)
     pad = nc * L - S
@@ -163,8 +163,7 @@ def _chunked_pass(G, fm, fc, pc, offset):
         Phi = Gj @ Phi
         Xs[j], ys[j], Phis[j] = X, y, Phi
     # the chunks' end states, passed back from the last chunk: (nc, N, ...)
-    P_end = [fc.expand(batch + fc.shape[-3:]).reshape(N, T, n, n)[:, -1]]
-    m_end = [fm.expand(batch + fm.shape[-2:]).reshape(N, T, n)[:, -1]]
+    P_end, m_end = [fcN[:, -1]], [fmN[:, -1]]
     X0, y0, Phi0 = (v.reshape(nc, N, *v.shape[1:]) for v in (Xs[0], ys[0], Phis[0]))
     for k in range(nc - 1, 0, -1):
         P_end.append(X0[k] + Phi0[k] @ P_end[-1] @ Phi0[k].transpose(-1, -2))
@@ -179,8 +178,6 @@ def _chunked_pass(G, fm, fc, pc, offset):
         v = v.reshape((L, nc, N) + core).permute((2, 1, 0) + tuple(range(3, 3 + len(core))))
         return v.reshape((N, nc * L) + core)[:, :S]
 
-    fcN = fc.expand(batch + fc.shape[-3:]).reshape(N, T, n, n)
-    fmN = fm.expand(batch + fm.shape[-2:]).reshape(N, T, n)
     sc = torch.cat([_sym(unchunk(P, (n, n))), fcN[:, -1:]], 1).reshape(batch + (T, n, n))
     sm = torch.cat([unchunk(m, (n,)), fmN[:, -1:]], 1).reshape(batch + (T, n))
     return sc, sm
