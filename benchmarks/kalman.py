@@ -5,7 +5,9 @@ observation dim 4, float32 on CPU, one random stable system shared by all sequen
 missing data and with 10% of the entries missing (NaN, drawn independently). Timed (median of
 --repeats runs after one warm-up run; single thread):
 
-* pyrossm ``kalman_filter(..., parallel=False)`` (always returns the moments too), the same with
+* pyrossm ``kalman_filter(..., parallel=False)`` (always returns the moments too; compare it
+  with ``dynamax +moments``), ``kalman_log_likelihood`` (the log-likelihood only, as
+  ``dynamax``), ``kalman_filter`` with
   the steady-state stop of the covariance recursion turned off (``_steps.STEADY_STATE = False``),
   and ``parallel=True``; with missing data also with ``pyrossm.lgssm.set_compile(True)``
   (``torch.compile``'d time steps; the compile time, like dynamax's, is the first call's);
@@ -46,7 +48,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from pyrossm.lgssm import _steps, kalman_filter, set_compile  # noqa: E402
+from pyrossm.lgssm import (  # noqa: E402
+    _steps,
+    kalman_filter,
+    kalman_log_likelihood,
+    set_compile,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_result  # noqa: E402
@@ -88,13 +95,16 @@ def cast(problem, dtype):
 
 # ---------------------------------------------------------------------------------------------
 # methods: each returns a function computing the (batch,) log-likelihoods of its sequences
-def pyrossm_method(parallel, steady_state=True, compiled=False):
+def pyrossm_method(parallel, steady_state=True, compiled=False, moments=True):
+    """``kalman_filter`` (moments too), or with ``moments=False`` ``kalman_log_likelihood``."""
     def run(p):
         _steps.STEADY_STATE = steady_state
         previous = set_compile(compiled)
+        args = [p[k] for k in ("x", "A", "C", "Q", "R", "init_mean", "init_cov")]
         try:
-            return kalman_filter(p["x"], p["A"], p["C"], p["Q"], p["R"], p["init_mean"],
-                                 p["init_cov"], parallel=parallel).log_likelihood
+            if not moments:
+                return kalman_log_likelihood(*args)
+            return kalman_filter(*args, parallel=parallel).log_likelihood
         finally:
             _steps.STEADY_STATE = True
             set_compile(previous)
@@ -275,8 +285,8 @@ def have_dynamax():
     return None
 
 
-CONTENDERS = ["sequential", "compiled", "no_steady_state", "parallel", "dynamax", "gaussian_hmm",
-              "pykalman", "statsmodels"]
+CONTENDERS = ["sequential", "loglik_only", "compiled", "no_steady_state", "parallel", "dynamax",
+              "gaussian_hmm", "pykalman", "statsmodels"]
 
 
 def run_cell(args, batch, steps, frac, dtype):
@@ -306,6 +316,10 @@ def run_cell(args, batch, steps, frac, dtype):
     if "sequential" not in skip:
         record("pyrossm sequential", pyrossm_method(False), p, 1, ref,
                "one batched call; returns log-likelihoods and all moments")
+    if "loglik_only" not in skip:
+        record("pyrossm log-likelihood only", pyrossm_method(False, moments=False), p, 1, ref,
+               "kalman_log_likelihood: no moments (past the Riccati fixed point the means are "
+               "never written)")
     if "compiled" not in skip and frac > 0:
         record("pyrossm sequential, compiled", pyrossm_method(False, compiled=True), p, 1, ref,
                "pyrossm.lgssm.set_compile(True): torch.compile'd time steps of the "

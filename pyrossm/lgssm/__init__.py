@@ -8,7 +8,13 @@ Model (column vectors; sequences ``(batch, time, dim)`` with time at dim -2)::
 
 from ._chunked import set_compile
 from .distributions import LinearGaussianChain, LinearGaussianObservations
-from .inference import FilterResult, SmootherResult, kalman_filter, kalman_smoother
+from .inference import (
+    FilterResult,
+    SmootherResult,
+    kalman_filter,
+    kalman_log_likelihood,
+    kalman_smoother,
+)
 from .initial import diffuse_covariance, stationary_covariance
 from .model import Forecast, LinearGaussianSSM
 from .results import MLEResults, ljung_box
@@ -38,6 +44,7 @@ __all__ = [
     "diffuse_covariance",
     "forecast_moments",
     "kalman_filter",
+    "kalman_log_likelihood",
     "kalman_smoother",
     "ljung_box",
     "sample_lgssm",

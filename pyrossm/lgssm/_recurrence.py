@@ -15,58 +15,41 @@ import torch
 BLOCK = 8  # steps per block
 
 
-def affine_recurrence(inputs, map_in, FT, m, out=None, level=0):
+def affine_recurrence(inputs, map_in, FT, m, level=0):
     """The means m_1 .. m_S (``(N, S, n)``) of the row-form recurrence
-    m_t = m_{t-1} Fᵀ + u_t, u_t = inputs_t @ map_in, from m_0 = ``m`` (``(N, n)``).
+    m_t = m_{t-1} Fᵀ + u_t, u_t = inputs_t @ map_in (``map_in`` None: u_t = inputs_t), from
+    m_0 = ``m`` (``(N, n)``).
 
     Steps are taken in blocks of ``blk``: [m_1 .. m_k] = [u_1 .. u_k] W + m_0 V
-    (:func:`_block_operators`), so the particular solutions (from a zero start) of all blocks
-    are one batched product, with ``map_in`` folded into W. The block starts obey the same
-    recurrence with (Fᵀ)^blk and the block ends as inputs: solved by this function again (a
-    few levels, then one small product per step); then ``m_0 V`` is added to every block in
-    place. ``inputs`` and ``out`` may be strided views over time (e.g. ``x[:, Td:]``): the
-    products read and write them directly, so no array of the size of the input is copied.
+    (:func:`_block_operators`). The inputs are copied into a contiguous array padded with zero
+    inputs to whole blocks (which changes no earlier step), so that the particular solutions
+    (from a zero start) of all blocks of all sequences are one product, with ``map_in`` folded
+    into W. The block starts obey the same recurrence with (Fᵀ)^blk and the block ends as
+    inputs: solved by this function again (a few levels, then one small product per step);
+    then ``m_0 V`` is added to every block in place. Meant for the block starts of the
+    steady-state filter, where the inputs are small (the copy is cheap).
     """
     N, S, k = inputs.shape
     n = FT.shape[-1]
-    if out is None:
-        out = inputs.new_empty(N, S, n)
     blk = BLOCK
-    nb = S // blk  # full blocks; the remaining S - nb blk steps are a short tail
+    nb = -(-S // blk)
     if nb < 3 or level >= 4:
-        u = inputs @ map_in
+        u = inputs if map_in is None else inputs @ map_in
+        steps = []
         for t in range(S):
             m = torch.addmm(u[:, t], m, FT)
-            out[:, t] = m
-        return out
+            steps.append(m)
+        return torch.stack(steps, 1) if steps else u.new_empty(N, 0, n)
     W, V = _block_operators(FT.transpose(-1, -2), blk)
     # (I_blk ⊗ map_in) W: the input map folded into the block operator
-    W_in = (map_in @ W.reshape(blk, n, blk * n)).reshape(blk * k, blk * n)
-    body = _as_blocks(out[:, : nb * blk], blk)  # (N, nb, blk n), a view of out
-    body_in = inputs[:, : nb * blk].reshape(N, nb, blk * k)  # a view when strides allow
-    if body is None:  # out's layout does not allow a view: solve into a fresh array
-        return out.copy_(affine_recurrence(inputs, map_in, FT, m, None, level))
-    write_into(body, torch.bmm, body_in, W_in.expand(N, blk * k, blk * n))
-    G = V[:, -n:]  # (Fᵀ)^blk
-    eye = torch.eye(n, dtype=m.dtype, device=m.device)
-    ends = body[:, :-1, -n:].contiguous()  # particular block ends: inputs of the starts' recurrence
-    starts = torch.cat([m.unsqueeze(1), affine_recurrence(ends, eye, G, m, None, level + 1)], 1)
-    body.baddbmm_(starts, V.expand(N, n, blk * n))  # + the terms of each block's start
-    r = S - nb * blk
-    if r:  # the tail, from the last block's end
-        tail = inputs[:, nb * blk :].reshape(N, r * k) @ W_in[: r * k, : r * n]
-        # (a copy: out is written next, and autograd keeps what addmm reads)
-        tail = torch.addmm(tail, body[:, -1, -n:].clone(), V[:, : r * n])
-        out[:, nb * blk :] = tail.view(N, r, n)
-    return out
-
-
-def row_group(rows, width, target=16):
-    """The largest g <= target / width dividing ``rows`` (at least 1)."""
-    for g in range(max(1, target // width), 1, -1):
-        if rows % g == 0:
-            return g
-    return 1
+    W_in = W if map_in is None else (map_in @ W.reshape(blk, n, blk * n)).reshape(blk * k, blk * n)
+    padded = inputs.new_zeros(N, nb * blk, k)
+    padded[:, :S] = inputs
+    body = padded.view(N * nb, blk * k) @ W_in  # (N nb, blk n)
+    ends = body.view(N, nb, blk * n)[:, :-1, -n:]  # particular block ends: the starts' inputs
+    starts = torch.cat([m.unsqueeze(1), affine_recurrence(ends, None, V[:, -n:], m, level + 1)], 1)
+    body.addmm_(starts.view(N * nb, n), V)  # (mm's backward does not need its output)
+    return body.view(N, nb * blk, n)[:, :S]
 
 
 def tracks_grad(*tensors):
@@ -79,16 +62,6 @@ def write_into(out, op, *args):
     if tracks_grad(out, *args):
         return out.copy_(op(*args))
     return op(*args, out=out)
-
-
-def _as_blocks(v, blk):
-    """``(N, nb blk, d)`` -> a ``(N, nb, blk d)`` view, or None when the strides forbid it
-    (a last dim of stride 1 and a time stride of d are all that is needed)."""
-    N, L, d = v.shape
-    try:
-        return v.view(N, L // blk, blk * d)
-    except RuntimeError:
-        return None
 
 
 def _block_operators(F, blk):
@@ -106,6 +79,44 @@ def _block_operators(F, blk):
     W = W.permute(0, 2, 1, 3).reshape(blk * n, blk * n)
     V = P[1:].transpose(-1, -2).permute(1, 0, 2).reshape(n, blk * n)  # block i = (F^{i+1})ᵀ
     return W, V
+
+
+def block_length(T):
+    """Steps per block for a series of ``T`` steps: one dividing ``T`` where one is near 8 (then
+    the blocks of all sequences are the rows of one matrix: one product instead of a batched
+    one over strided views), else 8 and a shorter last block."""
+    for blk in (8, 10, 6, 12, 9, 7, 5):
+        if T % blk == 0:
+            return blk
+    return BLOCK
+
+
+def filter_block_operators(FT, AT, map_in, direct_pred, direct_w, CWT, blk):
+    """Block operators of the steady-state Kalman filter, in row form over a block of ``blk``
+    steps with inputs ``z_t`` (``k`` wide) and the filtered mean ``m_0`` before the block:
+
+        filtered means   m_t  = m_{t-1} Fᵀ + z_t map_in
+        predicted means  m⁻_t = m_{t-1} Aᵀ + z_t direct_pred      (``direct_pred`` may be None)
+        whitened innovations w_t = z_t direct_w - m⁻_t CWᵀ
+
+    so that ``[y_1 .. y_blk] = [z_1 .. z_blk] W_y + m_0 V_y`` for y = m, m⁻, w. Returns
+    ``((W_m, V_m), (W_pred, V_pred), (W_w, V_w))``. The operators are causal (block
+    lower-triangular), so their leading ``r`` blocks are the operators of ``r`` steps."""
+    n = FT.shape[-1]
+    W, V = _block_operators(FT.transpose(-1, -2), blk)
+    eye_blk = torch.eye(blk, dtype=FT.dtype, device=FT.device)
+    # (kron's backward fails on a transposed view: contiguous)
+    kron = lambda M: torch.kron(eye_blk, M.contiguous())  # noqa: E731
+    W_m = kron(map_in) @ W
+    # m_{t-1} over the block: the filtered means shifted one step, m_0 first
+    W_prev = torch.cat([torch.zeros_like(W_m[:, :n]), W_m[:, :-n]], 1)
+    V_prev = torch.cat([torch.eye(n, dtype=FT.dtype, device=FT.device), V[:, :-n]], 1)
+    W_pred, V_pred = W_prev @ kron(AT), V_prev @ kron(AT)
+    if direct_pred is not None:
+        W_pred = W_pred + kron(direct_pred)
+    W_w = kron(direct_w) - W_pred @ kron(CWT)
+    V_w = -(V_pred @ kron(CWT))
+    return (W_m, V), (W_pred, V_pred), (W_w, V_w)
 
 
 def varying_affine_recurrence(u, FT, m, level=0):

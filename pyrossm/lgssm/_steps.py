@@ -30,7 +30,8 @@ from pyrossm._gaussian import cholesky, sym
 
 from ._recurrence import (
     affine_recurrence,
-    row_group,
+    block_length,
+    filter_block_operators,
     tracks_grad,
     varying_affine_recurrence,
     write_into,
@@ -256,10 +257,12 @@ def _data_batch(prep):
     return torch.broadcast_shapes(*shapes)
 
 
-def shared_filter(prep, allow_steady=None):
+def shared_filter(prep, allow_steady=None, moments=True):
     """The filter when no entry is missing and the parameters have no batch dims.
 
-    Returns ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``.
+    Returns ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``; with
+    ``moments=False`` the means past the Riccati fixed point are not written (all four
+    moments are then None).
     """
     T, p = prep.x.shape[-2:]
     if allow_steady is None:
@@ -269,9 +272,21 @@ def shared_filter(prep, allow_steady=None):
     eye_p = torch.eye(p, dtype=L.dtype, device=L.device)
     Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)  # (Td, p, p)
     half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
-    fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, Td)
-    if Td < T:  # at the fixed point: constant gain, solved in blocks of steps
-        fm, pm, ll = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], fm, ll, m)
+    T_var, blk = T, None
+    if Td < T:  # past the fixed point the gain is constant: the means are solved in blocks
+        blk = block_length(T)
+        T_var = -(-Td // blk) * blk  # the steady blocks start at a block boundary
+        if T // blk - T_var // blk < 3:
+            T_var, blk = T, None  # too few blocks to pay: every step with the varying method
+        extend = lambda M: M if T_var <= Td else torch.cat(  # noqa: E731
+            [M, M[-1:].expand((T_var - Td,) + M.shape[1:])], 0)
+        K, Linv, half_logdet = extend(K), extend(Linv), extend(half_logdet)
+    fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, T_var)
+    if blk is not None:
+        fm, pm, ll = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], fm, pm, ll,
+                                   m, blk, moments)
+    if not moments:
+        return None, None, None, None, ll.reshape(batch + ll.shape[1:])
     full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
     shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
     return shape(fm), full(filt_c), shape(pm), full(pred_c), shape(ll)
@@ -312,57 +327,139 @@ def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
     return filt_m.transpose(0, 1), pred_m.transpose(0, 1), ll.transpose(0, 1), m
 
 
-def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m):
-    """All means and log-likelihoods, given those of the first ``Td`` steps (``fm (N, Td, n)``,
-    ``ll (N, Td)``, the last mean ``m``) when steps ``Td .. T-1`` are at the Riccati fixed
-    point (constant gain ``K``, time-invariant parameters). The means solve the affine
-    recurrence m_t = F m_{t-1} + K (x_t - C b_t) + b_t with F = (I - K C) A
-    (:func:`~pyrossm.lgssm._recurrence.affine_recurrence`: blocks of steps, a few large
-    products); the predicted means and the whitened innovations then take one product each
-    over all steps.
-    Returns batch-major ``(N, T, n)``, ``(N, T, n)``, ``(N, T)``."""
+def _steady_steps(prep, batch, K, Linv, half_logdet, fm, pm, ll, m, blk, moments=True):
+    """All means and log-likelihoods, given those of the first ``s`` steps (``fm``, ``pm``
+    ``(N, s, n)``, ``ll (N, s)``, the last filtered mean ``m``; ``s`` a multiple of ``blk``)
+    when steps ``s .. T-1`` are at the Riccati fixed point (constant gain ``K``,
+    time-invariant parameters).
+
+    Then the filtered means obey m_t = F m_{t-1} + u_t with F = (I - K C) A and u_t =
+    K x_t + (I - K C) b_t, and over a block of ``blk`` steps the filtered means, the predicted
+    means and the whitened innovations are each one product of the block's inputs plus one of
+    the mean before the block (:func:`~pyrossm.lgssm._recurrence.filter_block_operators`).
+    The blocks are aligned with t = 0, so that when ``blk`` divides T the blocks of all
+    sequences are the rows of one matrix (one product for all); the means before the blocks
+    solve the same recurrence with F^blk (:func:`~pyrossm.lgssm._recurrence.affine_recurrence`).
+    The first ``s`` steps, computed on the blocks too, are overwritten by the given ones.
+    Returns batch-major ``(N, T, n)``, ``(N, T, n)``, ``(N, T)``; with ``moments=False`` only
+    the log-likelihoods (and None, None): the means are then never written, and only the
+    block ends of the particular solutions are computed (a product with n columns)."""
     T, p = prep.x.shape[-2:]
-    N, Td, n = fm.shape
+    N, s, n = fm.shape
+    nb, r = divmod(T, blk)
     A, C = prep.A, prep.C
+    dt, dev = m.dtype, m.device
+    eye = torch.eye(n, dtype=dt, device=dev)
     x = prep.x.expand(batch + (T, p)).reshape(N, T, p)
-    b = None if prep.b is None else prep.b.expand(batch + (T, n)).reshape(N, T, n)
-    eye = torch.eye(n, dtype=m.dtype, device=m.device)
-    KT, AT, CT, LT = (M.transpose(-1, -2) for M in (K, A, C, Linv))
-    if b is None:
-        inputs, map_in = x[:, Td:], KT
-    else:  # u_t = K (x_t - C b_t) + b_t = [x_t - C b_t, b_t] [Kᵀ; I]
-        inputs = torch.cat([x[:, Td:] - b[:, Td:] @ CT, b[:, Td:]], -1)
-        map_in = torch.cat([KT, eye], 0)
     F = (eye - K @ C) @ A
-    # Few large temporaries, written in place where possible: every fresh large array costs
-    # page faults that take as long as the arithmetic here.
-    fm_all = fm.new_empty(N, T, n)
-    fm_all[:, :Td] = fm
-    affine_recurrence(inputs, map_in, F.transpose(-1, -2), m, out=fm_all[:, Td:])
-    # m⁻_t = A m_{t-1} (+ b_t): one product over the flattened (N T, n) array shifted by a row
-    # (row 0 of each sequence, wrongly taken from the previous sequence, is set afterwards).
-    pm = torch.empty_like(fm_all)
-    fm_flat, pm_flat = fm_all.view(N * T, n), pm.view(N * T, n)
-    write_into(pm_flat[1:], torch.mm, fm_flat[:-1], AT)
-    pm[:, 0] = prep.init_mean.expand(batch + (n,)).reshape(N, n)
-    if b is not None:
-        pm[:, 1:] += b[:, 1:]
-    # whitened innovations w_t = L⁻¹ (x_t - C m⁻_t), row form x_t L⁻ᵀ - m⁻_t Cᵀ L⁻ᵀ, and
-    # log-likelihoods -|w_t|²/2 - const. Products with p or n columns are thin and slow; g
-    # consecutive rows are multiplied at once by kron(I_g, M) instead (g times the arithmetic,
-    # the same memory traffic, and an accumulating product that is fast at this width).
-    g = row_group(N * T, max(n, p))
-    kron = lambda M: torch.kron(torch.eye(g, dtype=M.dtype, device=M.device), M)  # noqa: E731
-    w = x.reshape(N * T // g, g * p) @ kron(LT)
-    if tracks_grad(w, pm) or g == 1:
-        w = w - pm.view(N * T // g, g * n) @ kron(CT @ LT)
+    if prep.b is None:
+        z, map_in, direct_pred, direct_w = x.contiguous(), K.mT, None, Linv.mT
+    else:  # inputs z_t = [x_t, b_t]
+        b = prep.b.expand(batch + (T, n)).reshape(N, T, n)
+        z = torch.cat([x, b], -1)
+        map_in = torch.cat([K.mT, (eye - K @ C).mT], 0)
+        direct_pred = torch.cat([torch.zeros(p, n, dtype=dt, device=dev), eye], 0)
+        direct_w = torch.cat([Linv.mT, torch.zeros(n, p, dtype=dt, device=dev)], 0)
+    ops = filter_block_operators(F.mT, A.mT, map_in, direct_pred, direct_w, C.mT @ Linv.mT, blk)
+    (W_m, V_m), (W_pred, V_pred), (W_w, V_w) = ops
+    k = z.shape[-1]
+    grad = tracks_grad(z, W_m, m, fm)
+    z_blocks = _blocks(z, nb, blk)
+    j0 = s // blk  # the first block past the given steps
+    if moments:  # particular solutions (every block from a zero mean), then the block starts
+        fm_all, pm_all = fm.new_empty(N, T, n), fm.new_empty(N, T, n)
+        fm_blocks, pm_blocks = _blocks(fm_all, nb, blk), _blocks(pm_all, nb, blk)
+        _product_into(fm_blocks, z_blocks, W_m)
+        ends = fm_all[:, : nb * blk].view(N, nb, blk * n)[:, :, -n:]
+    else:  # only the particular solutions' block ends are needed: a thin product
+        ends = _product_into(None, z_blocks, W_m[:, -n:]).view(N, nb, n)
+    starts = ll.new_zeros(N, nb, n)
+    starts[:, j0] = m
+    starts[:, j0 + 1 :] = affine_recurrence(ends[:, j0:-1], None, V_m[:, -n:], m)
+    if r and not moments:  # the mean after the last full block, for the tail
+        m_end = torch.addmm(ends[:, -1], starts[:, -1], V_m[:, -n:])
+    flat = starts.view(N * nb, n) if z_blocks.dim() == 2 else starts
+    if moments:
+        _add_product(fm_blocks, flat, V_m)
+        _product_into(pm_blocks, z_blocks, W_pred)
+        _add_product(pm_blocks, flat, V_pred)
+    # Σ_p w² of every step: the whitened innovations are not kept (see _sums_of_squares)
+    sum_p = torch.kron(torch.eye(blk, dtype=dt, device=dev), torch.ones(p, 1, dtype=dt, device=dev))
+    ll_all = ll.new_empty(N, T)
+    if grad:
+        w = _add_product(_product_into(None, z_blocks, W_w), flat, V_w)
+        ll_all[:, : nb * blk] = ((w * w) @ sum_p).reshape(N, nb * blk)
     else:
-        w.addmm_(pm.view(N * T // g, g * n), kron(CT @ LT), alpha=-1)
-    sq = w * w if tracks_grad(w) else w.mul_(w)
-    ll_all = (sq @ kron(torch.ones_like(LT[:, :1]))).view(N, T)  # sums over the p entries
-    ll_all = ll_all.mul_(-0.5).sub_(0.5 * p * _LOG_2PI + half_logdet)
-    ll_all[:, :Td] = ll
-    return fm_all, pm, ll_all
+        _sums_of_squares(ll_all[:, : nb * blk].view(N, nb, blk), z_blocks, flat, W_w, V_w, sum_p)
+    if r:  # the last, shorter block: the leading r blocks of the operators, from the last mean
+        z_tail = z[:, nb * blk :].reshape(N, r * k)
+        if moments:
+            m_end = fm_all[:, nb * blk - 1].clone()  # (a copy: fm_all is written next)
+        tail = lambda W, V, w_out: torch.addmm(  # noqa: E731
+            z_tail @ W[: r * k, : r * w_out], m_end, V[:, : r * w_out])
+        if moments:
+            fm_all[:, nb * blk :] = tail(W_m, V_m, n).view(N, r, n)
+            pm_all[:, nb * blk :] = tail(W_pred, V_pred, n).view(N, r, n)
+        ll_all[:, nb * blk :] = tail(W_w, V_w, p).view(N, r, p).pow(2).sum(-1)
+    ll_all = ll_all.mul(-0.5) if grad else ll_all.mul_(-0.5)
+    ll_all = ll_all.sub_(0.5 * p * _LOG_2PI + half_logdet)
+    ll_all[:, :s] = ll
+    if not moments:
+        return None, None, ll_all
+    fm_all[:, :s], pm_all[:, :s] = fm, pm
+    return fm_all, pm_all, ll_all
+
+
+def _sums_of_squares(out, z_blocks, starts, W_w, V_w, sum_p, chunk_bytes=1 << 19):
+    """``out (N, nb, blk)`` = the sums over entries of ``w²``, ``w = z W_w + starts V_w`` per
+    block (no autograd), in chunks of rows of about ``chunk_bytes`` through one reused buffer:
+    the whitened innovations are as large as x, and a fresh array of that size costs about as
+    much in page faults (first touches) as the arithmetic, and leaves the cache."""
+    N, nb, blk = out.shape
+    width = W_w.shape[1]
+    rows = max(1, chunk_bytes // (width * z_blocks.element_size()))
+    if z_blocks.dim() == 2:  # (N nb, blk k): chunks of block rows
+        flat_out = out.view(N * nb, blk)
+        buf = z_blocks.new_empty(min(rows, N * nb), width)
+        for i in range(0, N * nb, rows):
+            j = min(i + rows, N * nb)
+            w = torch.mm(z_blocks[i:j], W_w, out=buf[: j - i])
+            w.addmm_(starts[i:j], V_w)
+            torch.mm(w.mul_(w), sum_p, out=flat_out[i:j])
+        return out
+    per = max(1, rows // nb)  # (N, nb, blk k) strided: chunks of sequences
+    for i in range(0, N, per):
+        j = min(i + per, N)
+        w = torch.bmm(z_blocks[i:j], W_w.expand(j - i, *W_w.shape))
+        w.baddbmm_(starts[i:j], V_w.expand(j - i, *V_w.shape))
+        out[i:j] = w.mul_(w) @ sum_p
+    return out
+
+
+def _blocks(v, nb, blk):
+    """The full blocks of ``v (N, T, d)`` (contiguous): a ``(N nb, blk d)`` view when they
+    tile it (``T = nb blk``), else a strided ``(N, nb, blk d)`` view."""
+    N, T, d = v.shape
+    if T == nb * blk:
+        return v.view(N * nb, blk * d)
+    return v[:, : nb * blk].view(N, nb, blk * d)
+
+
+def _product_into(out, a, W):
+    """``a @ W`` for a 2-D or 3-D (batched) ``a``, written into ``out`` (None: a new
+    tensor), straight into it when autograd is not recording."""
+    if a.dim() == 2:
+        op, args = torch.mm, (a, W)
+    else:
+        op, args = torch.bmm, (a, W.expand(a.shape[0], *W.shape))
+    return op(*args) if out is None else write_into(out, op, *args)
+
+
+def _add_product(out, a, W):
+    """``out += a @ W`` in place (2-D or batched)."""
+    if out.dim() == 2:
+        return out.addmm_(a, W)
+    return out.baddbmm_(a, W.expand(a.shape[0], *W.shape))
 
 
 def missing_filter(prep):

@@ -54,7 +54,7 @@ import scipy.optimize
 import torch
 
 from ._univariate import univariate_log_likelihood, whitened_log_likelihood
-from .inference import kalman_filter
+from .inference import kalman_filter, kalman_log_likelihood
 from .initial import diffuse_covariance, stationary_covariance
 from .results import MLEResults, standardized_residuals
 
@@ -353,9 +353,10 @@ def _from_natural_vector(vec, blocks):
 def burned_log_likelihood(spec, values, x, burn):
     """Σ over sequences and steps t ≥ burn of log p(x_t | x_{<t}) at natural ``values``."""
     m, xx = spec.system(values, x)
-    res = kalman_filter(xx, m["A"], m["C"], m["Q"], m["R"], m["init_mean"], m["init_cov"],
-                        validate=False, transition_offset=m.get("transition_offset"))
-    return res.step_log_likelihoods[..., burn:].sum()
+    steps = kalman_log_likelihood(xx, m["A"], m["C"], m["Q"], m["R"], m["init_mean"],
+                                  m["init_cov"], validate=False, per_step=True,
+                                  transition_offset=m.get("transition_offset"))
+    return steps[..., burn:].sum()
 
 
 def fit_spec(spec, x, burn=0, start="auto", max_iter=500, gtol=1e-6, ftol=1e-12):

@@ -22,7 +22,7 @@ from pyro.nn import PyroModule, PyroParam
 
 from ..forecast import Forecast, sequence_lengths
 from .distributions import LinearGaussianChain, LinearGaussianObservations
-from .inference import kalman_filter, kalman_smoother
+from .inference import kalman_filter, kalman_log_likelihood, kalman_smoother
 from .initial import DIFFUSE_VARIANCE, INIT_OPTIONS, diffuse_covariance, stationary_covariance
 from .sampling import forecast_moments, sample_lgssm, sample_posterior
 
@@ -349,8 +349,9 @@ class LinearGaussianSSM(PyroModule):
     def log_prob(self, x, mask=None, *, transition_offset=None, observation_offset=None):
         """Exact log p(x) of each sequence, shape ``x.shape[:-2]`` (offsets as in
         :meth:`filter`)."""
-        return self.filter(x, mask, transition_offset=transition_offset,
-                           observation_offset=observation_offset).log_likelihood
+        return kalman_log_likelihood(self._check_x(x), *self.matrices().values(), mask,
+                                     transition_offset=transition_offset,
+                                     observation_offset=observation_offset)
 
     # ------------------------------------------------------------------ generation
     def sample(self, num_steps, num_samples=1, generator=None):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lgssm_oracles import assert_rel_close, random_system
 
-from pyrossm.lgssm import _recurrence, _steps, kalman_filter
+from pyrossm.lgssm import _recurrence, _steps, kalman_filter, kalman_log_likelihood
 
 ARGS = ("x", "A", "C", "Q", "R", "init_mean", "init_cov")
 
@@ -28,8 +28,9 @@ def _loop(inputs, map_in, FT, m):
 @pytest.mark.parametrize("steps", [0, 1, 16, 24, 25, 31, 200, 1001])
 @pytest.mark.parametrize("strided", [False, True])
 def test_affine_recurrence_equals_a_loop(steps, strided):
-    """Every step count (tails, one level, several levels; 1001 steps take three), with an
-    input map of another width than the state, into a fresh array or a strided view."""
+    """Every step count (padding of the last block, one level, several levels; 1001 steps
+    take three), with an input map of another width than the state or none, from a
+    contiguous array or a strided view over time (which is left as it was)."""
     g = torch.Generator().manual_seed(steps)
     N, n, k, skip = 3, 3, 5, 7
     d = dict(dtype=torch.float64)
@@ -39,27 +40,31 @@ def test_affine_recurrence_equals_a_loop(steps, strided):
     m = torch.randn(N, n, generator=g, **d)
     full = torch.randn(N, skip + steps, k, generator=g, **d)
     inputs = full[:, skip:] if strided else full[:, skip:].contiguous()
-    ref = _loop(inputs, map_in, FT, m)
-    if strided:
-        buf = torch.full((N, skip + steps, n), float("nan"), **d)
-        got = _recurrence.affine_recurrence(inputs, map_in, FT, m, out=buf[:, skip:])
-        assert got.data_ptr() == buf[:, skip:].data_ptr()
-        assert torch.isnan(buf[:, :skip]).all()  # nothing written before the view
-    else:
-        got = _recurrence.affine_recurrence(inputs, map_in, FT, m)
+    before = full.clone()
+    got = _recurrence.affine_recurrence(inputs, map_in, FT, m)
     assert got.shape == (N, steps, n)
+    torch.testing.assert_close(got, _loop(inputs, map_in, FT, m), rtol=1e-12, atol=1e-12)
+    assert torch.equal(full, before)
+    u = inputs[..., :n]
+    got = _recurrence.affine_recurrence(u, None, FT, m)
+    ref = _loop(u, torch.eye(n, **d), FT, m)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("offsets", [False, True])
-def test_steady_means_and_gradients_equal_full_recursion(offsets, monkeypatch):
-    """The steady-state path (T = 300, fixed point after a few dozen steps) gives the full
+@pytest.mark.parametrize("T", [296, 300, 307])
+def test_steady_means_and_gradients_equal_full_recursion(offsets, T, monkeypatch):
+    """The steady-state path (fixed point after a few dozen steps) gives the full
     recursion's log-likelihoods, moments and gradients w.r.t. x, A, C, R and the offsets, in
-    float64, with transition and observation offsets or without."""
-    s = random_system(3, 2, 300, seed=5, batch=(4,))
+    float64, with transition and observation offsets or without. T = 296 and 300 take blocks
+    of 8 and 10 steps that tile the series (one product over all sequences); 307 (prime)
+    takes blocks of 8 as strided views and a last block of 3 steps."""
+    assert _recurrence.block_length(296) == 8 and _recurrence.block_length(300) == 10
+    assert 307 % _recurrence.block_length(307)
+    s = random_system(3, 2, T, seed=5, batch=(4,))
     g = torch.Generator().manual_seed(1)
-    b = torch.randn(4, 300, 3, generator=g, dtype=torch.float64) if offsets else None
-    dd = torch.randn(300, 2, generator=g, dtype=torch.float64) if offsets else None
+    b = torch.randn(4, T, 3, generator=g, dtype=torch.float64) if offsets else None
+    dd = torch.randn(T, 2, generator=g, dtype=torch.float64) if offsets else None
 
     def run():
         leaves = {k: s[k].clone().requires_grad_() for k in ("x", "A", "C", "R")}
@@ -82,10 +87,15 @@ def test_steady_means_and_gradients_equal_full_recursion(offsets, monkeypatch):
     )
     fast, g_fast = run()
     assert calls[-1][-1] is not None  # the shortcut was taken
+    assert calls[-1][-1] < T - 3 * _recurrence.block_length(T)  # and the blocks were used
+    ll_only = kalman_log_likelihood(*[s[k] for k in ARGS], per_step=True,
+                                    **({} if b is None else dict(transition_offset=b,
+                                                                 observation_offset=dd)))
     monkeypatch.setattr(_steps, "STEADY_STATE", False)
     full, g_full = run()
     for key in fast._fields:
         assert_rel_close(getattr(fast, key), getattr(full, key), 1e-11, key)
+    assert_rel_close(ll_only, full.step_log_likelihoods, 1e-11, "kalman_log_likelihood")
     for a, c in zip(g_fast, g_full):
         assert_rel_close(a, c, 1e-9, "gradient")
 
@@ -128,3 +138,27 @@ def test_varying_affine_recurrence_equals_a_loop(steps):
         g1, = torch.autograd.grad((got * w).sum(), FT)
         g2, = torch.autograd.grad((ref * w).sum(), FT)
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("T", [296, 307])
+def test_log_likelihood_only_values_and_gradients(T):
+    """``kalman_log_likelihood`` (no means written past the fixed point: block ends and
+    innovations only) equals ``kalman_filter``'s log-likelihood, with gradients w.r.t. x, A,
+    C, Q and R, in float64; and without autograd (products written in place) too."""
+    s = random_system(3, 2, T, seed=11, batch=(2, 3))
+
+    def grads(fn):
+        leaves = {k: s[k].clone().requires_grad_() for k in ("x", "A", "C", "Q", "R")}
+        ll = fn(*[leaves.get(k, s[k]) for k in ARGS])
+        return ll, torch.autograd.grad(ll.sum(), list(leaves.values()))
+
+    ll, g_ll = grads(kalman_log_likelihood)
+    ref, g_ref = grads(lambda *a: kalman_filter(*a).log_likelihood)
+    assert ll.shape == (2, 3)
+    assert_rel_close(ll, ref, 1e-12, "log-likelihood")
+    for a, c in zip(g_ll, g_ref):
+        assert_rel_close(a, c, 1e-10, "gradient")
+    with torch.no_grad():
+        assert_rel_close(kalman_log_likelihood(*[s[k] for k in ARGS]), ref, 1e-12, "no_grad")
+    with pytest.raises(TypeError, match="per_step"):
+        kalman_log_likelihood(*[s[k] for k in ARGS], per_step=1)
