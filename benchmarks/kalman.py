@@ -270,6 +270,7 @@ def machine():
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 xla_flags=os.environ.get("XLA_FLAGS"),
+                thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE"),
                 affinity=sorted(os.sched_getaffinity(0))
                 if hasattr(os, "sched_getaffinity") else None,
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
