@@ -10,10 +10,12 @@ Two paths:
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
   over the covariance part only (O(log T) depth, no data). The means are then a linear
-  recurrence with known gains, solved in blocks of 8 steps (one batched product for all
-  blocks, recursively on the block starts; :mod:`pyrossm.lgssm._recurrence`) and after the
-  fixed point written straight into the output; the predicted means and the
-  log-likelihoods are computed for all steps at once.
+  recurrence with known gains, solved in blocks of about 8 steps (:mod:`pyrossm.lgssm._recurrence`).
+  After the fixed point the blocks are aligned with t = 0, so that the filtered means, the
+  predicted means and the whitened innovations of every block of every sequence are each
+  one product of the blocks' inputs plus one of the means before the blocks (those solve the
+  same recurrence, recursively); without moments
+  (:func:`pyrossm.lgssm.kalman_log_likelihood`) the means are never written.
 * **per-sequence covariances** (missing entries): one lean step per time point over the whole
   batch; an unobserved entry has its row of C zeroed, its row/column of R replaced by the
   identity and its innovation set to 0 (its N(0; 0, 1) factor is removed afterwards).
