@@ -104,9 +104,8 @@ def filter_block_operators(FT, AT, map_in, direct_pred, direct_w, CWT, blk):
     lower-triangular), so their leading ``r`` blocks are the operators of ``r`` steps."""
     n = FT.shape[-1]
     W, V = _block_operators(FT.transpose(-1, -2), blk)
-    eye_blk = torch.eye(blk, dtype=FT.dtype, device=FT.device)
-    # (kron's backward fails on a transposed view: contiguous)
-    kron = lambda M: torch.kron(eye_blk, M.contiguous())  # noqa: E731
+    # I_blk ⊗ M (torch.kron fails on some views, e.g. a transposed (1, k) matrix)
+    kron = lambda M: torch.block_diag(*[M] * blk)  # noqa: E731
     W_m = kron(map_in) @ W
     # m_{t-1} over the block: the filtered means shifted one step, m_0 first
     W_prev = torch.cat([torch.zeros_like(W_m[:, :n]), W_m[:, :-n]], 1)

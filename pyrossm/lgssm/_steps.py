@@ -386,7 +386,7 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, pm, ll, m, blk, moments
         _product_into(pm_blocks, z_blocks, W_pred)
         _add_product(pm_blocks, flat, V_pred)
     # Σ_p w² of every step: the whitened innovations are not kept (see _sums_of_squares)
-    sum_p = torch.kron(torch.eye(blk, dtype=dt, device=dev), torch.ones(p, 1, dtype=dt, device=dev))
+    sum_p = torch.block_diag(*[torch.ones(p, 1, dtype=dt, device=dev)] * blk)  # I_blk ⊗ 1_p
     ll_all = ll.new_empty(N, T)
     if grad:
         w = _add_product(_product_into(None, z_blocks, W_w), flat, V_w)

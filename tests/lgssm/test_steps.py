@@ -162,3 +162,54 @@ def test_log_likelihood_only_values_and_gradients(T):
         assert_rel_close(kalman_log_likelihood(*[s[k] for k in ARGS]), ref, 1e-12, "no_grad")
     with pytest.raises(TypeError, match="per_step"):
         kalman_log_likelihood(*[s[k] for k in ARGS], per_step=1)
+
+
+@pytest.mark.parametrize("n,p", [(1, 1), (1, 2), (2, 1), (3, 2)])
+@pytest.mark.parametrize("T", [64, 133])
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_steady_path_every_dimension_and_batch(n, p, T, batch, monkeypatch):
+    """The block path for state and observation dims of 1 (transposed 1-wide matrices once
+    broke ``torch.kron``), no batch or two batch dims, T = 64 (blocks of 8 tiling it) and 133
+    (strided blocks and a tail), transition offsets with their own batch: every output of
+    ``kalman_filter`` and ``kalman_log_likelihood`` equals the full recursion in float64."""
+    s = random_system(n, p, T, seed=T + 10 * n + p, batch=batch)
+    g = torch.Generator().manual_seed(T)
+    offset = torch.randn(*(batch[-1:] + (T, n)), generator=g, dtype=torch.float64)
+    args = [s[k] for k in ARGS]
+    fast = kalman_filter(*args, transition_offset=offset)
+    ll = kalman_log_likelihood(*args, transition_offset=offset)
+    monkeypatch.setattr(_steps, "STEADY_STATE", False)
+    full = kalman_filter(*args, transition_offset=offset)
+    for key in fast._fields:
+        assert_rel_close(getattr(fast, key), getattr(full, key), 1e-9, key)
+    assert_rel_close(ll, full.log_likelihood, 1e-11, "kalman_log_likelihood")
+
+
+@pytest.mark.parametrize("n,p,k", [(1, 2, 2), (3, 2, 2), (2, 1, 3)])
+def test_filter_block_operators_equal_a_loop(n, p, k):
+    """The block operators give the filtered means, predicted means and whitened innovations
+    of a block of steps, and their leading rows those of a shorter block; the matrices are
+    passed as transposed views (a (1, k) matrix transposed once broke ``torch.kron``)."""
+    g = torch.Generator().manual_seed(10 * n + p)
+    d = dict(dtype=torch.float64)
+    mat = lambda r, c: torch.randn(c, r, generator=g, **d).mT  # noqa: E731 (a transposed view)
+    FT, AT, map_in, direct_pred, direct_w, CWT = (mat(n, n), mat(n, n), mat(k, n), mat(k, n),
+                                                  mat(k, p), mat(n, p))
+    blk, N = 5, 3
+    ops = _recurrence.filter_block_operators(FT, AT, map_in, direct_pred, direct_w, CWT, blk)
+    z = torch.randn(N, blk, k, generator=g, **d)
+    m = torch.randn(N, n, generator=g, **d)
+    fm, pm, w = [], [], []
+    cur = m
+    for t in range(blk):
+        pred = cur @ AT + z[:, t] @ direct_pred
+        w.append(z[:, t] @ direct_w - pred @ CWT)
+        cur = cur @ FT + z[:, t] @ map_in
+        fm.append(cur)
+        pm.append(pred)
+    for (W, V), ref in zip(ops, (fm, pm, w)):
+        ref = torch.stack(ref, 1).reshape(N, -1)
+        torch.testing.assert_close(z.reshape(N, -1) @ W + m @ V, ref, rtol=1e-12, atol=1e-12)
+        r, width = 2, ref.shape[1] // blk  # the leading blocks: a block of r steps
+        short = z[:, :r].reshape(N, -1) @ W[: r * k, : r * width] + m @ V[:, : r * width]
+        torch.testing.assert_close(short, ref[:, : r * width], rtol=1e-12, atol=1e-12)
