@@ -28,6 +28,8 @@ with O(log T) depth (``parallel=True``). Without missing data the sequential fil
 parameters it stops at the Riccati fixed point only when that is reached to rounding (a
 contraction test, not a tolerance on consecutive steps), and covariances of long series that do
 not converge quickly come from the associative scan (see :mod:`pyrossm.lgssm._steps`).
+When only log p(x) is wanted (a likelihood for MLE, a Pyro factor), :func:`kalman_log_likelihood`
+returns the same numbers without the moments: past the fixed point it never writes the means.
 With missing entries and time-invariant parameters, long series are cut into chunks filtered
 as one batch, each started early from the prior and accepted only when its covariance has
 met the previous chunk's to a few ulps (the Riccati map forgets its start); the means are
