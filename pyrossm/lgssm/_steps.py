@@ -365,7 +365,7 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, pm, ll, m, blk, moments
     ops = filter_block_operators(F.mT, A.mT, map_in, direct_pred, direct_w, C.mT @ Linv.mT, blk)
     (W_m, V_m), (W_pred, V_pred), (W_w, V_w) = ops
     k = z.shape[-1]
-    grad = tracks_grad(z, W_m, m, fm)
+    grad = tracks_grad(z, m, fm, ll, W_m, W_pred, W_w)  # in-place products only without it
     z_blocks = _blocks(z, nb, blk)
     j0 = s // blk  # the first block past the given steps
     if moments:  # particular solutions (every block from a zero mean), then the block starts
