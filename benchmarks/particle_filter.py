@@ -207,7 +207,8 @@ def _train_and_score(args, objective, init_seed, x_train, x_test):
                batch_size=args.batch_size, lr=lr, num_particles=k,
                objective="fivo" if objective.startswith("fivo") else objective,
                guide_objective=guide_objective, seed=init_seed, progress=False, device="cpu",
-               max_seconds=budget, annealing=annealing)
+               max_seconds=budget, annealing=annealing,
+               resample_every=args.resample_every if objective.startswith("fivo") else 1)
     seconds = time.perf_counter() - t0
     steps = x_test.shape[0] * x_test.shape[1]
     pyro.set_rng_seed(args.seed + 10)
@@ -221,6 +222,7 @@ def _train_and_score(args, objective, init_seed, x_train, x_test):
     x_fit = x_train[: x_test.shape[0]]
     boot_train = smc_log_likelihood(model, x_fit, num_particles=args.eval_particles)
     r = dict(objective=objective, init_seed=init_seed, particles=k, train_seconds=seconds,
+             resample_every=args.resample_every if objective.startswith("fivo") else 1,
              pretrain_seconds=pre[2] if pre else 0.0, pretrain_epochs=pre[3] if pre else 0,
              epochs=len(hist.records),
              final_train_objective_per_step=-hist["train_neg_elbo_per_step"][-1],
@@ -296,6 +298,9 @@ def main(argv=None):
     f.add_argument("--k", type=int, default=4, help="particles of both objectives")
     f.add_argument("--fivo-k", type=int, default=None,
                    help="particles of the FIVO arms (default: --k)")
+    f.add_argument("--resample-every", type=int, default=1,
+                   help="FIVO arms: consider resampling every k steps only (the model is then "
+                        "evaluated once per block of k steps: a cheaper step)")
     f.add_argument("--elbo-annealing", type=float, default=None,
                    help="ELBO run only: KL annealing linear from this beta to 1 over --epochs "
                         "optimisation steps (pyrossm's usual recipe against posterior collapse)")

@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from .proposals import as_proposal, as_state_space
+from .proposals import Gaussian, as_proposal, as_state_space, cat_states
 
 __all__ = ["RESAMPLING", "ParticleFilterResult", "particle_filter", "resample"]
 
@@ -125,7 +125,7 @@ def _check(x, mask, num_particles, ess_threshold, resampling):
 
 def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
                     resampling: str = "systematic", ess_threshold: float = 0.5,
-                    moments: bool = True) -> ParticleFilterResult:
+                    moments: bool = True, resample_every: int = 1) -> ParticleFilterResult:
     """Bootstrap (``guide=None``) or guided particle filter; see the module docstring.
 
     Args:
@@ -141,11 +141,24 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
             never — sequential importance sampling).
         moments: compute ``filtered_means`` / ``filtered_scales`` (False: empty ``(B, T, 0)``
             tensors, a little faster when only the log-likelihood is needed, e.g. in training).
+        resample_every: ``k``: with a guide, resampling is considered only after steps
+            ``k - 1, 2k - 1, ...`` (still when the ESS is below the threshold). Within a block
+            of ``k`` steps only the proposal runs step by step; the model's transition and
+            emission densities of the block are then one batched call each (about 2.5x fewer
+            network calls for a DMM at ``k = 5``). Still an unbiased estimate of ``p(x)``.
+            Blocks need every step observed: with ``mask`` False anywhere (padding), or
+            without a guide, the filter runs step by step.
 
     Returns a :class:`ParticleFilterResult`; gradients flow through ``log_likelihood``.
     """
     _check(x, mask, num_particles, ess_threshold, resampling)
+    if not isinstance(resample_every, int) or isinstance(resample_every, bool) \
+            or resample_every < 1:
+        raise ValueError(f"resample_every: expected a positive integer, got {resample_every!r}")
     ssm, proposal = as_state_space(model), as_proposal(guide)
+    if resample_every > 1 and proposal is not None and (mask is None or bool(mask.all())):
+        return _blocked_filter(ssm, proposal, x, num_particles, resampling, ess_threshold,
+                               moments, resample_every)
     B, T = x.shape[:2]
     N = num_particles
     ssm.start(x, mask, N)
@@ -216,3 +229,96 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
     return ParticleFilterResult(step_ll.sum(-1), step_ll, torch.stack(means, 1),
                                 torch.stack(scales, 1), torch.stack(ess_all, -1),
                                 torch.stack(res_all, -1), kl)
+
+
+def _blocked_filter(ssm, proposal, x, N, resampling, ess_threshold, moments, k):
+    """The guided filter with resampling considered every ``k`` steps (``resample_every``):
+    between resampling points the ancestry is fixed, so the proposal is run step by step and
+    the block's transition and emission log-densities are computed afterwards in one call each.
+    The weights of the steps inside a block are the running sums of the block's increments."""
+    B, T = x.shape[:2]
+    ssm.start(x, None, N)
+    proposal.start(x, None, N)
+    z_prev = proposal.initial()
+    state = ssm.initial_state()
+    base = torch.arange(B, device=x.device).unsqueeze(-1) * N
+    log_n = math.log(N)
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    lw = torch.full((B, N), -log_n, dtype=dtype, device=x.device)
+    step_ll, means, scales, ess_all, res_all = [], [], [], [], []
+    kl = lw.new_zeros(B)
+    for t0 in range(0, T, k):
+        t1 = min(T, t0 + k)
+        states, zs, qs = [], [], []
+        for t in range(t0, t1):
+            q = proposal.step(t, z_prev)
+            z = q.rsample()
+            qs.append(q)
+            states.append(state)
+            zs.append(z)
+            state = ssm.advance(state, z)
+            z_prev = z
+        kb = t1 - t0
+        z_block = torch.stack(zs)  # (kb, B N, D)
+        if states[0] is None:  # a model without a state before the first step (LGSSM)
+            log_p = [ssm.transition(None).log_prob(zs[0])]
+            if kb > 1:
+                rest = ssm.transition(cat_states(states[1:], B * N))
+                log_p.append(rest.log_prob(z_block[1:].reshape((kb - 1) * B * N, -1)))
+            log_p = torch.cat(log_p)
+        else:
+            prior = ssm.transition(cat_states(states, B * N))
+            log_p = prior.log_prob(z_block.reshape(kb * B * N, -1))
+        log_p = log_p.reshape(kb, B, N)
+        log_q = _block_log_prob(qs, z_block).reshape(kb, B, N)
+        alpha = (log_p + ssm.emission_log_prob_block(t0, z_block) - log_q).to(dtype)
+        kl = kl + (log_q - log_p).detach().mean(-1).sum(0)
+        unnorm = lw + alpha.cumsum(0)  # (kb, B, N): the weights after each step, unnormalised
+        lse = torch.logsumexp(unnorm, -1)  # (kb, B); logsumexp(lw) = 0
+        step_ll.append(lse - torch.cat([lse.new_zeros(1, B), lse[:-1]]))
+        lw = unnorm[-1] - lse[-1].unsqueeze(-1)
+        w = (unnorm - lse.unsqueeze(-1)).detach().exp()  # (kb, B, N)
+        if moments:
+            zb = z_block.detach().reshape(kb, B, N, -1).to(dtype)
+            mean = (w.unsqueeze(-1) * zb).sum(2)
+            var = (w.unsqueeze(-1) * (zb - mean.unsqueeze(2)).pow(2)).sum(2)
+        else:
+            mean = var = w.new_zeros(kb, B, 0)
+        means.append(mean)
+        scales.append(var.clamp_min(0).sqrt())
+        ess = 1.0 / w.pow(2).sum(-1)  # (kb, B)
+        ess_all.append(ess)
+        need = ess[-1] < ess_threshold * N if ess_threshold < 1.0 else torch.ones_like(ess[-1],
+                                                                                       dtype=bool)
+        if t1 == T:
+            need = torch.zeros_like(need)
+        flags = torch.zeros(kb, B, dtype=torch.bool, device=x.device)
+        flags[-1] = need
+        res_all.append(flags)
+        if bool(need.any()):
+            ancestors = resample(lw, resampling)
+            keep = torch.arange(N, device=x.device).expand(B, N)
+            ancestors = torch.where(need.unsqueeze(-1), ancestors, keep)
+            index = (ancestors + base).reshape(-1)
+            state = ssm.gather(state, index)
+            z_prev = z_prev.index_select(0, index)
+            lw = torch.where(need.unsqueeze(-1), lw.new_full((), -log_n), lw.gather(1, ancestors))
+    step_ll = torch.cat(step_ll).t()  # (B, T)
+    cat_bt = lambda parts: torch.cat(parts).transpose(0, 1)  # noqa: E731  (T, B, ...) -> (B, T, ...)
+    return ParticleFilterResult(step_ll.sum(-1), step_ll, cat_bt(means), cat_bt(scales),
+                                cat_bt(ess_all), cat_bt(res_all), kl)
+
+
+def _block_log_prob(qs, z_block):
+    """``q_j.log_prob(z_j)`` of every step of a block, ``(k, rows)``: one call over the stacked
+    parameters when the proposals are :class:`Gaussian` s of one kind (a shared 2-D ``tril``
+    factor stays shared), else one call per step."""
+    first = qs[0]
+    if all(type(q) is Gaussian and q.tril == first.tril for q in qs):
+        shared = first.tril and first.scale.dim() == 2 and all(q.scale is first.scale for q in qs)
+        scale = first.scale if shared else torch.stack([q.scale for q in qs])
+        if first.tril and first.scale.dim() == 2 and not shared:  # one factor per step
+            scale = scale.unsqueeze(-3)
+        loc = torch.stack([q.loc for q in qs])
+        return Gaussian(loc, scale, tril=first.tril).log_prob(z_block)
+    return torch.stack([q.log_prob(z) for q, z in zip(qs, z_block)])

@@ -97,6 +97,24 @@ class StateSpace:
     def gather(self, state, index):
         return _gather_tree(state, index)
 
+    def emission_log_prob_block(self, t0, z_block):
+        """``emission_log_prob`` of steps ``t0 .. t0 + k - 1`` at once: ``z_block (k, B * N,
+        D)`` → ``(k, B, N)``. Override with one batched call where the emission allows."""
+        return torch.stack([self.emission_log_prob(t0 + j, z) for j, z in enumerate(z_block)])
+
+
+def cat_states(states, rows):
+    """The states of several steps (each with ``rows`` particle rows) as one state with their
+    rows one after the other, for one batched :meth:`StateSpace.transition` call (rows at
+    dim 0, or dim 1 for an RNN's ``(layers, rows, hidden)`` state, as :func:`_gather_tree`)."""
+    first = states[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(cat_states(list(parts), rows) for parts in zip(*states))
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"state: cannot batch a state of type {type(first).__name__}")
+    dim = 1 if first.dim() == 3 and first.shape[1] == rows and first.shape[0] != rows else 0
+    return torch.cat(states, dim)
+
 
 def _gather_tree(state, index):
     """Reorder the rows of every tensor in ``state`` (rows at dim 0, or dim 1 for an RNN's
@@ -198,6 +216,17 @@ class _ProtocolStateSpace(StateSpace):
         lp = dist.log_prob(value.expand(dist.batch_shape))
         lp = torch.where(obs, lp, lp.new_zeros(()))
         return lp.sum(-1) if lp.dim() == 3 else lp
+
+    def emission_log_prob_block(self, t0, z_block):
+        k, B, N = z_block.shape[0], self.B, self.N
+        z = z_block.reshape(k, B, N, -1).transpose(0, 1)  # (B, k, N, D)
+        dist = self.model.emission(z)
+        value = self.value[:, t0 : t0 + k].unsqueeze(2)  # (B, k, 1, ...)
+        obs = self.observed[:, t0 : t0 + k].unsqueeze(2)
+        lp = dist.log_prob(value.expand(dist.batch_shape))
+        lp = torch.where(obs, lp, lp.new_zeros(()))
+        lp = lp.sum(-1) if lp.dim() == 4 else lp  # (B, k, N)
+        return lp.transpose(0, 1)
 
 
 def as_state_space(model) -> StateSpace:

@@ -121,6 +121,7 @@ class FitConfig:
     chunk_length: object = None
     objective: str = "elbo"
     guide_objective: object = None
+    resample_every: int = 1
 
     def check(self, has_val_data: bool) -> "FitConfig":
         """Raise ``ValueError`` naming the first invalid option; returns ``self``."""
@@ -129,7 +130,8 @@ class FitConfig:
         if self.guide_objective not in (None, self.objective, "elbo"):
             raise ValueError(f"guide_objective: expected None, {self.objective!r} or 'elbo', "
                              f"got {self.guide_objective!r}")
-        for name in ("epochs", "batch_size", "num_particles", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "num_particles", "checkpoint_every",
+                     "resample_every"):
             _positive_int(name, getattr(self, name))
         lr = self.lr
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
@@ -205,6 +207,7 @@ def fit(
     chunk_length=None,
     objective: str = "elbo",
     guide_objective=None,
+    resample_every: int = 1,
 ) -> History:
     """Train ``model`` and ``guide`` by SVI; returns the :class:`History`.
 
@@ -277,6 +280,9 @@ def fit(
         ``objective="fivo"``, the model's gradients come from FIVO and the guide's (the
         proposal's) from the one-particle ELBO, as Le et al. (2018) recommend for learning
         proposals (one more forward pass per step).
+    :param resample_every: with ``objective="fivo"``: consider resampling every ``k`` steps
+        only; the model is then evaluated once per block of ``k`` steps, a cheaper training
+        step (see :func:`~pyrossm.filters.particle_filter`).
     """
     args = locals()
     options = {f.name: args[f.name] for f in fields(FitConfig)}

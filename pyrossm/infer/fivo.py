@@ -66,7 +66,8 @@ class FIVOObjective(NamedTuple):
 
 
 def fivo_objective(model, guide, x, mask=None, num_particles: int = 4,
-                   resampling: str = "systematic", ess_threshold: float = 0.5) -> FIVOObjective:
+                   resampling: str = "systematic", ess_threshold: float = 0.5,
+                   resample_every: int = 1) -> FIVOObjective:
     """FIVO / AESMC objective of the batch ``x`` (see the module docstring).
 
     :param model: ``DeepMarkovModel``, ``LSTMStateSpaceModel`` or ``LinearGaussianSSM`` (or a
@@ -75,8 +76,9 @@ def fivo_objective(model, guide, x, mask=None, num_particles: int = 4,
         :class:`pyrossm.filters.Proposal`, or None (bootstrap: only the model is trained).
     :param x: ``(batch, time, obs_dim)``, time at dim -2, NaN = missing; ``mask`` ``(batch,
         time)`` bool, False = padding.
-    :param num_particles: ``K``; ``resampling``, ``ess_threshold``: as in
-        :func:`~pyrossm.filters.particle_filter`.
+    :param num_particles: ``K``; ``resampling``, ``ess_threshold``, ``resample_every``: as
+        in :func:`~pyrossm.filters.particle_filter` (``resample_every=k`` considers resampling
+        every ``k`` steps only, and evaluates the model once per block: a cheaper step).
 
     The value of ``-surrogate`` equals ``particle_filter(...).log_likelihood.sum()`` for the
     same random numbers.
@@ -88,7 +90,8 @@ def fivo_objective(model, guide, x, mask=None, num_particles: int = 4,
     if isinstance(getattr(guide, "__self__", None), torch.nn.Module):  # a bound method
         proposal = guide.__self__
     res = particle_filter(module, x, mask=mask, num_particles=num_particles, guide=proposal,
-                          resampling=resampling, ess_threshold=ess_threshold, moments=False)
+                          resampling=resampling, ess_threshold=ess_threshold, moments=False,
+                          resample_every=resample_every)
     surrogate = -res.log_likelihood.sum()
     loss = surrogate.detach()
     return FIVOObjective(surrogate, loss, loss, res.kl.sum(), res.log_likelihood)

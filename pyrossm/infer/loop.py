@@ -56,7 +56,7 @@ __all__ = ["StepResult", "Trainer", "step_objective"]
 
 
 def step_objective(objective, model, guide, x, mask, num_particles, beta, free_bits,
-                   free_bits_per, guide_objective=None):
+                   free_bits_per, guide_objective=None, resample_every=1):
     """The objective of one optimisation step -- the one place ``fit`` computes it.
 
     Returns ``(traces, objective)``: the ``(model_trace, guide_trace)`` (used for diagnostics;
@@ -65,7 +65,8 @@ def step_objective(objective, model, guide, x, mask, num_particles, beta, free_b
     objective plugs in here by returning the same two things.
     """
     if objective == "fivo":  # pyrossm.infer.fivo: the SMC bound
-        fivo = fivo_objective(model, guide, x, mask, num_particles)
+        fivo = fivo_objective(model, guide, x, mask, num_particles,
+                              resample_every=resample_every)
         if guide_objective != "elbo":
             return None, fivo
         return _fivo_model_elbo_guide(fivo, model, guide, x, mask)
@@ -252,7 +253,8 @@ class Trainer:
             try:
                 traces, obj = step_objective(cfg.objective, self.model, self.guide, x, mask,
                                              cfg.num_particles, beta, cfg.free_bits,
-                                             cfg.free_bits_per, cfg.guide_objective)
+                                             cfg.free_bits_per, cfg.guide_objective,
+                                             cfg.resample_every)
                 value, neg_elbo, kl = torch.stack(
                     [torch.as_tensor(obj.loss), obj.neg_elbo, obj.kl]).tolist()
             except ValueError as e:
