@@ -196,7 +196,10 @@ def shared_covariances(prep, T, batch_shape, allow_steady=True):
     ``T_distinct`` (``T``, or the step of the fixed point: later steps equal the last one).
     """
     check = allow_steady and not any(prep.tv.values())
-    pred, filt, gains, chols, t_steady = riccati_sequential(prep, T, batch_shape, check, _SEQ_STEPS)
+    # Without the fixed-point test the sequential steps only pay for short series: one step,
+    # then the scan (whose elements start at a filtered covariance).
+    steps = _SEQ_STEPS if check or T <= _SEQ_STEPS else 1
+    pred, filt, gains, chols, t_steady = riccati_sequential(prep, T, batch_shape, check, steps)
     stack = lambda seq: torch.stack(seq, -3)  # noqa: E731
     pred, filt, gains, chols = stack(pred), stack(filt), stack(gains), stack(chols)
     t0 = pred.shape[-3]
