@@ -43,7 +43,7 @@ class _ShiftedPrior(Proposal):
         return Gaussian(p.loc + self.shift, p.scale * self.scale, tril=True)
 
 
-def _nonlinear(kind):
+def _nonlinear(kind, direction="backward"):
     torch.manual_seed(0)
     if kind == "lstm":
         model = LSTMStateSpaceModel(obs_dim=2, z_dim=2, rnn_dim=8, hidden_dim=8,
@@ -52,7 +52,7 @@ def _nonlinear(kind):
         model = DeepMarkovModel(obs_dim=2, z_dim=2, transition_dim=8, emission_dim=8,
                                 emission="gaussian",
                                 initial="learned" if kind == "dmm_learned" else "transition")
-    guide = StructuredGuide(obs_dim=2, state_dim=2, hidden_dim=8)
+    guide = StructuredGuide(obs_dim=2, state_dim=2, hidden_dim=8, direction=direction)
     return model, guide
 
 
@@ -105,18 +105,38 @@ def test_blocked_estimate_of_p_x_is_unbiased(ess_threshold):
         assert bool(res.resampled[:, [2, 5, 8]].all())
 
 
-def test_padding_falls_back_to_step_by_step():
-    model, guide = _nonlinear("dmm")
-    x = torch.randn(2, 9, 2, generator=torch.Generator().manual_seed(3))
+def test_gaps_fall_back_to_step_by_step():
+    ssm = as_state_space(_lgssm())
+    x = torch.randn(2, 9, 2, generator=torch.Generator().manual_seed(3), dtype=DT)
     mask = torch.ones(2, 9, dtype=torch.bool)
-    mask[1, 6:] = False
+    mask[1, 4] = False  # a gap, not padding
     out = []
     for every in (1, 3):
         pyro.set_rng_seed(4)
-        out.append(particle_filter(model, x, mask=mask, num_particles=6, guide=guide,
+        out.append(particle_filter(ssm, x, mask=mask, num_particles=6, guide=_ShiftedPrior(ssm),
                                    resample_every=every))
     torch.testing.assert_close(out[1].step_log_likelihoods, out[0].step_log_likelihoods)
-    assert float(out[1].step_log_likelihoods[1, 6:].detach().abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("ess_threshold", [0.0, 0.5])
+def test_right_padding_in_blocks_equals_the_truncated_sequence(ess_threshold):
+    """A padded row gives the log-likelihood of its truncated sequence (the same random
+    numbers up to its end), 0 per padded step, and no resampling past its end."""
+    model, guide = _nonlinear("dmm", direction="forward")  # features of x_{<=t} only
+    x = torch.randn(2, 10, 2, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    pyro.set_rng_seed(4)
+    full = particle_filter(model, x, mask=mask, num_particles=6, guide=guide,
+                           ess_threshold=ess_threshold, resample_every=3)
+    pyro.set_rng_seed(4)
+    cut = particle_filter(model, x[:, :7], num_particles=6, guide=guide,
+                          ess_threshold=ess_threshold, resample_every=3)
+    torch.testing.assert_close(full.step_log_likelihoods[:, :7], cut.step_log_likelihoods)
+    assert float(full.step_log_likelihoods[1, 7:].detach().abs().max()) == 0.0
+    torch.testing.assert_close(full.log_likelihood[1], cut.log_likelihood[1])
+    torch.testing.assert_close(full.kl[1], cut.kl[1])
+    assert not bool(full.resampled[1, 6:].any())
 
 
 def test_blocked_fivo_gradients_and_fit():
