@@ -169,7 +169,6 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
     steps = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
     all_on = steps.all(0).tolist()  # one host sync instead of one per step
     state = ssm.initial_state()
-    base = torch.arange(B, device=x.device).unsqueeze(-1) * N  # (B, 1) row offsets
     log_n = math.log(N)
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     lw = torch.full((B, N), -log_n, dtype=dtype, device=x.device)  # normalised log-weights
@@ -219,17 +218,24 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
         need = need & on if t < T - 1 else torch.zeros_like(need)
         res_all.append(need)
         if bool(need.any()):
-            ancestors = resample(lw, resampling)
-            keep = torch.arange(N, device=x.device).expand(B, N)
-            ancestors = torch.where(need.unsqueeze(-1), ancestors, keep)
-            index = (ancestors + base).reshape(-1)
-            state = ssm.gather(state, index)
-            z_prev = z_prev.index_select(0, index)
-            lw = torch.where(need.unsqueeze(-1), lw.new_full((), -log_n), lw.gather(1, ancestors))
+            state, z_prev, lw = _resample_rows(need, lw, state, z_prev, ssm, resampling)
     step_ll = torch.stack(step_ll, -1)
     return ParticleFilterResult(step_ll.sum(-1), step_ll, torch.stack(means, 1),
                                 torch.stack(scales, 1), torch.stack(ess_all, -1),
                                 torch.stack(res_all, -1), kl)
+
+
+def _resample_rows(need, lw, state, z_prev, ssm, resampling):
+    """Resample the particles of the sequences where ``need`` ``(B,)`` is True (the others
+    keep theirs): the model's state and ``z_prev`` reordered, their log-weights reset to
+    ``-log N``."""
+    B, N = lw.shape
+    ancestors = resample(lw, resampling)
+    keep = torch.arange(N, device=lw.device).expand(B, N)
+    ancestors = torch.where(need.unsqueeze(-1), ancestors, keep)
+    index = (ancestors + torch.arange(B, device=lw.device).unsqueeze(-1) * N).reshape(-1)
+    lw = torch.where(need.unsqueeze(-1), lw.new_full((), -math.log(N)), lw.gather(1, ancestors))
+    return ssm.gather(state, index), z_prev.index_select(0, index), lw
 
 
 def _right_padding_only(mask):
@@ -250,7 +256,6 @@ def _blocked_filter(ssm, proposal, x, mask, N, resampling, ess_threshold, moment
     on = None if mask is None else mask.t().unsqueeze(-1)  # (T, B, 1)
     z_prev = proposal.initial()
     state = ssm.initial_state()
-    base = torch.arange(B, device=x.device).unsqueeze(-1) * N
     log_n = math.log(N)
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     lw = torch.full((B, N), -log_n, dtype=dtype, device=x.device)
@@ -304,8 +309,10 @@ def _blocked_filter(ssm, proposal, x, mask, N, resampling, ess_threshold, moment
         scales.append(var.clamp_min(0).sqrt())
         ess = 1.0 / w.pow(2).sum(-1)  # (kb, B)
         ess_all.append(ess)
-        need = ess[-1] < ess_threshold * N if ess_threshold < 1.0 else torch.ones_like(ess[-1],
-                                                                                       dtype=bool)
+        if ess_threshold >= 1.0:
+            need = torch.ones_like(ess[-1], dtype=torch.bool)
+        else:
+            need = ess[-1] < ess_threshold * N
         if t1 == T:
             need = torch.zeros_like(need)
         elif on is not None:
@@ -314,13 +321,7 @@ def _blocked_filter(ssm, proposal, x, mask, N, resampling, ess_threshold, moment
         flags[-1] = need
         res_all.append(flags)
         if bool(need.any()):
-            ancestors = resample(lw, resampling)
-            keep = torch.arange(N, device=x.device).expand(B, N)
-            ancestors = torch.where(need.unsqueeze(-1), ancestors, keep)
-            index = (ancestors + base).reshape(-1)
-            state = ssm.gather(state, index)
-            z_prev = z_prev.index_select(0, index)
-            lw = torch.where(need.unsqueeze(-1), lw.new_full((), -log_n), lw.gather(1, ancestors))
+            state, z_prev, lw = _resample_rows(need, lw, state, z_prev, ssm, resampling)
     step_ll = torch.cat(step_ll).t()  # (B, T)
     cat_bt = lambda parts: torch.cat(parts).transpose(0, 1)  # noqa: E731  (T, B, ...) -> (B, T, ...)
     return ParticleFilterResult(step_ll.sum(-1), step_ll, cat_bt(means), cat_bt(scales),
