@@ -88,6 +88,10 @@ def resample(log_weights: torch.Tensor, method: str = "systematic") -> torch.Ten
         raise ValueError(f"resampling: expected one of {RESAMPLING}, got {method!r}")
     B, N = log_weights.shape
     w = torch.softmax(log_weights.detach(), dim=-1)
+    if not bool(torch.isfinite(w).all()):
+        bad = (~torch.isfinite(w).all(-1)).nonzero().flatten().tolist()
+        raise ValueError(f"log_weights: rows {bad[:10]} are not finite after normalisation (every "
+                         "particle at -inf, or NaN): nothing to resample from")
     if method == "multinomial":
         return torch.multinomial(w, N, replacement=True)
     cdf = torch.cumsum(w, dim=-1)
@@ -200,6 +204,7 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
             lw = torch.where(on.unsqueeze(-1), unnorm - inc.unsqueeze(-1), lw)
         else:
             lw = unnorm - inc.unsqueeze(-1)
+        lw = _uniform_where_degenerate(lw, inc)
         step_ll.append(inc)
         w = lw.detach().exp()
         if moments:
@@ -223,6 +228,15 @@ def particle_filter(model, x, mask=None, num_particles: int = 1000, guide=None,
     return ParticleFilterResult(step_ll.sum(-1), step_ll, torch.stack(means, 1),
                                 torch.stack(scales, 1), torch.stack(ess_all, -1),
                                 torch.stack(res_all, -1), kl)
+
+
+def _uniform_where_degenerate(lw, inc):
+    """Normalised log-weights, reset to uniform for sequences whose step estimate ``inc`` is
+    not finite: every particle at zero density (``log p̂ = -inf``, the right answer) or a NaN
+    density (the estimate is NaN). The filter then goes on without NaN weights, and the
+    returned log-likelihood of that sequence is -inf resp. NaN."""
+    ok = torch.isfinite(inc).unsqueeze(-1)
+    return torch.where(ok, lw, lw.new_full((), -math.log(lw.shape[-1])))
 
 
 def _resample_rows(need, lw, state, z_prev, ssm, resampling):
@@ -295,9 +309,12 @@ def _blocked_filter(ssm, proposal, x, mask, N, resampling, ess_threshold, moment
         # log p̂(x_t | x_<t) = lse_t - lse_{t-1}, with lse before the block logsumexp(lw) (0 up
         # to rounding; taken exactly, so that a step with weight 1 gives exactly 0)
         lse = torch.logsumexp(torch.cat([lw.unsqueeze(0), unnorm]), -1)  # (kb + 1, B)
-        step_ll.append(lse[1:] - lse[:-1])
+        inc = lse[1:] - lse[:-1]
+        # after a step where every particle has zero density (log p̂ = -inf) the block's later
+        # steps add nothing (instead of -inf - -inf = NaN), as the step-by-step filter does
+        step_ll.append(torch.where(lse[:-1] == -math.inf, inc.new_zeros(()), inc))
         lse = lse[1:]
-        lw = unnorm[-1] - lse[-1].unsqueeze(-1)
+        lw = _uniform_where_degenerate(unnorm[-1] - lse[-1].unsqueeze(-1), lse[-1])
         w = (unnorm - lse.unsqueeze(-1)).detach().exp()  # (kb, B, N)
         if moments:
             zb = z_block.detach().reshape(kb, B, N, -1).to(dtype)

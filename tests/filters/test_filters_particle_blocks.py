@@ -162,3 +162,28 @@ def test_bad_resample_every(bad):
     with pytest.raises(ValueError, match="resample_every"):
         fit(model, guide, x, epochs=1, batch_size=2, lr=0.01, objective="fivo",
             resample_every=bad, progress=False)
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_step_with_zero_density_everywhere_gives_minus_inf_not_a_crash(every):
+    """An observation no particle can explain (its squared residual overflows float32) makes
+    that sequence's estimate -inf; the filter goes on (no NaN weights reach the resampler) and
+    the other sequences stay finite."""
+    ssm = LinearGaussianSSM.from_matrices(A=[[0.9]], C=[[1.0]], Q=[[0.5]], R=[[1.0]])
+    pyro.set_rng_seed(0)
+    _, x = ssm.sample(20, num_samples=3)
+    x[1, 5, 0] = 1e20
+    adapter = as_state_space(ssm)
+    pyro.set_rng_seed(1)
+    res = particle_filter(adapter, x, num_particles=50, guide=_ShiftedPrior(adapter),
+                          ess_threshold=1.0, resample_every=every)
+    assert float(res.log_likelihood[1]) == -math.inf
+    assert bool(torch.isfinite(res.log_likelihood[[0, 2]]).all())
+    assert bool(torch.isfinite(res.step_log_likelihoods[1, 6:]).all())
+
+
+def test_resample_rejects_weights_without_mass():
+    from pyrossm.filters import resample
+
+    with pytest.raises(ValueError, match="log_weights: rows \\[1\\]"):
+        resample(torch.tensor([[0.0, -1.0], [-math.inf, -math.inf]]))
