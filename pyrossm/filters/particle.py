@@ -18,6 +18,11 @@ Missing data: NaN entries of ``x`` contribute no emission factor; at steps where
 (``(batch, time)`` bool) is False the particles move with the model's transition and keep
 their weights (no observation), as the Kalman filter does; right padding is such a case.
 
+Blocks (``resample_every=k``, guided filters): resampling is considered only after every
+``k``-th step, so the ancestry is fixed within a block; the proposal still runs step by step, but
+the model's transition and emission densities of the block are one batched call each (the
+FIVO training step of a DMM costs about half as much at ``k = 5``). The estimate stays unbiased.
+
 Gradients: samples are reparameterised and the estimate is differentiable with respect to the
 model's and the proposal's parameters (resampling indices are not differentiated: the FIVO /
 AESMC gradient of Maddison et al. 2017, Le et al. 2018, Naesseth et al. 2018).
