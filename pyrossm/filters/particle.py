@@ -356,10 +356,13 @@ def _block_log_prob(qs, z_block):
     factor stays shared), else one call per step."""
     first = qs[0]
     if all(type(q) is Gaussian and q.tril == first.tril for q in qs):
-        shared = first.tril and first.scale.dim() == 2 and all(q.scale is first.scale for q in qs)
-        scale = first.scale if shared else torch.stack([q.scale for q in qs])
-        if first.tril and first.scale.dim() == 2 and not shared:  # one factor per step
-            scale = scale.unsqueeze(-3)
+        one_factor = first.tril and first.scale.dim() == 2  # a (D, D) factor for every row
+        if one_factor and all(q.scale is first.scale for q in qs):
+            scale = first.scale  # shared by the whole block
+        else:
+            scale = torch.stack([q.scale for q in qs])
+            if one_factor:  # one factor per step: (k, 1, D, D) against (k, rows, D)
+                scale = scale.unsqueeze(-3)
         loc = torch.stack([q.loc for q in qs])
         return Gaussian(loc, scale, tril=first.tril).log_prob(z_block)
     return torch.stack([q.log_prob(z) for q, z in zip(qs, z_block)])

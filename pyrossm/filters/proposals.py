@@ -75,6 +75,9 @@ class StateSpace:
     ``(B * N, D)``; anything with ``rsample()`` and ``log_prob(z)``, e.g. a
     :class:`Gaussian`); ``advance(state, z_t) -> state``; ``emission_log_prob(t, z_t)`` →
     ``(B, N)``, 0 for unobserved entries; ``gather(state, index)`` reorders particles (rows).
+    For ``particle_filter(..., resample_every=k)`` also ``emission_log_prob_block(t0, z_block)``
+    (a default loops over ``emission_log_prob``) and a ``transition`` that accepts the states of
+    several steps concatenated along the particle rows.
     """
 
     z_dim: int
