@@ -9,7 +9,8 @@ Training
     bucket=False, checkpoint_dir=None, checkpoint_every=1, keep_checkpoints=2, resume=False,
     max_steps=None, max_seconds=None, early_stopping_patience=None, val_num_samples=1,
     val_batch_size=None, progress=True, on_nan="raise", callbacks=None, distributed=None,
-    chunk_length=None)
+    chunk_length=None, objective="elbo", guide_objective=None, resample_every=1,
+    val_objective=None, val_every=1)
     -> History``. SVI with Pyro's Trace_ELBO estimator and ClippedAdam; ``History[key]`` gives a
     per-epoch list (``train_neg_elbo_per_step``, ``val_neg_elbo_per_step``, ``train_kl``,
     ``beta``, ``seconds``, ``batches``, ...), ``History.stop_reason`` (``"max_seconds"``, ...);

@@ -122,6 +122,8 @@ class FitConfig:
     objective: str = "elbo"
     guide_objective: object = None
     resample_every: int = 1
+    val_objective: object = None
+    val_every: int = 1
 
     def check(self, has_val_data: bool) -> "FitConfig":
         """Raise ``ValueError`` naming the first invalid option; returns ``self``."""
@@ -130,8 +132,11 @@ class FitConfig:
         if self.guide_objective not in (None, self.objective, "elbo"):
             raise ValueError(f"guide_objective: expected None, {self.objective!r} or 'elbo', "
                              f"got {self.guide_objective!r}")
+        if self.val_objective not in (None,) + OBJECTIVES:
+            raise ValueError(f"val_objective: expected None or one of {OBJECTIVES}, got "
+                             f"{self.val_objective!r}")
         for name in ("epochs", "batch_size", "num_particles", "checkpoint_every",
-                     "resample_every"):
+                     "resample_every", "val_every", "val_num_samples"):
             _positive_int(name, getattr(self, name))
         lr = self.lr
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
@@ -142,7 +147,7 @@ class FitConfig:
             _positive_int("early_stopping_patience", self.early_stopping_patience)
             if not has_val_data:
                 raise ValueError("early_stopping_patience needs val_data (it monitors "
-                                 "validation -ELBO); got val_data=None")
+                                 "the validation bound); got val_data=None")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
         steps = self.max_steps
@@ -208,6 +213,8 @@ def fit(
     objective: str = "elbo",
     guide_objective=None,
     resample_every: int = 1,
+    val_objective=None,
+    val_every: int = 1,
 ) -> History:
     """Train ``model`` and ``guide`` by SVI; returns the :class:`History`.
 
@@ -243,10 +250,18 @@ def fit(
         finished, so ``resume=True`` with a new budget continues the run (from a fresh epoch).
         A callback's stop and early stopping, in contrast, finish the run.
     :param val_num_samples, val_batch_size: guide draws per sequence and batch size of the
-        validation ELBO (computed after every epoch with beta = 1).
+        validation bound (beta = 1).
+    :param val_objective: the bound computed on ``val_data``: None (default: the training
+        ``objective``), ``"elbo"`` or ``"fivo"`` (the FIVO bound with ``num_particles``
+        particles and ``resample_every``, averaged over ``val_num_samples`` filter runs).
+        ``val_neg_elbo`` and early stopping then hold and watch that bound, so a FIVO run
+        keeps the parameters with the best held-out FIVO bound, not the best ELBO.
+    :param val_every: validate after every ``val_every``-th epoch (and after the last); the
+        records in between hold None. A FIVO validation costs a particle filter per sequence.
     :param progress: a tqdm bar (-ELBO per step, KL, beta) and one line per epoch on stderr.
-    :param early_stopping_patience: stop after this many epochs without a better validation
-        -ELBO and restore the best parameters (which are also restored at the end of the run).
+    :param early_stopping_patience: stop after this many validations without a better
+        validation bound (see ``val_objective``) and restore the best parameters (which are
+        also restored at the end of the run, however it ends).
     :param on_nan: ``"raise"`` a :class:`TrainingDivergedError` or ``"skip"`` the batch (no step).
     :param callbacks: callables ``cb(record: dict) -> bool | None`` run after each epoch; a True
         return stops training. Under ``torch.distributed`` they run on rank 0 only.

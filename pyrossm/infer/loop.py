@@ -8,7 +8,8 @@ stopping, the newest checkpoint), set up once from a :class:`~pyrossm.infer.fit.
   (:func:`step_objective`, the one place it is computed), ``backward``, the finite-gradient
   check, the gradient ``all_reduce`` under ``torch.distributed``, the optimiser step;
 * :meth:`Trainer.train_epoch` -- the steps of one epoch and the epoch's record;
-* :meth:`Trainer.validate` -- the validation ELBO (beta = 1) and early stopping;
+* :meth:`Trainer.validate` -- the validation bound (the ELBO with beta = 1, or FIVO's) and
+  early stopping;
 * :meth:`Trainer.checkpoint` / :meth:`Trainer.restore` -- the resumable state;
 * :meth:`Trainer.run` -- epochs, callbacks, budgets.
 
@@ -346,13 +347,14 @@ class Trainer:
         }
 
     def validate(self, record, epoch) -> None:
-        """Validation ELBO (beta = 1) into ``record``; early stopping bookkeeping."""
+        """The validation bound into ``record`` (``val_neg_elbo``: minus the ELBO with
+        beta = 1, or minus the FIVO bound, per ``cfg.val_objective``); early stopping
+        bookkeeping."""
         cfg = self.cfg
         if self.val is None:
             return
         e_sum, kl_sum, n_steps = _validation_sums(
-            self.ctx, self.model, self.guide, self.val, cfg.val_num_samples,
-            cfg.val_batch_size or cfg.batch_size, self.device)
+            self.ctx, self.model, self.guide, self.val, cfg, self.device)
         record.update(val_neg_elbo=-e_sum / len(self.val),
                       val_neg_elbo_per_step=-e_sum / max(n_steps, 1),
                       val_kl=kl_sum / len(self.val))
@@ -431,7 +433,9 @@ class Trainer:
                     self.history.stop_reason = paused
                     break
                 record = self.train_epoch(epoch, bar)
-                self.validate(record, epoch)
+                if ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+                        or self.budget_spent()):  # every val_every-th epoch and the last
+                    self.validate(record, epoch)
                 self.history.records.append(record)
                 if cfg.progress and self.main:
                     bar.write(_format_record(record), file=sys.stderr)
@@ -454,20 +458,45 @@ class Trainer:
         return self.history
 
 
-def _validation_sums(ctx, model, guide, val, num_samples, batch_size, device):
-    """(sum of ELBOs, sum of KLs, observed steps) over the validation set (all ranks)."""
+def _validation_terms(model, guide, data, cfg, device):
+    """``(bound, kl, num_steps)`` per sequence of ``data`` under ``cfg.val_objective``."""
+    if (cfg.val_objective or cfg.objective) == "elbo":
+        res = elbo_terms(model, guide, data, num_samples=cfg.val_num_samples,
+                         batch_size=cfg.val_batch_size or cfg.batch_size, device=device)
+        return res.elbo, res.kl, res.num_steps
+    modules = (owner_module(model, "model"), owner_module(guide, "guide"))
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    bounds, kls = [], []
+    try:
+        with torch.no_grad():
+            for index in torch.arange(len(data)).split(cfg.val_batch_size or cfg.batch_size):
+                x, mask = data.batch(index)
+                runs = [fivo_objective(model, guide, x, mask, cfg.num_particles,
+                                       resample_every=cfg.resample_every)
+                        for _ in range(cfg.val_num_samples)]
+                bounds.append(torch.stack([r.log_likelihood for r in runs]).mean(0))
+                kls.append(torch.stack([r.kl for r in runs]).mean(0).expand(len(index))
+                           / len(index))  # FIVO reports the batch's KL sum
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    return torch.cat(bounds), torch.cat(kls), data.num_steps
+
+
+def _validation_sums(ctx, model, guide, val, cfg, device):
+    """(sum of bounds, sum of KLs, observed steps) over the validation set (all ranks)."""
     if ctx is None:
-        res = elbo_terms(model, guide, val, num_samples=num_samples, batch_size=batch_size,
-                         device=device)
-        e_sum, kl_sum = torch.stack([res.elbo.sum(), res.kl.sum()]).tolist()
-        return e_sum, kl_sum, int(res.num_steps.sum())
+        bound, kl, steps = _validation_terms(model, guide, val, cfg, device)
+        e_sum, kl_sum = torch.stack([bound.sum(), kl.sum()]).tolist()
+        return e_sum, kl_sum, int(steps.sum())
     index = shard(torch.arange(len(val)), ctx.rank, ctx.world_size)
     sums = [0.0, 0.0, 0.0]
     if len(index):
         part = SequenceDataset(*val.batch(index, trim=False))
-        res = elbo_terms(model, guide, part, num_samples=num_samples, batch_size=batch_size,
-                         device=device)
-        sums = [float(res.elbo.sum()), float(res.kl.sum()), float(res.num_steps.sum())]
+        bound, kl, steps = _validation_terms(model, guide, part, cfg, device)
+        sums = [float(bound.sum()), float(kl.sum()), float(steps.sum())]
     e_sum, kl_sum, n_steps = all_reduce_sum(sums, device)
     return e_sum, kl_sum, int(n_steps)
 
