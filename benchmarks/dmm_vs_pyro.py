@@ -248,6 +248,29 @@ class PyroRunner:
         return sum(losses) / draws / float(lengths.sum())
 
 
+def _save_pyro_checkpoint(path, peer, curves, epoch):
+    """Pyro's run after ``epoch``: the module, ClippedAdam's per-parameter states (with the
+    decayed learning rate), the run's RNG state and the curve so far; written atomically."""
+    state = {"epoch": epoch, "module": peer.dmm.state_dict(), "optim": peer.optim.get_state(),
+             "rng": peer.rng, "curve": curves["pyro"]}
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_pyro_checkpoint(path, peer, curves):
+    """Restore :func:`_save_pyro_checkpoint`'s state into ``peer``; returns its epoch."""
+    if not path or not Path(path).exists():
+        raise SystemExit(f"--resume: no checkpoint at --checkpoint {path!r}")
+    state = torch.load(path, weights_only=False)
+    peer.dmm.load_state_dict(state["module"])
+    peer.optim.set_state(state["optim"])  # applied as each parameter's optimiser is created
+    peer.rng, peer.epoch = state["rng"], state["epoch"]
+    curves["pyro"].clear()
+    curves["pyro"].update(state["curve"])
+    return state["epoch"]
+
+
 def pyrossm_test_neg_elbo(model, guide, test, draws):
     from pyrossm.infer import elbo
 
@@ -344,6 +367,12 @@ def main(argv=None):
     parser.add_argument("--pyro-example", default=None,
                         help="path of Pyro's examples/dmm.py: also run it for --epochs")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--checkpoint", default=None,
+                        help="--runners pyro only: save Pyro's run (module, optimiser, RNG, "
+                             "curve) to this file every --checkpoint-every epochs")
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the Pyro run saved in --checkpoint")
     parser.add_argument("--output", default=str(RESULTS / "dmm_vs_pyro.json"))
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                         help="only print (and write to --output) the table of earlier results")
@@ -416,8 +445,15 @@ def main(argv=None):
         c["cpu_seconds"].append(c1 - c0)
         c["wall_seconds"].append(w1 - w0)
         if epoch % args.eval_every == 0:
+            try:
+                score = peer.test_neg_elbo_per_frame(test, args.eval_draws)
+            except ValueError as e:  # the last step left NaN parameters
+                c["diverged_at_epoch"], c["divergence"] = epoch, str(e).split("\n")[0][:300]
+                print(f"pyro diverged at epoch {epoch}: {c['divergence']}", flush=True)
+                torch.set_rng_state(rng)
+                return
             c["epoch"].append(epoch)
-            c["test_neg_elbo_per_frame"].append(peer.test_neg_elbo_per_frame(test, args.eval_draws))
+            c["test_neg_elbo_per_frame"].append(score)
             c["train_neg_elbo_per_frame"].append(train_loss)
         peer.rng = torch.get_rng_state()
         torch.set_rng_state(rng)
@@ -473,12 +509,20 @@ def main(argv=None):
                     if "diverged_at_epoch" in curves["pyro"]:
                         break
     else:
-        for epoch in range(1, args.epochs + 1):
+        first = 1
+        if args.resume:
+            first = _load_pyro_checkpoint(args.checkpoint, peer, curves) + 1
+            print(f"resumed Pyro's run after epoch {first - 1}", flush=True)
+        for epoch in range(first, args.epochs + 1):
             pyro_epoch(epoch)
             report(epoch)
             write()
+            if args.checkpoint and (epoch % args.checkpoint_every == 0 or epoch == args.epochs):
+                _save_pyro_checkpoint(args.checkpoint, peer, curves, epoch)
             spent = time.perf_counter() - t_start > 60.0 * (args.minutes or math.inf)
             if "diverged_at_epoch" in curves["pyro"] or spent:
+                if args.checkpoint and "diverged_at_epoch" not in curves["pyro"]:
+                    _save_pyro_checkpoint(args.checkpoint, peer, curves, epoch)
                 break
     if args.pyro_example:
         payload["pyro_example"] = run_pyro_example(args.pyro_example, args.epochs, args.threads)
