@@ -229,6 +229,9 @@ def _train_and_score(args, objective, init_seed, x_train, x_test, x_val=None):
              resample_every=args.resample_every if objective.startswith("fivo") else 1,
              pretrain_seconds=pre[2] if pre else 0.0, pretrain_epochs=pre[3] if pre else 0,
              epochs=len(hist.records), best_epoch=hist.best_epoch,
+             curve=[dict(epoch=h["epoch"], train_objective_per_step=-h["train_neg_elbo_per_step"],
+                         val_objective_per_step=-h["val_neg_elbo_per_step"])
+                    for h in hist.records if h["val_neg_elbo_per_step"] is not None],
              final_train_objective_per_step=-hist["train_neg_elbo_per_step"][-1],
              test_smc_bootstrap_per_step=float(boot.sum()) / steps,
              test_smc_guided_per_step=float(guided.sum()) / steps,
