@@ -165,9 +165,10 @@ def _fresh(args, init_seed):
 
 
 _PRETRAINED = {}
+_START = {}
 
 
-def _pretrained(args, init_seed, x_train):
+def _pretrained(args, init_seed, x_train, x_test):
     """``--pretrain-seconds``: the ELBO-trained start shared by both arms of one seed (trained
     once, then copied), so the arms differ only in the objective of the continuation."""
     if init_seed not in _PRETRAINED:
@@ -186,6 +187,14 @@ def _pretrained(args, init_seed, x_train):
                                   time.perf_counter() - t0, len(hist.records))
         print(f"seed {init_seed}: ELBO pretraining {_PRETRAINED[init_seed][2]:.1f} s, "
               f"{len(hist.records)} epochs", flush=True)
+        if args.score_start:  # the start both arms continue, scored as they are
+            pyro.set_rng_seed(args.seed + 10)
+            steps = x_test.shape[0] * x_test.shape[1]
+            boot = smc_log_likelihood(model, x_test, num_particles=args.eval_particles)
+            e = elbo(model, guide, x_test, num_samples=10)
+            _START[init_seed] = dict(start_smc_bootstrap_per_step=float(boot.sum()) / steps,
+                                     start_elbo_per_step=float(e.sum()) / steps)
+            print(f"seed {init_seed}: pretrained start {_START[init_seed]}", flush=True)
     return _PRETRAINED[init_seed]
 
 
@@ -193,7 +202,7 @@ def _train_and_score(args, objective, init_seed, x_train, x_test, x_val=None):
     model, guide = _fresh(args, init_seed)
     pre = None
     if args.pretrain_seconds or args.pretrain_epochs:
-        pre = _pretrained(args, init_seed, x_train)
+        pre = _pretrained(args, init_seed, x_train, x_test)
         model.load_state_dict(pre[0])
         guide.load_state_dict(pre[1])
     t0 = time.perf_counter()
@@ -228,7 +237,7 @@ def _train_and_score(args, objective, init_seed, x_train, x_test, x_val=None):
     r = dict(objective=objective, init_seed=init_seed, particles=k, train_seconds=seconds,
              resample_every=args.resample_every if objective.startswith("fivo") else 1,
              pretrain_seconds=pre[2] if pre else 0.0, pretrain_epochs=pre[3] if pre else 0,
-             epochs=len(hist.records), best_epoch=hist.best_epoch,
+             epochs=len(hist.records), best_epoch=hist.best_epoch, **_START.get(init_seed, {}),
              curve=[dict(epoch=h["epoch"], train_objective_per_step=-h["train_neg_elbo_per_step"],
                          val_objective_per_step=-h["val_neg_elbo_per_step"])
                     for h in hist.records if h["val_neg_elbo_per_step"] is not None],
@@ -332,6 +341,9 @@ def main(argv=None):
                         "parameters with the best validation bound of its own objective "
                         "(fit's val_objective default; the ELBO arm by ELBO, FIVO by FIVO)")
     f.add_argument("--val-every", type=int, default=1, help="validate every n epochs")
+    f.add_argument("--score-start", action="store_true",
+                   help="also score the pretrained start of each seed (held-out bootstrap SMC "
+                        "and ELBO), the model both arms continue")
     f.add_argument("--arms", nargs="+", default=["elbo", "fivo"],
                    choices=["elbo", "fivo", "fivo-elbo-guide"],
                    help="training objectives compared (fivo-elbo-guide: the model by FIVO, "
