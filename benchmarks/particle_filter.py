@@ -35,8 +35,10 @@ import copy
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,13 +180,22 @@ def _pretrained(args, init_seed, x_train, x_test):
         if args.pretrain_annealing is not None:  # linear to 1 over the pretraining's steps
             steps = args.pretrain_epochs * math.ceil(x_train.shape[0] / args.batch_size)
             annealing = {"name": "linear", "start": args.pretrain_annealing, "num_steps": steps}
-        hist = fit(model, guide, x_train, epochs=args.pretrain_epochs or 10**6,
+        carry = {}
+        if args.carry_optimizer:  # pause (not finish) the run, so that the arms resume it
+            steps_per_epoch = math.ceil(x_train.shape[0] / args.batch_size)
+            carry = dict(checkpoint_dir=tempfile.mkdtemp(prefix="pretrain-"),
+                         checkpoint_every=10**9, keep_checkpoints=1,
+                         max_steps=args.pretrain_epochs * steps_per_epoch
+                         if args.pretrain_epochs else None)
+        epochs = 10**6 if carry or not args.pretrain_epochs else args.pretrain_epochs
+        hist = fit(model, guide, x_train, epochs=epochs,
                    batch_size=args.batch_size, lr=args.lr, num_particles=args.k,
                    objective="elbo", seed=init_seed, progress=False, device="cpu",
-                   max_seconds=args.pretrain_seconds, annealing=annealing)
+                   max_seconds=args.pretrain_seconds, annealing=annealing, **carry)
         _PRETRAINED[init_seed] = (copy.deepcopy(model.state_dict()),
                                   copy.deepcopy(guide.state_dict()),
-                                  time.perf_counter() - t0, len(hist.records))
+                                  time.perf_counter() - t0, len(hist.records),
+                                  carry.get("checkpoint_dir"))
         print(f"seed {init_seed}: ELBO pretraining {_PRETRAINED[init_seed][2]:.1f} s, "
               f"{len(hist.records)} epochs", flush=True)
         if args.score_start:  # the start both arms continue, scored as they are
@@ -214,14 +225,25 @@ def _train_and_score(args, objective, init_seed, x_train, x_test, x_val=None):
     # "fivo-elbo-guide": the model by FIVO, the guide (proposal) by the one-particle ELBO
     guide_objective = "elbo" if objective == "fivo-elbo-guide" else None
     k = args.fivo_k if objective.startswith("fivo") and args.fivo_k else args.k
-    hist = fit(model, guide, x_train, epochs=10**6 if budget else args.epochs,
+    resume = {}
+    if pre and pre[4]:  # --carry-optimizer: resume a copy of the paused pretraining run
+        ckdir = tempfile.mkdtemp(prefix=f"{objective}-")
+        shutil.copytree(pre[4], ckdir, dirs_exist_ok=True)
+        resume = dict(checkpoint_dir=ckdir, checkpoint_every=10**9, keep_checkpoints=1,
+                      resume=True)
+    hist = fit(model, guide, x_train, epochs=10**7 if budget else pre[3] + args.epochs
+               if resume else args.epochs,
                batch_size=args.batch_size, lr=lr, num_particles=k,
                objective="fivo" if objective.startswith("fivo") else objective,
                guide_objective=guide_objective, seed=init_seed, progress=False, device="cpu",
                max_seconds=budget, annealing=annealing,
                resample_every=args.resample_every if objective.startswith("fivo") else 1,
                val_data=x_val, val_every=args.val_every, val_num_samples=1,
-               early_stopping_patience=10**9 if x_val is not None else None)  # keep the best
+               early_stopping_patience=10**9 if x_val is not None else None,  # keep the best
+               **resume)
+    if resume:  # the history holds the pretraining's epochs too
+        hist.records = hist.records[pre[3]:]
+        shutil.rmtree(resume["checkpoint_dir"], ignore_errors=True)
     seconds = time.perf_counter() - t0
     steps = x_test.shape[0] * x_test.shape[1]
     pyro.set_rng_seed(args.seed + 10)
@@ -341,6 +363,9 @@ def main(argv=None):
                         "parameters with the best validation bound of its own objective "
                         "(fit's val_objective default; the ELBO arm by ELBO, FIVO by FIVO)")
     f.add_argument("--val-every", type=int, default=1, help="validate every n epochs")
+    f.add_argument("--carry-optimizer", action="store_true",
+                   help="the arms resume the paused pretraining run (its ClippedAdam state and "
+                        "RNG) instead of starting a fresh optimiser from its parameters")
     f.add_argument("--score-start", action="store_true",
                    help="also score the pretrained start of each seed (held-out bootstrap SMC "
                         "and ELBO), the model both arms continue")
