@@ -19,6 +19,10 @@ model follows FIVO and whose guide (the proposal) follows the one-particle ELBO
 (``fit(objective="fivo", guide_objective="elbo")``, Le et al. 2018). ``--val N`` simulates N
 validation sequences; each arm then ends with the parameters of its best validation bound of its
 own objective (``fit``'s ``val_objective`` default, checked every ``--val-every`` epochs).
+With ``--pretrain-epochs``, ``--score-start`` also scores the pretrained start, and
+``--carry-optimizer`` makes both arms resume the paused pretraining run (its ClippedAdam state
+and RNG; epochs in ``best_epoch`` and ``curve`` then count from the pretraining's start)
+instead of a fresh optimiser at the pretrained parameters.
 
 Run (1 torch thread; about a minute for ``speed`` and a few minutes for ``fivo`` on an idle
 core)::
