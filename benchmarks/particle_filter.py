@@ -235,8 +235,8 @@ def _train_and_score(args, objective, init_seed, x_train, x_test, x_val=None):
         shutil.copytree(pre[4], ckdir, dirs_exist_ok=True)
         resume = dict(checkpoint_dir=ckdir, checkpoint_every=10**9, keep_checkpoints=1,
                       resume=True)
-    hist = fit(model, guide, x_train, epochs=10**7 if budget else pre[3] + args.epochs
-               if resume else args.epochs,
+    epochs = args.epochs + (pre[3] if resume else 0)  # a resumed run counts the pretraining
+    hist = fit(model, guide, x_train, epochs=10**7 if budget else epochs,
                batch_size=args.batch_size, lr=lr, num_particles=k,
                objective="fivo" if objective.startswith("fivo") else objective,
                guide_objective=guide_objective, seed=init_seed, progress=False, device="cpu",
@@ -369,7 +369,8 @@ def main(argv=None):
     f.add_argument("--val-every", type=int, default=1, help="validate every n epochs")
     f.add_argument("--carry-optimizer", action="store_true",
                    help="the arms resume the paused pretraining run (its ClippedAdam state and "
-                        "RNG) instead of starting a fresh optimiser from its parameters")
+                        "RNG, and so its learning rate: --finetune-lr does not apply) instead of "
+                        "starting a fresh optimiser from its parameters")
     f.add_argument("--score-start", action="store_true",
                    help="also score the pretrained start of each seed (held-out bootstrap SMC "
                         "and ELBO), the model both arms continue")

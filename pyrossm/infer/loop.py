@@ -477,8 +477,10 @@ def _validation_terms(model, guide, data, cfg, device):
                                        resample_every=cfg.resample_every)
                         for _ in range(cfg.val_num_samples)]
                 bounds.append(torch.stack([r.log_likelihood for r in runs]).mean(0))
+                # FIVO gives the batch's KL as a sum: each sequence gets an equal share (only
+                # the total over the validation set is reported)
                 kls.append(torch.stack([r.kl for r in runs]).mean(0).expand(len(index))
-                           / len(index))  # FIVO reports the batch's KL sum
+                           / len(index))
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
