@@ -10,7 +10,9 @@ Two paths:
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
   over the covariance part only (O(log T) depth, no data). The means are then a linear
-  recurrence with known gains, solved in blocks of about 8 steps (:mod:`pyrossm.lgssm._recurrence`).
+  recurrence with known gains, solved in blocks of about 8 steps (:mod:`pyrossm.lgssm._recurrence`);
+  before the fixed point (all steps without it) and for batches of more than a few sequences,
+  with one operator per block shared by all sequences (:mod:`pyrossm.lgssm._blocks`).
   After the fixed point the blocks are aligned with t = 0, so that the filtered means, the
   predicted means and the whitened innovations of every block of every sequence are each
   one product of the blocks' inputs plus one of the means before the blocks (those solve the
@@ -30,6 +32,7 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, sym
 
+from ._blocks import varying_block_steps
 from ._recurrence import (
     affine_recurrence,
     block_length,
@@ -44,6 +47,13 @@ from ._scan import associative_scan
 _STEADY_ULPS = 32
 # Steps of the covariance recursion run one at a time before the rest is scanned in parallel.
 _SEQ_STEPS = 64
+# The means before the fixed point are solved with per-block operators (._blocks) from this
+# many sequences x steps and 8 sequences on. The operators cost as much as the step path for
+# 1-2 sequences (5-18% more at 1 x 100,000 and 2 x 20,000 steps), the same at 8 x 4096 and
+# 33 x 1000, and save 35-50% at 16 x 10,000 and 256 x 1000 (session 12, one thread); with
+# fewer than 64 sequences the blocks are 4 steps long (half the operators' size).
+_BLOCK_STEPS_MIN_WORK = 1 << 15
+_BLOCK_STEPS_MIN_BATCH = 8
 # Stop the covariance recursion at the Riccati fixed point (set False to measure without it).
 STEADY_STATE = True
 
@@ -286,7 +296,13 @@ def shared_filter(prep, allow_steady=None, moments=True):
         extend = lambda M: M if T_var <= Td else torch.cat(  # noqa: E731
             [M, M[-1:].expand((T_var - Td,) + M.shape[1:])], 0)
         K, Linv, half_logdet = extend(K), extend(Linv), extend(half_logdet)
-    fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, T_var)
+    N = math.prod(batch)
+    if N >= _BLOCK_STEPS_MIN_BATCH and N * T_var >= _BLOCK_STEPS_MIN_WORK:
+        fm, pm, ll, m = varying_block_steps(prep, batch, K, Linv, half_logdet, T_var,
+                                            moments or blk is not None,
+                                            4 if N < 64 else None)
+    else:
+        fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, T_var)
     if blk is not None:
         fm, pm, ll = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], fm, pm, ll,
                                    m, blk, moments)

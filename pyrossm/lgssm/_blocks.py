@@ -1,0 +1,163 @@
+"""The Kalman filter's means and log-likelihoods with time-varying gains, in blocks (private).
+
+Without missing data the covariances, gains ``K_t`` and innovation Cholesky factors ``L_t``
+do not depend on the data (:func:`pyrossm.lgssm._steps.shared_covariances`); what is left is
+linear in the data. In row form (the sequences in the rows), with m_t the filtered mean:
+
+    predicted mean        m⁻_t = m_{t-1} A_tᵀ + b_t
+    filtered mean         m_t  = m_{t-1} F_tᵀ + x_t K_tᵀ + b_t (I - K_t C_t)ᵀ,
+                          F_t  = (I - K_t C_t) A_t
+    whitened innovation   w_t  = (x_t - m⁻_t C_tᵀ) L_t⁻ᵀ
+
+Over a block of ``blk`` steps each of the three is one product of the block's inputs
+``[z_1 .. z_blk]`` (z_t = x_t, or [x_t, b_t]) plus one product of the mean before the block;
+the operators differ from block to block but are shared by all sequences, so they are built
+once (a few dozen small batched products) and every sequence's block is then one row of a
+batched matrix product (:func:`varying_block_steps`). The means before the blocks obey the same
+recurrence from block to block (:func:`~pyrossm.lgssm._recurrence.varying_affine_recurrence`).
+Step 0 is the first step of the first block with ``A_0 = I`` and ``m_{-1}`` the initial mean
+(its prediction is the initial mean itself).
+
+This replaces a step-by-step (or step-blocked) recursion over ``(T, N, n)`` arrays, which moved
+every array through memory several times; here the data are read by three or four products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+
+from ._recurrence import varying_affine_recurrence
+
+
+def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
+    """Block operators of the filter with per-step ``K (S, n, p)`` and ``Linv (S, p, p)``,
+    ``A`` and ``C`` shared (``(n, n)``, ``(p, n)``) or per step (``tvA``/``tvC``: ``(S, ...)``);
+    step 0 predicts with ``A_0 = I``; ``S`` a multiple of ``blk``.
+
+    Returns a dict of row-form operators, each W ``(nb, blk k, blk d)`` and V ``(nb, n,
+    blk d)`` (k the input width, d = n or p) such that over block j the outputs are
+    ``[z_1 .. z_blk] W[j] + m_0 V[j]`` (:mod:`pyrossm.lgssm._blocks`): ``"w"`` (the whitened
+    innovations), ``"last"`` (the filtered mean at each step ``i`` of the block alone: ``Wl
+    (nb, blk, blk k, n)`` and ``Vl (nb, blk, n, n)``; ``i = blk - 1`` gives the block ends)
+    and with ``moments`` ``"m"`` and ``"pred"`` (filtered and predicted means).
+
+    Built one step of the block at a time for all blocks at once, in the layout ``[block, i,
+    j, k, d]`` (the map from input ``j`` to output ``i``), where a shared A or C is one
+    product for all steps and the per-step factors are products batched over the blocks."""
+    S, n, p = K.shape
+    nb = S // blk
+    dev = K.device
+    eye = torch.eye(n, dtype=K.dtype, device=dev)
+    IKC = eye - K @ C  # (S, n, n)
+    A_steps = A if tvA else A.expand(S, n, n)
+    FT = torch.cat([IKC[:1], IKC[1:] @ A_steps[1:]], 0).mT.reshape(nb, blk, n, n)  # A_0 = I
+    map_in = K.mT if not with_b else torch.cat([K.mT, IKC.mT], -2)  # (S, k, n)
+    k = map_in.shape[-2]
+    map_in = map_in.reshape(nb, blk, k, n)
+    # filtered means: row i = row i-1 times F_iᵀ, plus the step's own input map
+    # (rows are stacked, not written in place: autograd keeps each row for the next product)
+    rows, Nrows = [], []
+    for i in range(blk):
+        parts = [map_in[:, i : i + 1], K.new_zeros(nb, blk - i - 1, k, n)]
+        if i:
+            prev = rows[-1][:, :i].reshape(nb, i * k, n) @ FT[:, i]
+            parts.insert(0, prev.view(nb, i, k, n))
+        rows.append(torch.cat(parts, 1))
+        Nrows.append(Nrows[-1] @ FT[:, i] if i else FT[:, 0])
+    Lm, Nm = torch.stack(rows, 1), torch.stack(Nrows, 1)  # (nb, blk, blk, k, n), (nb, blk, n, n)
+    # predicted means: the filtered mean one step back (m_0 first) times A_iᵀ
+    Lpred = K.new_zeros(nb, blk, blk, k, n)
+    Nprev = torch.cat([eye.expand(nb, 1, n, n), Nm[:, :-1]], 1)
+    if tvA:
+        AT = A.mT.reshape(nb, blk, n, n)
+        for i in range(1, blk):
+            Lpred[:, i] = (Lm[:, i - 1].reshape(nb, blk * k, n) @ AT[:, i]).view(nb, blk, k, n)
+        Npred = Nprev @ AT
+    else:
+        Lpred[:, 1:] = (Lm[:, :-1].reshape(-1, n) @ A.mT).view(nb, blk - 1, blk, k, n)
+        Npred = (Nprev.reshape(-1, n) @ A.mT).view(nb, blk, n, n)
+    # step 0 of block 0 predicts the initial mean itself (A_0 = I)
+    Npred = torch.cat([torch.cat([eye.expand(1, 1, n, n), Npred[:1, 1:]], 1), Npred[1:]], 0)
+    if with_b:  # + b_t
+        idx = torch.arange(blk, device=dev)
+        Lpred[:, idx, idx, p:] = Lpred[:, idx, idx, p:] + eye
+    # whitened innovations: (x_t - m⁻_t Cᵀ) L_t⁻ᵀ
+    LinvT = Linv.mT.reshape(nb, blk, p, p)
+    if tvC:
+        CT = C.mT.reshape(nb, blk, n, p)
+        Le = Lpred.reshape(nb, blk, blk * k, n) @ CT
+        Ne = Npred @ CT
+    else:
+        Le = (Lpred.reshape(-1, n) @ C.mT).view(nb, blk, blk * k, p)
+        Ne = (Npred.reshape(-1, n) @ C.mT).view(nb, blk, n, p)
+    Lw = -(Le @ LinvT).view(nb, blk, blk, k, p)
+    idx = torch.arange(blk, device=dev)
+    Lw[:, idx, idx, :p] = Lw[:, idx, idx, :p] + LinvT
+    Nw = -(Ne @ LinvT)
+    W = lambda L: L.permute(0, 2, 3, 1, 4).reshape(nb, blk * k, blk * L.shape[-1])  # noqa: E731
+    V = lambda N: N.permute(0, 2, 1, 3).reshape(nb, n, blk * N.shape[-1])  # noqa: E731
+    ops = {"w": (W(Lw), V(Nw)), "last": (Lm.reshape(nb, blk, blk * k, n), Nm)}
+    if moments:
+        ops["m"], ops["pred"] = (W(Lm), V(Nm)), (W(Lpred), V(Npred))
+    return ops
+
+
+def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk=None):
+    """Means and log-likelihoods of steps ``0 .. Td-1`` given the per-step gains ``K (>= Td,
+    n, p)``, inverse innovation Cholesky factors ``Linv (>= Td, p, p)`` and their
+    ``half_logdet (>= Td,)`` (shared by the sequences; the parameters without batch dims).
+
+    Returns batch-major ``filt_means (N, Td, n)``, ``pred_means (N, Td, n)`` (both None
+    without ``moments``), ``step_log_likelihoods (N, Td)`` and the last filtered mean
+    ``(N, n)``; ``N`` the flattened ``batch``."""
+    from ._recurrence import block_length
+
+    p = prep.x.shape[-1]
+    n = prep.init_mean.shape[-1]
+    N = 1
+    for s in batch:
+        N *= s
+    blk = blk or block_length(Td)
+    nb = -(-Td // blk)
+    S, pad = nb * blk, nb * blk - Td
+    dt, dev = K.dtype, K.device
+    eye_n, eye_p = torch.eye(n, dtype=dt, device=dev), torch.eye(p, dtype=dt, device=dev)
+    x = prep.x[..., :Td, :].expand(batch + (Td, p)).reshape(N, Td, p)
+    with_b = prep.b is not None
+    z = x if not with_b else torch.cat(
+        [x, prep.b[..., :Td, :].expand(batch + (Td, n)).reshape(N, Td, n)], -1)
+    k = z.shape[-1]
+    tvA, tvC = prep.tv["A"], prep.tv["C"]
+    A = prep.A[:Td] if tvA else prep.A
+    C = prep.C[:Td] if tvC else prep.C
+    K, Linv = K[:Td], Linv[:Td]
+    if pad:  # zero inputs and neutral parameters past the end change no earlier step
+        z = torch.cat([z, z.new_zeros(N, pad, k)], 1)
+        K = torch.cat([K, K.new_zeros(pad, n, p)], 0)
+        Linv = torch.cat([Linv, eye_p.expand(pad, p, p)], 0)
+        if tvA:
+            A = torch.cat([A, eye_n.expand(pad, n, n)], 0)
+        if tvC:
+            C = torch.cat([C, C.new_zeros(pad, p, n)], 0)
+    ops = varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments)
+    Wl, Vl = ops["last"]
+    zb = z.reshape(N, nb, blk * k).transpose(0, 1)  # (nb, N, blk k), a view when z is one array
+    m0 = prep.init_mean.expand(batch + (n,)).reshape(N, n)
+    # the means before the blocks: from the particular solutions' block ends (zero start)
+    ends = zb @ Wl[:, -1]  # (nb, N, n)
+    rest = varying_affine_recurrence(ends[:-1].transpose(0, 1), Vl[:-1, -1], m0)
+    starts = torch.cat([m0.unsqueeze(0), rest.transpose(0, 1)], 0)  # (nb, N, n)
+    W_w, V_w = ops["w"]
+    w = torch.baddbmm(zb @ W_w, starts, V_w)  # (nb, N, blk p)
+    ssq = (w * w).view(nb, N, blk, p).sum(-1).permute(1, 0, 2).reshape(N, S)[:, :Td]
+    ll = -0.5 * (ssq + p * _LOG_2PI) - half_logdet[:Td]
+    batch_major = lambda v: v.permute(1, 0, 2).reshape(N, S, n)[:, :Td]  # noqa: E731
+    if moments:
+        fm = batch_major(torch.baddbmm(zb @ ops["m"][0], starts, ops["m"][1]))
+        pm = batch_major(torch.baddbmm(zb @ ops["pred"][0], starts, ops["pred"][1]))
+        return fm, pm, ll, fm[:, -1]
+    j, i = divmod(Td - 1, blk)
+    m = torch.addmm(zb[j] @ Wl[j, i], starts[j], Vl[j, i])
+    return None, None, ll, m
