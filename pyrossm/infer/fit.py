@@ -258,7 +258,8 @@ def fit(
         keeps the parameters with the best held-out FIVO bound, not the best ELBO.
     :param val_every: validate after every ``val_every``-th epoch (and after the last); the
         records in between hold None. A FIVO validation costs a particle filter per sequence.
-    :param progress: a tqdm bar (-ELBO per step, KL, beta) and one line per epoch on stderr.
+    :param progress: a tqdm bar (-ELBO per step, KL, beta) and one line per epoch on stderr
+        (the bounds named by their objectives, e.g. ``-fivo/step``).
     :param early_stopping_patience: stop after this many validations without a better
         validation bound (see ``val_objective``) and restore the best parameters (which are
         also restored at the end of the run, however it ends).

@@ -438,7 +438,7 @@ class Trainer:
                     self.validate(record, epoch)
                 self.history.records.append(record)
                 if cfg.progress and self.main:
-                    bar.write(_format_record(record), file=sys.stderr)
+                    bar.write(_format_record(record, cfg), file=sys.stderr)
                 if self._callbacks_stop(record) and not self.finished:
                     self.finished, self.history.stop_reason = True, "callback"
                 paused = None if self.finished else self.budget_spent()
@@ -503,9 +503,11 @@ def _validation_sums(ctx, model, guide, val, cfg, device):
     return e_sum, kl_sum, int(n_steps)
 
 
-def _format_record(r: dict) -> str:
-    text = (f"epoch {r['epoch']}: -elbo/step {r['train_neg_elbo_per_step']:.4f} "
+def _format_record(r: dict, cfg) -> str:
+    """The epoch's line; the bounds are named by the objectives that computed them."""
+    train, val = cfg.objective, cfg.val_objective or cfg.objective
+    text = (f"epoch {r['epoch']}: -{train}/step {r['train_neg_elbo_per_step']:.4f} "
             f"kl/seq {r['train_kl']:.3f} beta {r['beta']:.3g}")
     if r["val_neg_elbo_per_step"] is not None:
-        text += f" | val -elbo/step {r['val_neg_elbo_per_step']:.4f}"
+        text += f" | val -{val}/step {r['val_neg_elbo_per_step']:.4f}"
     return text + f" ({r['seconds']:.2f}s)"

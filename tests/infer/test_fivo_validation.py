@@ -100,3 +100,15 @@ def test_bad_validation_options():
     with pytest.raises(ValueError, match="val_every"):
         fit(model, guide, x, val_data=x, epochs=1, batch_size=4, lr=0.01, val_every=0,
             progress=False)
+
+
+def test_epoch_line_names_the_objectives(capsys):
+    """The progress line says which bound it prints: FIVO for training and validation by
+    default under ``objective="fivo"``, the ELBO for validation with ``val_objective="elbo"``."""
+    x = _data(num=4, T=6, seed=3)
+    for val_objective, expected in ((None, "val -fivo/step"), ("elbo", "val -elbo/step")):
+        model, guide = _pair()
+        fit(model, guide, x, val_data=x, epochs=1, batch_size=4, lr=0.01, objective="fivo",
+            num_particles=2, val_objective=val_objective, progress=True)
+        err = capsys.readouterr().err
+        assert "epoch 1: -fivo/step" in err and expected in err, err
