@@ -131,3 +131,27 @@ def test_block_path_float32_matches_float64(monkeypatch):
     ll64 = kalman_log_likelihood(*[s[k] for k in ARGS], per_step=True)
     ll32 = kalman_log_likelihood(*[s[k].float() for k in ARGS], per_step=True)
     assert (ll32.double() - ll64).abs().max() < 1e-3
+
+
+def test_block_path_float32_long_constant_level(monkeypatch):
+    """The slowly converging case of ``test_float32_long_constant_level_matches_float64`` (A =
+    1, Q = 0, R = 2e6: no fixed point is ever reached, so every step runs) for a batch of 8
+    sequences, which takes the block path: float32 within 1% of the float64 textbook filter."""
+    import numpy as np
+    from test_lgssm_exactness import FLOAT32_LONG_RTOL, _textbook_scalar_filter
+
+    T, r, p0, N = 200_000, 2e6, 1.0, 8
+    x = 0.5 + np.sqrt(r) * np.random.default_rng(0).normal(size=(N, T))
+    calls = []
+    original = _blocks.varying_block_steps
+    monkeypatch.setattr(_steps, "varying_block_steps",
+                        lambda *a: calls.append(a[5]) or original(*a))
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    res = kalman_filter(torch.as_tensor(x, dtype=torch.float32).unsqueeze(-1), f32([[1.0]]),
+                        f32([[1.0]]), f32([[0.0]]), f32([[r]]), f32([0.0]), f32([[p0]]))
+    assert calls == [T]
+    for b in range(2):
+        P_ref, m_ref, ll_ref = _textbook_scalar_filter(x[b], r, p0)
+        assert abs(res.filtered_covs[b, -1, 0, 0].item() / P_ref - 1) < FLOAT32_LONG_RTOL
+        assert abs(res.filtered_means[b, -1, 0].item() / m_ref - 1) < FLOAT32_LONG_RTOL
+        assert abs(res.log_likelihood[b].item() / ll_ref - 1) < FLOAT32_LONG_RTOL
