@@ -24,11 +24,13 @@ every array through memory several times; here the data are read by three or fou
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
-from ._recurrence import varying_affine_recurrence
+from ._recurrence import block_length, varying_affine_recurrence
 
 
 def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
@@ -112,13 +114,9 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     Returns batch-major ``filt_means (N, Td, n)``, ``pred_means (N, Td, n)`` (both None
     without ``moments``), ``step_log_likelihoods (N, Td)`` and the last filtered mean
     ``(N, n)``; ``N`` the flattened ``batch``."""
-    from ._recurrence import block_length
-
     p = prep.x.shape[-1]
     n = prep.init_mean.shape[-1]
-    N = 1
-    for s in batch:
-        N *= s
+    N = math.prod(batch)
     blk = blk or block_length(Td)
     nb = -(-Td // blk)
     S, pad = nb * blk, nb * blk - Td
