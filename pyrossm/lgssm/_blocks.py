@@ -30,7 +30,7 @@ import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
-from ._recurrence import block_length, varying_affine_recurrence
+from ._recurrence import block_length, tracks_grad, varying_affine_recurrence
 
 
 def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
@@ -148,8 +148,12 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     rest = varying_affine_recurrence(ends[:-1].transpose(0, 1), Vl[:-1, -1], m0)
     starts = torch.cat([m0.unsqueeze(0), rest.transpose(0, 1)], 0)  # (nb, N, n)
     W_w, V_w = ops["w"]
-    w = torch.baddbmm(zb @ W_w, starts, V_w)  # (nb, N, blk p)
-    ssq = (w * w).view(nb, N, blk, p).sum(-1).permute(1, 0, 2).reshape(N, S)[:, :Td]
+    if tracks_grad(zb, W_w, starts):
+        w = torch.baddbmm(zb @ W_w, starts, V_w)  # (nb, N, blk p)
+        ssq = (w * w).view(nb, N, blk, p).sum(-1)
+    else:
+        ssq = _sums_of_squares(zb, starts, W_w, V_w, p)
+    ssq = ssq.permute(1, 0, 2).reshape(N, S)[:, :Td]
     ll = -0.5 * (ssq + p * _LOG_2PI) - half_logdet[:Td]
     batch_major = lambda v: v.permute(1, 0, 2).reshape(N, S, n)[:, :Td]  # noqa: E731
     if moments:
@@ -159,3 +163,23 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     j, i = divmod(Td - 1, blk)
     m = torch.addmm(zb[j] @ Wl[j, i], starts[j], Vl[j, i])
     return None, None, ll, m
+
+
+def _sums_of_squares(zb, starts, W_w, V_w, p, chunk_bytes=1 << 19):
+    """``(nb, N, blk)``: Σ_p w² of every step, ``w = zb W_w + starts V_w`` per block, without
+    autograd, in chunks of sequences (at least 32) through one reused buffer of about
+    ``chunk_bytes``: the innovations are as large as the data, and a fresh array that size
+    costs about as much in first-touch page faults as the products, and leaves the cache
+    (256 x 1000 steps: 19 -> 14 ms for the whole log-likelihood)."""
+    nb, N, width = zb.shape[0], zb.shape[1], W_w.shape[-1]
+    blk = width // p
+    rows = max(32, chunk_bytes // (nb * width * zb.element_size()))  # not too thin
+    sum_p = torch.block_diag(*[torch.ones(p, 1, dtype=zb.dtype, device=zb.device)] * blk)
+    out = zb.new_empty(nb, N, blk)
+    buf = zb.new_empty(nb, min(rows, N), width)
+    for i in range(0, N, rows):
+        j = min(i + rows, N)
+        w = torch.bmm(zb[:, i:j], W_w, out=buf[:, : j - i])
+        w.baddbmm_(starts[:, i:j], V_w)
+        out[:, i:j] = w.mul_(w) @ sum_p
+    return out

@@ -155,3 +155,22 @@ def test_block_path_float32_long_constant_level(monkeypatch):
         assert abs(res.filtered_covs[b, -1, 0, 0].item() / P_ref - 1) < FLOAT32_LONG_RTOL
         assert abs(res.filtered_means[b, -1, 0].item() / m_ref - 1) < FLOAT32_LONG_RTOL
         assert abs(res.log_likelihood[b].item() / ll_ref - 1) < FLOAT32_LONG_RTOL
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_block_path_without_autograd_in_chunks(offsets, monkeypatch):
+    """Without autograd the innovations' squares are summed in chunks of sequences through
+    one buffer (here 300 sequences of 200 steps in float64: chunks of 163 and 137
+    sequences); equal to the step path."""
+    s = random_system(3, 2, 200, seed=8)
+    g = torch.Generator().manual_seed(2)
+    s["x"] = torch.randn(300, 200, 2, generator=g, dtype=torch.float64)  # any data will do
+    extra = dict(transition_offset=torch.randn(300, 200, 3, generator=g,
+                                               dtype=torch.float64)) if offsets else {}
+    args = [s[k] for k in ARGS]
+    monkeypatch.setattr(_steps, "STEADY_STATE", False)
+    with torch.no_grad():
+        block = kalman_log_likelihood(*args, per_step=True, **extra)
+        monkeypatch.setattr(_steps, "_BLOCK_STEPS_MIN_WORK", 1 << 62)
+        step = kalman_log_likelihood(*args, per_step=True, **extra)
+    assert_rel_close(block, step, 1e-11, "log-likelihood")
