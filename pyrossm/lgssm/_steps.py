@@ -9,7 +9,8 @@ Two paths:
   data, so it runs over the parameters' batch only. The first ``_SEQ_STEPS`` steps are run one by
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
-  over the covariance part only (O(log T) depth, no data). The means are then a linear
+  over the covariance part only (O(log T) depth, no data); with time-invariant parameters,
+  whose elements after the first are all the same, by doubling (:func:`_doubling_prefixes`). The means are then a linear
   recurrence with known gains, solved in blocks of about 8 steps (:mod:`pyrossm.lgssm._recurrence`);
   before the fixed point (all steps without it) and for batches of more than a few sequences,
   with one operator per block shared by all sequences (:mod:`pyrossm.lgssm._blocks`).
@@ -165,6 +166,35 @@ def _cov_combine(earlier, later):
     )
 
 
+def _prefix_cov(C1, A2, C2, J2):
+    """The covariance part of ``(0, C1, 0) • (A2, C2, J2)`` (:func:`_cov_combine` with an
+    earlier element that has no A or J, as every prefix of the filter's elements has)."""
+    eye = torch.eye(C1.shape[-1], dtype=C1.dtype, device=C1.device)
+    IpCJ = eye + C1 @ J2
+    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
+    return sym(A2M @ C1 @ A2.transpose(-1, -2) + C2)
+
+
+def _doubling_prefixes(Cov1, generic, L):
+    """The covariance parts of the prefixes ``e_1 • g • ... • g`` (0 .. L-1 copies of the
+    same element ``g``; ``Cov1``, ``generic``'s three matrices ``(..., 1, n, n)``) by
+    doubling: with the first m prefixes and the powers g^1 .. g^m known, the next m prefixes
+    are the m-th one combined with each power, and the next powers g^m combined with each
+    (powers of one element commute). About half the combinations of the general scan, and
+    no interleaving. Returns ``(..., L, n, n)``."""
+    pre, powers = Cov1, generic
+    while pre.shape[-3] < L:
+        m = pre.shape[-3]
+        r = min(m, L - m)
+        A2, C2, J2 = (M[..., :r, :, :] for M in powers)
+        pre = torch.cat([pre, _prefix_cov(pre[..., -1:, :, :], A2, C2, J2)], -3)
+        if pre.shape[-3] < L:
+            top = tuple(M[..., -1:, :, :] for M in powers)
+            powers = tuple(torch.cat([a, b], -3)
+                           for a, b in zip(powers, _cov_combine(top, powers)))
+    return pre
+
+
 def riccati_scan(prep, t0, P_filt0, T):
     """Filtered covariances of steps ``t0 + 1 .. T - 1`` given the filtered covariance at
     ``t0``, by an associative scan (O(log T) depth) over the covariance parts of the filtering
@@ -190,6 +220,9 @@ def riccati_scan(prep, t0, P_filt0, T):
     Cov1 = update_cov(P1, K1, C[..., :1, :, :], R[..., :1, :, :])
     L = T - t0 - 1
     batch = torch.broadcast_shapes(Fm.shape[:-3], Cov.shape[:-3], Cov1.shape[:-3], J.shape[:-3])
+    if not any(prep.tv[k] for k in "ACQR"):  # every element after the first is the same
+        full = lambda M: M.expand(batch + M.shape[-3:])  # noqa: E731
+        return _doubling_prefixes(full(Cov1), (full(Fm), full(Cov), full(J)), L)
     full = lambda M: M.expand(batch + (L, n, n))  # noqa: E731
     Fm, Cov, J = full(Fm), full(Cov), full(J)
     Fm = torch.cat([torch.zeros_like(Fm[..., :1, :, :]), Fm[..., 1:, :, :]], -3)

@@ -213,3 +213,35 @@ def test_filter_block_operators_equal_a_loop(n, p, k):
         r, width = 2, ref.shape[1] // blk  # the leading blocks: a block of r steps
         short = z[:, :r].reshape(N, -1) @ W[: r * k, : r * width] + m @ V[:, : r * width]
         torch.testing.assert_close(short, ref[:, : r * width], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 8, 13, 64, 100])
+def test_doubling_prefixes_equal_the_associative_scan(L):
+    """With time-invariant parameters every filtering element after the first is the same, and
+    the covariance prefixes come from doubling (``_steps._doubling_prefixes``); they equal the
+    general associative scan over the expanded elements, with parameter batch dims, in
+    float64, and so do their gradients."""
+    from pyrossm.lgssm._scan import associative_scan
+
+    s = random_system(3, 2, 5, seed=L, batch=(2,))
+    A = s["A"].clone().requires_grad_()
+    n = 3
+    eye = torch.eye(n, dtype=torch.float64)
+    Fm = (0.5 * A).expand(2, 1, n, n)  # any element with symmetric PSD C and J will do
+    Cov = (s["Q"] + eye).expand(2, 1, n, n)
+    J = (A.mT @ A).expand(2, 1, n, n)
+    Cov1 = (2 * eye).expand(2, 1, n, n)
+    got = _steps._doubling_prefixes(Cov1, (Fm, Cov, J), L)
+    full = lambda M: M.expand(2, L, n, n)  # noqa: E731
+    elems = (torch.cat([torch.zeros_like(Fm), full(Fm)[:, 1:]], 1),
+             torch.cat([Cov1, full(Cov)[:, 1:]], 1),
+             torch.cat([torch.zeros_like(J), full(J)[:, 1:]], 1))
+    ref = associative_scan(_steps._cov_combine, elems, (-3, -3, -3))[1]
+    assert got.shape == (2, L, n, n)
+    assert_rel_close(got, ref, 1e-12, "prefixes")
+    if L == 1:  # the first element alone: nothing depends on A
+        return
+    w = torch.randn(2, L, n, n, dtype=torch.float64)
+    g1, = torch.autograd.grad((got * w).sum(), A, retain_graph=True)
+    g2, = torch.autograd.grad((ref * w).sum(), A)
+    assert_rel_close(g1, g2, 1e-10, "gradient")
