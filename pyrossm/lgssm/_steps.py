@@ -10,10 +10,11 @@ Two paths:
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
   over the covariance part only (O(log T) depth, no data); with time-invariant parameters,
-  whose elements after the first are all the same, by doubling (:func:`_doubling_prefixes`). The means are then a linear
-  recurrence with known gains, solved in blocks of about 8 steps (:mod:`pyrossm.lgssm._recurrence`);
-  before the fixed point (all steps without it) and for batches of more than a few sequences,
-  with one operator per block shared by all sequences (:mod:`pyrossm.lgssm._blocks`).
+  whose elements after the first are all the same, by doubling (:func:`_doubling_prefixes`).
+  The means are then a linear recurrence with known gains, solved in blocks of about 8 steps
+  (:mod:`pyrossm.lgssm._recurrence`); before the fixed point (all steps without it) and for
+  batches of more than a few sequences, with one operator per block shared by all sequences
+  (:mod:`pyrossm.lgssm._blocks`).
   After the fixed point the blocks are aligned with t = 0, so that the filtered means, the
   predicted means and the whitened innovations of every block of every sequence are each
   one product of the blocks' inputs plus one of the means before the blocks (those solve the
@@ -33,6 +34,7 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, sym
 
+from . import _small
 from ._blocks import varying_block_steps
 from ._recurrence import (
     affine_recurrence,
@@ -55,6 +57,9 @@ _SEQ_STEPS = 64
 # fewer than 64 sequences the blocks are 4 steps long (half the operators' size).
 _BLOCK_STEPS_MIN_WORK = 1 << 15
 _BLOCK_STEPS_MIN_BATCH = 8
+# From this many steps the innovation covariances of all steps are factorised entry by entry
+# over the steps (._small) instead of by LAPACK's per-matrix loop (measured crossover ~1,000).
+_UNROLLED_MIN_STEPS = 2048
 # Stop the covariance recursion at the Riccati fixed point (set False to measure without it).
 STEADY_STATE = True
 
@@ -77,6 +82,18 @@ def innovation_terms(P_pred, C, R):
     L = cholesky(S)
     K = torch.cholesky_solve(CP, L).transpose(-1, -2)
     return L, K
+
+
+def _many_innovation_terms(P_pred, C, R):
+    """:func:`innovation_terms` for many steps at once (``P_pred (..., T, n, n)``): with many
+    small matrices the factorisation and the solve are written out entry by entry over the
+    batch (:mod:`._small`), instead of LAPACK's per-matrix loop."""
+    CP = C @ P_pred
+    S = sym(CP @ C.transpose(-1, -2) + R)
+    if not _small.use_unrolled(S, _UNROLLED_MIN_STEPS):
+        L = cholesky(S)
+        return L, torch.cholesky_solve(CP, L).transpose(-1, -2)
+    return _small.cholesky_lower(S), _small.spd_solve(S, CP)[0].transpose(-1, -2)
 
 
 def update_cov(P_pred, K, C, R):
@@ -255,7 +272,7 @@ def shared_covariances(prep, T, batch_shape, allow_steady=True):
     rest_pred = sym(A @ prev @ A.transpose(-1, -2) + Q)
     C = with_time(prep.C[..., t0:, :, :] if prep.tv["C"] else prep.C, prep.tv["C"])
     R = with_time(prep.R[..., t0:, :, :] if prep.tv["R"] else prep.R, prep.tv["R"])
-    rest_L, rest_K = innovation_terms(rest_pred, C, R)
+    rest_L, rest_K = _many_innovation_terms(rest_pred, C, R)
     return (
         _cat_time(pred, rest_pred),
         _cat_time(filt, rest_filt),
@@ -318,7 +335,10 @@ def shared_filter(prep, allow_steady=None, moments=True):
     pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady)
     batch = _data_batch(prep)
     eye_p = torch.eye(p, dtype=L.dtype, device=L.device)
-    Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)  # (Td, p, p)
+    if _small.use_unrolled(L, _UNROLLED_MIN_STEPS):
+        Linv = _small.lower_inverse(L)  # (Td, p, p)
+    else:
+        Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)
     half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
     T_var, blk = T, None
     if Td < T:  # past the fixed point the gain is constant: the means are solved in blocks

@@ -74,3 +74,30 @@ def test_smoother_with_unrolled_gains_equals_lapack_gains(missing, singular, mon
         assert torch.isfinite(getattr(fast, key)).all(), key
         assert_rel_close(getattr(fast, key), getattr(ref, key), 1e-10, key)
     assert_rel_close(g_fast, g_ref, 1e-9, "gradient w.r.t. A")
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_cholesky_lower_and_lower_inverse_equal_lapack(n):
+    """The unrolled factor and triangular inverse equal LAPACK's in float64, with two batch
+    dims, and so do their gradients along symmetric directions (the unrolled factor reads
+    the lower triangle, LAPACK's gradient is symmetrised: their sums with the transposes
+    agree); a matrix that is not positive definite gives non-finite entries (as
+    ``cholesky_ex`` does), without raising."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(30, 10, n, n, generator=g, dtype=torch.float64)
+    S = (X @ X.mT + 0.1 * torch.eye(n, dtype=torch.float64)).requires_grad_()
+    L = _small.cholesky_lower(S)
+    Li = _small.lower_inverse(L)
+    L_ref = torch.linalg.cholesky(S)
+    Li_ref = torch.linalg.solve_triangular(L_ref, torch.eye(n, dtype=torch.float64).expand(
+        L_ref.shape), upper=False)
+    torch.testing.assert_close(L, L_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Li, Li_ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn(30, 10, n, n, generator=g, dtype=torch.float64)
+    g1, = torch.autograd.grad(((L + Li) * w).sum(), S)
+    g2, = torch.autograd.grad(((L_ref + Li_ref) * w).sum(), S)
+    torch.testing.assert_close(g1 + g1.mT, g2 + g2.mT, rtol=1e-8, atol=1e-8)
+    bad = torch.eye(n, dtype=torch.float64).expand(3, n, n).clone()
+    bad[1, -1, -1] = -1.0
+    out = _small.cholesky_lower(bad)
+    assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).all()
