@@ -5,11 +5,17 @@ vectors ``(..., T, n)`` and -3 for matrices ``(..., T, n, n)``; batch dims may d
 elements as long as ``combine`` broadcasts them.
 The recursion is the odd/even one (Blelloch 1990; as in ``jax.lax.associative_scan``): depth
 O(log T), every level one batched call of ``combine``.
+
+Below it, the covariance part of the Kalman filter's elements: their combination, and the
+prefixes by doubling when every element after the first is the same (time-invariant
+parameters).
 """
 
 from __future__ import annotations
 
 import torch
+
+from pyrossm._gaussian import sym
 
 
 def _slice(elems, dims, start, stop=None, step=None):
@@ -60,3 +66,50 @@ def associative_scan(combine, elems, time_dims):
     first = _slice(elems, time_dims, 0, 1)
     even = tuple(torch.cat([f, r], d) for f, r, d in zip(first, even_rest, time_dims))
     return _interleave(even, odd, time_dims)
+
+
+# ----------------------------------------------------------------------------------------------
+# the covariance part of the Kalman filter's elements (Särkkä & García-Fernández 2021)
+def _cov_combine(earlier, later):
+    """The covariance part of the filtering elements' combination (Särkkä & García-Fernández
+    2021, eq. (32)): (A, C, J) of two consecutive stretches of time."""
+    A1, C1, J1 = earlier
+    A2, C2, J2 = later
+    eye = torch.eye(A1.shape[-1], dtype=A1.dtype, device=A1.device)
+    IpCJ = eye + C1 @ J2
+    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
+    A1T_Minv = torch.linalg.solve(IpCJ, A1).transpose(-1, -2)
+    return (
+        A2M @ A1,
+        sym(A2M @ C1 @ A2.transpose(-1, -2) + C2),
+        sym(A1T_Minv @ J2 @ A1 + J1),
+    )
+
+
+def _prefix_cov(C1, A2, C2, J2):
+    """The covariance part of ``(0, C1, 0) • (A2, C2, J2)`` (:func:`_cov_combine` with an
+    earlier element that has no A or J, as every prefix of the filter's elements has)."""
+    eye = torch.eye(C1.shape[-1], dtype=C1.dtype, device=C1.device)
+    IpCJ = eye + C1 @ J2
+    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
+    return sym(A2M @ C1 @ A2.transpose(-1, -2) + C2)
+
+
+def _doubling_prefixes(Cov1, generic, L):
+    """The covariance parts of the prefixes ``e_1 • g • ... • g`` (0 .. L-1 copies of the
+    same element ``g``; ``Cov1``, ``generic``'s three matrices ``(..., 1, n, n)``) by
+    doubling: with the first m prefixes and the powers g^1 .. g^m known, the next m prefixes
+    are the m-th one combined with each power, and the next powers g^m combined with each
+    (powers of one element commute). About half the combinations of the general scan, and
+    no interleaving. Returns ``(..., L, n, n)``."""
+    pre, powers = Cov1, generic
+    while pre.shape[-3] < L:
+        m = pre.shape[-3]
+        r = min(m, L - m)
+        A2, C2, J2 = (M[..., :r, :, :] for M in powers)
+        pre = torch.cat([pre, _prefix_cov(pre[..., -1:, :, :], A2, C2, J2)], -3)
+        if pre.shape[-3] < L:
+            top = tuple(M[..., -1:, :, :] for M in powers)
+            powers = tuple(torch.cat([a, b], -3)
+                           for a, b in zip(powers, _cov_combine(top, powers)))
+    return pre

@@ -10,7 +10,7 @@ Two paths:
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
   over the covariance part only (O(log T) depth, no data); with time-invariant parameters,
-  whose elements after the first are all the same, by doubling (:func:`_doubling_prefixes`).
+  whose elements after the first are all the same, by doubling (:mod:`._scan`).
   The means are then a linear recurrence with known gains, solved in blocks of about 8 steps
   (:mod:`pyrossm.lgssm._recurrence`); before the fixed point (all steps without it) and for
   batches of more than a few sequences, with one operator per block shared by all sequences
@@ -44,7 +44,7 @@ from ._recurrence import (
     varying_affine_recurrence,
     write_into,
 )
-from ._scan import associative_scan
+from ._scan import _cov_combine, _doubling_prefixes, associative_scan
 
 # The steady-state stop allows this many ulps of distance to the Riccati fixed point.
 _STEADY_ULPS = 32
@@ -165,51 +165,6 @@ def _at_fixed_point(P, P_prev, K, prep, eps):
             return False
         q = contraction_rate(K, prep.C, prep.A)
         return q < 1 and change / (1 - q) <= _STEADY_ULPS * eps
-
-
-def _cov_combine(earlier, later):
-    """The covariance part of the filtering elements' combination (Särkkä & García-Fernández
-    2021, eq. (32)): (A, C, J) of two consecutive stretches of time."""
-    A1, C1, J1 = earlier
-    A2, C2, J2 = later
-    eye = torch.eye(A1.shape[-1], dtype=A1.dtype, device=A1.device)
-    IpCJ = eye + C1 @ J2
-    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
-    A1T_Minv = torch.linalg.solve(IpCJ, A1).transpose(-1, -2)
-    return (
-        A2M @ A1,
-        sym(A2M @ C1 @ A2.transpose(-1, -2) + C2),
-        sym(A1T_Minv @ J2 @ A1 + J1),
-    )
-
-
-def _prefix_cov(C1, A2, C2, J2):
-    """The covariance part of ``(0, C1, 0) • (A2, C2, J2)`` (:func:`_cov_combine` with an
-    earlier element that has no A or J, as every prefix of the filter's elements has)."""
-    eye = torch.eye(C1.shape[-1], dtype=C1.dtype, device=C1.device)
-    IpCJ = eye + C1 @ J2
-    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
-    return sym(A2M @ C1 @ A2.transpose(-1, -2) + C2)
-
-
-def _doubling_prefixes(Cov1, generic, L):
-    """The covariance parts of the prefixes ``e_1 • g • ... • g`` (0 .. L-1 copies of the
-    same element ``g``; ``Cov1``, ``generic``'s three matrices ``(..., 1, n, n)``) by
-    doubling: with the first m prefixes and the powers g^1 .. g^m known, the next m prefixes
-    are the m-th one combined with each power, and the next powers g^m combined with each
-    (powers of one element commute). About half the combinations of the general scan, and
-    no interleaving. Returns ``(..., L, n, n)``."""
-    pre, powers = Cov1, generic
-    while pre.shape[-3] < L:
-        m = pre.shape[-3]
-        r = min(m, L - m)
-        A2, C2, J2 = (M[..., :r, :, :] for M in powers)
-        pre = torch.cat([pre, _prefix_cov(pre[..., -1:, :, :], A2, C2, J2)], -3)
-        if pre.shape[-3] < L:
-            top = tuple(M[..., -1:, :, :] for M in powers)
-            powers = tuple(torch.cat([a, b], -3)
-                           for a, b in zip(powers, _cov_combine(top, powers)))
-    return pre
 
 
 def riccati_scan(prep, t0, P_filt0, T):

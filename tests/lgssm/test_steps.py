@@ -218,9 +218,10 @@ def test_filter_block_operators_equal_a_loop(n, p, k):
 @pytest.mark.parametrize("L", [1, 2, 3, 8, 13, 64, 100])
 def test_doubling_prefixes_equal_the_associative_scan(L):
     """With time-invariant parameters every filtering element after the first is the same, and
-    the covariance prefixes come from doubling (``_steps._doubling_prefixes``); they equal the
+    the covariance prefixes come from doubling (``_scan._doubling_prefixes``); they equal the
     general associative scan over the expanded elements, with parameter batch dims, in
     float64, and so do their gradients."""
+    from pyrossm.lgssm import _scan
     from pyrossm.lgssm._scan import associative_scan
 
     s = random_system(3, 2, 5, seed=L, batch=(2,))
@@ -231,12 +232,12 @@ def test_doubling_prefixes_equal_the_associative_scan(L):
     Cov = (s["Q"] + eye).expand(2, 1, n, n)
     J = (A.mT @ A).expand(2, 1, n, n)
     Cov1 = (2 * eye).expand(2, 1, n, n)
-    got = _steps._doubling_prefixes(Cov1, (Fm, Cov, J), L)
+    got = _scan._doubling_prefixes(Cov1, (Fm, Cov, J), L)
     full = lambda M: M.expand(2, L, n, n)  # noqa: E731
     elems = (torch.cat([torch.zeros_like(Fm), full(Fm)[:, 1:]], 1),
              torch.cat([Cov1, full(Cov)[:, 1:]], 1),
              torch.cat([torch.zeros_like(J), full(J)[:, 1:]], 1))
-    ref = associative_scan(_steps._cov_combine, elems, (-3, -3, -3))[1]
+    ref = associative_scan(_scan._cov_combine, elems, (-3, -3, -3))[1]
     assert got.shape == (2, L, n, n)
     assert_rel_close(got, ref, 1e-12, "prefixes")
     if L == 1:  # the first element alone: nothing depends on A
