@@ -34,6 +34,17 @@ def _run(s, offsets, blocks, monkeypatch, steady):
     return res, ll, grads
 
 
+def _assert_paths_agree(s, offsets, monkeypatch, steady):
+    """Both paths give the same outputs (1e-11) and gradients (1e-9)."""
+    res_b, ll_b, g_b = _run(s, offsets, True, monkeypatch, steady)
+    res_s, ll_s, g_s = _run(s, offsets, False, monkeypatch, steady)
+    for key in res_b._fields:
+        assert_rel_close(getattr(res_b, key), getattr(res_s, key), 1e-11, key)
+    assert_rel_close(ll_b, ll_s, 1e-11, "kalman_log_likelihood")
+    for a, c in zip(g_b, g_s):
+        assert_rel_close(a, c, 1e-9, "gradient")
+
+
 @pytest.mark.parametrize("steady", [False, True])
 @pytest.mark.parametrize("offsets", [False, True])
 @pytest.mark.parametrize("B,T", [(3, 1), (3, 2), (5, 37), (70, 40), (2, 160)])
@@ -48,13 +59,7 @@ def test_block_path_equals_step_path(B, T, offsets, steady, monkeypatch):
     if offsets:
         extra = dict(transition_offset=torch.randn(B, T, 3, generator=g, dtype=torch.float64),
                      observation_offset=torch.randn(T, 2, generator=g, dtype=torch.float64))
-    res_b, ll_b, g_b = _run(s, extra, True, monkeypatch, steady)
-    res_s, ll_s, g_s = _run(s, extra, False, monkeypatch, steady)
-    for key in res_b._fields:
-        assert_rel_close(getattr(res_b, key), getattr(res_s, key), 1e-11, key)
-    assert_rel_close(ll_b, ll_s, 1e-11, "kalman_log_likelihood")
-    for a, c in zip(g_b, g_s):
-        assert_rel_close(a, c, 1e-9, "gradient")
+    _assert_paths_agree(s, extra, monkeypatch, steady)
 
 
 @pytest.mark.parametrize("offsets", [False, True])
@@ -68,13 +73,7 @@ def test_block_path_time_varying_parameters(offsets, monkeypatch):
     s["A"] = s["A"] + 0.1 * torch.randn(T, n, n, generator=g, **d)
     s["C"] = s["C"] + 0.3 * torch.randn(T, p, n, generator=g, **d)
     extra = dict(transition_offset=torch.randn(T, n, generator=g, **d)) if offsets else {}
-    res_b, ll_b, g_b = _run(s, extra, True, monkeypatch, False)
-    res_s, ll_s, g_s = _run(s, extra, False, monkeypatch, False)
-    for key in res_b._fields:
-        assert_rel_close(getattr(res_b, key), getattr(res_s, key), 1e-11, key)
-    assert_rel_close(ll_b, ll_s, 1e-11, "kalman_log_likelihood")
-    for a, c in zip(g_b, g_s):
-        assert_rel_close(a, c, 1e-9, "gradient")
+    _assert_paths_agree(s, extra, monkeypatch, False)
 
 
 def test_block_path_equals_dense_joint_gaussian(monkeypatch):
