@@ -26,20 +26,11 @@ def use_unrolled(P, min_batch=MIN_BATCH):
     return n <= MAX_DIM and P[..., 0, 0].numel() >= min_batch
 
 
-def spd_solve(P, B):
-    """``X = P⁻¹ B`` for symmetric positive definite ``P (..., n, n)`` and ``B (..., n, k)``
-    (batch dims broadcast), by the Cholesky factorisation ``P = L Lᵀ``; also returns the
-    squared pivots ``L_jj²`` ``(..., n)`` (a pivot near 0 means ``P`` is near singular; the
-    solution is then not finite or not accurate, and the caller decides). Reads only the lower
-    triangle of ``P``.
-    """
-    n, k = P.shape[-1], B.shape[-1]
-    batch = torch.broadcast_shapes(P.shape[:-2], B.shape[:-2])
-    Pl = P.expand(batch + (n, n)).reshape(-1, n, n).permute(1, 2, 0).contiguous()  # (n, n, M)
-    Bl = B.expand(batch + (n, k)).reshape(-1, n, k).permute(1, 2, 0).contiguous()  # (n, k, M)
+def _factor(Pl, n):
+    """Cholesky of ``Pl (n, n, M)`` (batch last): rows of ``L`` (``[i][j]``, (M,) each; None
+    above the diagonal), ``1 / L_jj`` and the squared pivots ``L_jj²``."""
     L = [[None] * n for _ in range(n)]
-    inv = [None] * n  # 1 / L_jj
-    pivots = []
+    inv, pivots = [None] * n, []
     for j in range(n):
         s = Pl[j, j]
         for q in range(j):
@@ -52,6 +43,22 @@ def spd_solve(P, B):
             for q in range(j):
                 t = torch.addcmul(t, L[i][q], L[j][q], value=-1)
             L[i][j] = t * inv[j]
+    return L, inv, pivots
+
+
+def spd_solve(P, B, return_factor=False):
+    """``X = P⁻¹ B`` for symmetric positive definite ``P (..., n, n)`` and ``B (..., n, k)``
+    (batch dims broadcast), by the Cholesky factorisation ``P = L Lᵀ``; also returns the
+    squared pivots ``L_jj²`` ``(..., n)`` (a pivot near 0 means ``P`` is near singular; the
+    solution is then not finite or not accurate, and the caller decides), and with
+    ``return_factor`` the lower factor ``L (..., n, n)`` too. Reads only the lower triangle
+    of ``P``.
+    """
+    n, k = P.shape[-1], B.shape[-1]
+    batch = torch.broadcast_shapes(P.shape[:-2], B.shape[:-2])
+    Pl = P.expand(batch + (n, n)).reshape(-1, n, n).permute(1, 2, 0).contiguous()  # (n, n, M)
+    Bl = B.expand(batch + (n, k)).reshape(-1, n, k).permute(1, 2, 0).contiguous()  # (n, k, M)
+    L, inv, pivots = _factor(Pl, n)
     # L Y = B, row by row (each row (k, M)), then Lᵀ X = Y from the last row up
     Y = []
     for i in range(n):
@@ -67,7 +74,14 @@ def spd_solve(P, B):
         X[i] = t * inv[i]
     X = torch.stack(X, 0).permute(2, 0, 1).contiguous().reshape(batch + (n, k))  # batch first
     pivots = torch.stack(pivots, -1).reshape(batch + (n,))
-    return X, pivots
+    if not return_factor:
+        return X, pivots
+    return X, pivots, _batch_first(_fill_upper(L, Pl[0, 0]), batch)
+
+
+def _fill_upper(L, like):
+    zero = torch.zeros_like(like)
+    return [[L[i][j] if j <= i else zero for j in range(len(L))] for i in range(len(L))]
 
 
 def _batch_last(M):
@@ -88,21 +102,9 @@ def cholesky_lower(S):
     that is not positive definite gives non-finite entries, as ``torch.linalg.cholesky_ex``
     does (callers check once)."""
     n = S.shape[-1]
-    Sl, batch = _batch_last(S)
-    zero = torch.zeros_like(Sl[0][0])
-    L = [[zero] * n for _ in range(n)]
-    for j in range(n):
-        s = Sl[j][j]
-        for q in range(j):
-            s = torch.addcmul(s, L[j][q], L[j][q], value=-1)
-        inv = torch.rsqrt(s)
-        L[j][j] = s * inv
-        for i in range(j + 1, n):
-            t = Sl[i][j]
-            for q in range(j):
-                t = torch.addcmul(t, L[i][q], L[j][q], value=-1)
-            L[i][j] = t * inv
-    return _batch_first(L, batch)
+    Sl = S.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # (n, n, M)
+    L, _, _ = _factor(Sl, n)
+    return _batch_first(_fill_upper(L, Sl[0, 0]), S.shape[:-2])
 
 
 def lower_inverse(L):

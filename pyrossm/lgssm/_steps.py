@@ -93,7 +93,8 @@ def _many_innovation_terms(P_pred, C, R):
     if not _small.use_unrolled(S, _UNROLLED_MIN_STEPS):
         L = cholesky(S)
         return L, torch.cholesky_solve(CP, L).transpose(-1, -2)
-    return _small.cholesky_lower(S), _small.spd_solve(S, CP)[0].transpose(-1, -2)
+    X, _, L = _small.spd_solve(S, CP, return_factor=True)  # one factorisation
+    return L, X.transpose(-1, -2)
 
 
 def update_cov(P_pred, K, C, R):
