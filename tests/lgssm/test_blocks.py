@@ -158,18 +158,23 @@ def test_block_path_float32_long_constant_level(monkeypatch):
 
 @pytest.mark.parametrize("offsets", [False, True])
 def test_block_path_without_autograd_in_chunks(offsets, monkeypatch):
-    """Without autograd the innovations' squares are summed in chunks of sequences through
-    one buffer (here 300 sequences of 200 steps in float64: chunks of 163 and 137
-    sequences); equal to the step path."""
-    s = random_system(3, 2, 200, seed=8)
+    """Without autograd the log-likelihoods and the means are computed in chunks of sequences
+    through one buffer and written batch-major (here 300 sequences of 201 steps in float64:
+    26 blocks of 8, the last one padded, chunks of 157 and 143 sequences); equal to the step
+    path."""
+    s = random_system(3, 2, 201, seed=8)
     g = torch.Generator().manual_seed(2)
-    s["x"] = torch.randn(300, 200, 2, generator=g, dtype=torch.float64)  # any data will do
-    extra = dict(transition_offset=torch.randn(300, 200, 3, generator=g,
+    s["x"] = torch.randn(300, 201, 2, generator=g, dtype=torch.float64)  # any data will do
+    extra = dict(transition_offset=torch.randn(300, 201, 3, generator=g,
                                                dtype=torch.float64)) if offsets else {}
     args = [s[k] for k in ARGS]
     monkeypatch.setattr(_steps, "STEADY_STATE", False)
     with torch.no_grad():
         block = kalman_log_likelihood(*args, per_step=True, **extra)
+        block_res = kalman_filter(*args, parallel=False, **extra)
         monkeypatch.setattr(_steps, "_BLOCK_STEPS_MIN_WORK", 1 << 62)
         step = kalman_log_likelihood(*args, per_step=True, **extra)
+        step_res = kalman_filter(*args, parallel=False, **extra)
     assert_rel_close(block, step, 1e-11, "log-likelihood")
+    for key in ("filtered_means", "predicted_means", "log_likelihood"):
+        assert_rel_close(getattr(block_res, key), getattr(step_res, key), 1e-11, key)
