@@ -69,39 +69,36 @@ def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
         rows.append(torch.cat(parts, 1))
         Nrows.append(Nrows[-1] @ FT[:, i] if i else FT[:, 0])
     Lm, Nm = torch.stack(rows, 1), torch.stack(Nrows, 1)  # (nb, blk, blk, k, n), (nb, blk, n, n)
-    # predicted means: the filtered mean one step back (m_0 first) times A_iᵀ
-    Lpred = K.new_zeros(nb, blk, blk, k, n)
+    AT = A.mT.reshape(nb, blk, n, n) if tvA else A.mT
+    CT = C.mT.reshape(nb, blk, n, p) if tvC else C.mT
+    LinvT = Linv.mT.reshape(nb, blk, p, p)
+    CL = CT @ LinvT  # (nb, blk, n, p): C_iᵀ L_i⁻ᵀ
+    idx = torch.arange(blk, device=dev)
+    # predicted means (only with the moments): the filtered mean one step back (m_0 first)
+    # times A_iᵀ, + b_i
     Nprev = torch.cat([eye.expand(nb, 1, n, n), Nm[:, :-1]], 1)
-    if tvA:
-        AT = A.mT.reshape(nb, blk, n, n)
-        for i in range(1, blk):
-            Lpred[:, i] = (Lm[:, i - 1].reshape(nb, blk * k, n) @ AT[:, i]).view(nb, blk, k, n)
-        Npred = Nprev @ AT
-    else:
-        Lpred[:, 1:] = (Lm[:, :-1].reshape(-1, n) @ A.mT).view(nb, blk - 1, blk, k, n)
-        Npred = (Nprev.reshape(-1, n) @ A.mT).view(nb, blk, n, n)
+    Npred = Nprev @ AT
     # step 0 of block 0 predicts the initial mean itself (A_0 = I)
     Npred = torch.cat([torch.cat([eye.expand(1, 1, n, n), Npred[:1, 1:]], 1), Npred[1:]], 0)
-    if with_b:  # + b_t
-        idx = torch.arange(blk, device=dev)
-        Lpred[:, idx, idx, p:] = Lpred[:, idx, idx, p:] + eye
-    # whitened innovations: (x_t - m⁻_t Cᵀ) L_t⁻ᵀ
-    LinvT = Linv.mT.reshape(nb, blk, p, p)
-    if tvC:
-        CT = C.mT.reshape(nb, blk, n, p)
-        Le = Lpred.reshape(nb, blk, blk * k, n) @ CT
-        Ne = Npred @ CT
-    else:
-        Le = (Lpred.reshape(-1, n) @ C.mT).view(nb, blk, blk * k, p)
-        Ne = (Npred.reshape(-1, n) @ C.mT).view(nb, blk, n, p)
-    Lw = -(Le @ LinvT).view(nb, blk, blk, k, p)
-    idx = torch.arange(blk, device=dev)
+    # whitened innovations (x_i - m⁻_i Cᵀ) L_i⁻ᵀ: the data rows are the filtered means' one
+    # step back times A_iᵀ C_iᵀ L_i⁻ᵀ (one product; the predicted means' rows are not needed)
+    G = (AT @ CL)[:, 1:]  # (nb, blk - 1, n, p)
+    rows_back = Lm[:, :-1].reshape(nb, blk - 1, blk * k, n)
+    Lw = torch.cat([K.new_zeros(nb, 1, blk, k, p), (rows_back @ -G).view(nb, blk - 1, blk, k, p)],
+                   1)
     Lw[:, idx, idx, :p] = Lw[:, idx, idx, :p] + LinvT
-    Nw = -(Ne @ LinvT)
+    if with_b:  # b_i enters m⁻_i directly
+        Lw[:, idx, idx, p:] = Lw[:, idx, idx, p:] - CL
+    Nw = -(Npred @ CL)
     W = lambda L: L.permute(0, 2, 3, 1, 4).reshape(nb, blk * k, blk * L.shape[-1])  # noqa: E731
     V = lambda N: N.permute(0, 2, 1, 3).reshape(nb, n, blk * N.shape[-1])  # noqa: E731
     ops = {"w": (W(Lw), V(Nw)), "last": (Lm.reshape(nb, blk, blk * k, n), Nm)}
     if moments:
+        Lpred = torch.cat([K.new_zeros(nb, 1, blk, k, n),
+                           (rows_back @ (AT[:, 1:] if tvA else AT)).view(nb, blk - 1, blk, k, n)],
+                          1)
+        if with_b:
+            Lpred[:, idx, idx, p:] = Lpred[:, idx, idx, p:] + eye
         ops["m"], ops["pred"] = (W(Lm), V(Nm)), (W(Lpred), V(Npred))
     return ops
 
