@@ -265,9 +265,22 @@ def set_threads(threads):
                                   "intra_op_parallelism_threads=1")
 
 
+def cpu_model():
+    """The CPU's model name (Linux), else None: ratios against XLA moved with the CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine():
     """The machine and libraries of a run (written into every result JSON)."""
     return dict(platform=platform.platform(), processor=platform.processor(),
+                cpu_model=cpu_model(), torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 xla_flags=os.environ.get("XLA_FLAGS"),
