@@ -36,6 +36,7 @@ Run (single core; about 10 minutes with pykalman, use --skip pykalman for 2)::
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import platform
@@ -291,6 +292,17 @@ def machine():
                 versions=versions())
 
 
+def importable(module):
+    """True if ``module`` imports; else says which contender is skipped (the optional peers
+    come with the ``test`` and ``bench`` extras)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        print(f"  {module} skipped ({err}); pip install -e '.[test]'")
+        return False
+    return True
+
+
 def have_dynamax():
     try:
         import dynamax.linear_gaussian_ssm.inference  # noqa: F401
@@ -363,11 +375,11 @@ def run_cell(args, batch, steps, frac, dtype):
             record("pyro GaussianHMM", gaussian_hmm_method(p), p, 1, ref_hmm,
                    "one batched call (construction included)")
         p_np = {k: v.numpy() for k, v in p64.items()}
-        if "pykalman" not in skip:
+        if "pykalman" not in skip and importable("pykalman"):
             record("pykalman (loop)", pykalman_method(p_np), p_np["x"][:subset], batch / subset,
                    ref, f"float64; {subset} sequences timed, scaled x{batch / subset:g}",
                    repeats=min(args.repeats, 2))
-        if "statsmodels" not in skip:
+        if "statsmodels" not in skip and importable("statsmodels"):
             record("statsmodels (loop)", statsmodels_method(p_np), p_np["x"][:subset],
                    batch / subset, ref,
                    f"float64; {subset} sequences timed, scaled x{batch / subset:g}")
