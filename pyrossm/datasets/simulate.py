@@ -137,9 +137,12 @@ def random_stable_system(
     U = _randn((n, n), gen, f64, "cpu")
     init_mean = _randn((n,), gen, f64, "cpu")
     eye_n, eye_p = torch.eye(n, dtype=f64), torch.eye(p, dtype=f64)
-    Q = process_noise * (W @ W.T / n + eye_n)
-    R = obs_noise * (V @ V.T / p + eye_p)
-    init_cov = U @ U.T / n + eye_n
+    # F Fᵀ is not always bitwise symmetric (an AVX-512 matmul sums (i, j) and (j, i) in
+    # different orders): the mean with the transpose is
+    spd = lambda F, d, eye: 0.5 * ((F @ F.T) + (F @ F.T).T) / d + eye  # noqa: E731
+    Q = process_noise * spd(W, n, eye_n)
+    R = obs_noise * spd(V, p, eye_p)
+    init_cov = spd(U, n, eye_n)
     return LinearGaussianParams(
         *(t.to(device=device, dtype=dtype) for t in (A, C, Q, R, init_mean, init_cov))
     )
