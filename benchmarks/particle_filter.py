@@ -289,6 +289,9 @@ def run_fivo(args):
     for init_seed in args.init_seeds:
         for objective in args.arms:
             runs.append(_train_and_score(args, objective, init_seed, x_train, x_test, x_val))
+        if init_seed in _PRETRAINED and _PRETRAINED[init_seed][4]:
+            # --carry-optimizer: every arm has resumed its own copy; the paused run can go
+            shutil.rmtree(_PRETRAINED[init_seed][4], ignore_errors=True)
     key = "test_smc_bootstrap_per_step"
     by = {o: [r[key] for r in runs if r["objective"] == o] for o in args.arms}
     mean = {o: statistics.mean(v) for o, v in by.items()}
