@@ -32,6 +32,9 @@ from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
 from ._recurrence import block_length, tracks_grad, varying_affine_recurrence
 
+# Up to this size the data are copied into block-major order (see varying_block_steps).
+_BLOCK_MAJOR_MAX_BYTES = 1 << 28
+
 
 def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
     """Block operators of the filter with per-step ``K (S, n, p)`` and ``Linv (S, p, p)``,
@@ -140,8 +143,11 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     Wl, Vl = ops["last"]
     # (nb, N, blk k), block-major: every product below reads one block of all sequences, and
     # from a batch-major view those rows lie a whole sequence apart (a page or more): one
-    # copy costs less than the strided reads (ends: 2.0 ms -> 0.35 + 0.7 ms at 256 x 1000)
-    zb = z.reshape(N, nb, blk * k).transpose(0, 1).contiguous()
+    # copy costs less than the strided reads (ends: 2.0 ms -> 0.35 + 0.7 ms at 256 x 1000);
+    # not for very large data, where a second copy would cost more memory than it saves time
+    zb = z.reshape(N, nb, blk * k).transpose(0, 1)
+    if z.numel() * z.element_size() <= _BLOCK_MAJOR_MAX_BYTES:
+        zb = zb.contiguous()
     m0 = prep.init_mean.expand(batch + (n,)).reshape(N, n)
     # the means before the blocks: from the particular solutions' block ends (zero start);
     # the operator made contiguous: bmm with two strided operands is about 3x slower
