@@ -139,7 +139,9 @@ def random_stable_system(
     eye_n, eye_p = torch.eye(n, dtype=f64), torch.eye(p, dtype=f64)
     # F Fᵀ is not always bitwise symmetric (an AVX-512 matmul sums (i, j) and (j, i) in
     # different orders): the mean with the transpose is
-    spd = lambda F, d, eye: 0.5 * ((F @ F.T) + (F @ F.T).T) / d + eye  # noqa: E731
+    def spd(F, d, eye):
+        M = F @ F.T
+        return 0.5 * (M + M.T) / d + eye
     Q = process_noise * spd(W, n, eye_n)
     R = obs_noise * spd(V, p, eye_p)
     init_cov = spd(U, n, eye_n)
