@@ -36,7 +36,7 @@ from ._recurrence import block_length, tracks_grad, varying_affine_recurrence
 _BLOCK_MAJOR_MAX_BYTES = 1 << 28
 
 
-def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
+def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, pred=True):
     """Block operators of the filter with per-step ``K (S, n, p)`` and ``Linv (S, p, p)``,
     ``A`` and ``C`` shared (``(n, n)``, ``(p, n)``) or per step (``tvA``/``tvC``: ``(S, ...)``);
     step 0 predicts with ``A_0 = I``; ``S`` a multiple of ``blk``.
@@ -46,7 +46,8 @@ def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
     ``[z_1 .. z_blk] W[j] + m_0 V[j]`` (:mod:`pyrossm.lgssm._blocks`): ``"w"`` (the whitened
     innovations), ``"last"`` (the filtered mean at each step ``i`` of the block alone: ``Wl
     (nb, blk, blk k, n)`` and ``Vl (nb, blk, n, n)``; ``i = blk - 1`` gives the block ends)
-    and with ``moments`` ``"m"`` and ``"pred"`` (filtered and predicted means).
+    and with ``moments`` ``"m"`` (the filtered means) and, if also ``pred``, ``"pred"`` (the
+    predicted means).
 
     Built one step of the block at a time for all blocks at once, in the layout ``[block, i,
     j, k, d]`` (the map from input ``j`` to output ``i``), where a shared A or C is one
@@ -96,13 +97,15 @@ def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True):
     W = lambda L: L.permute(0, 2, 3, 1, 4).reshape(nb, blk * k, blk * L.shape[-1])  # noqa: E731
     V = lambda N: N.permute(0, 2, 1, 3).reshape(nb, n, blk * N.shape[-1])  # noqa: E731
     ops = {"w": (W(Lw), V(Nw)), "last": (Lm.reshape(nb, blk, blk * k, n), Nm)}
-    if moments:
+    if moments and pred:
         Lpred = torch.cat([K.new_zeros(nb, 1, blk, k, n),
                            (rows_back @ (AT[:, 1:] if tvA else AT)).view(nb, blk - 1, blk, k, n)],
                           1)
         if with_b:
             Lpred[:, idx, idx, p:] = Lpred[:, idx, idx, p:] + eye
-        ops["m"], ops["pred"] = (W(Lm), V(Nm)), (W(Lpred), V(Npred))
+        ops["pred"] = (W(Lpred), V(Npred))
+    if moments:
+        ops["m"] = (W(Lm), V(Nm))
     return ops
 
 
@@ -139,7 +142,8 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
             A = torch.cat([A, eye_n.expand(pad, n, n)], 0)
         if tvC:
             C = torch.cat([C, C.new_zeros(pad, p, n)], 0)
-    ops = varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments)
+    # a shared A: the predicted means from the filtered ones (predicted_means), no operator
+    ops = varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments, tvA)
     Wl, Vl = ops["last"]
     # (nb, N, blk k), block-major: every product below reads one block of all sequences, and
     # from a batch-major view those rows lie a whole sequence apart (a page or more): one
@@ -170,8 +174,12 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
         batch_major = lambda W, V: _block_rows(zb, starts, W, V)  # noqa: E731
     ll = ll.reshape(N, S)[:, :Td]
     if moments:
-        fm = batch_major(*ops["m"]).reshape(N, S, n)[:, :Td]
-        pm = batch_major(*ops["pred"]).reshape(N, S, n)[:, :Td]
+        fm = batch_major(*ops["m"]).reshape(N, S, n)
+        if tvA:
+            pm = batch_major(*ops["pred"]).reshape(N, S, n)[:, :Td]
+        else:
+            pm = predicted_means(fm, m0, A.mT, None if not with_b else z[..., p:])[:, :Td]
+        fm = fm[:, :Td]
         return fm, pm, ll, fm[:, -1]
     j, i = divmod(Td - 1, blk)
     m = torch.addmm(zb[j] @ Wl[j, i], starts[j], Vl[j, i])
@@ -199,3 +207,25 @@ def _block_rows(zb, starts, W, V, finish=None, chunk_bytes=1 << 19):
             out = zb.new_empty(N, nb, y.shape[-1])
         out[i:j].transpose(0, 1).copy_(y)
     return out
+
+
+def predicted_means(fm, m0, AT, b=None):
+    """The predicted means ``(N, T, n)`` from the filtered means ``fm (N, T, n)``, the initial
+    mean ``m0 (N, n)``, a shared ``AT`` (Aᵀ, ``(n, n)``) and the offsets ``b (N, T, n)`` or
+    None (``b_0`` unused): m⁻_0 = m_0, m⁻_t = m_{t-1} Aᵀ + b_t.
+
+    One product for all steps: an n-wide map of each step, where a block operator reads a
+    whole block per output (256 x 1000 steps: 0.4 vs 2 ms)."""
+    N, T, n = fm.shape
+    if tracks_grad(fm, m0, AT, *(() if b is None else (b,))):
+        pm = torch.cat([m0.unsqueeze(1), fm[:, :-1] @ AT], 1)
+        return pm if b is None else pm + torch.cat([b.new_zeros(N, 1, n), b[:, 1:]], 1)
+    # in the flat (N T, n) layout the product of row r, written at row r + 1, is the prediction
+    # of the next step of the same sequence; each sequence's first row is then overwritten
+    flat = fm.new_empty(N * T + 1, n)
+    torch.mm(fm.reshape(N * T, n), AT, out=flat[1:])
+    pm = flat[:-1].view(N, T, n)
+    pm[:, 0] = m0
+    if b is not None:
+        pm[:, 1:] += b[:, 1:]
+    return pm

@@ -35,7 +35,7 @@ from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, sym
 
 from . import _small
-from ._blocks import varying_block_steps
+from ._blocks import predicted_means, varying_block_steps
 from ._recurrence import (
     affine_recurrence,
     block_length,
@@ -313,8 +313,8 @@ def shared_filter(prep, allow_steady=None, moments=True):
     else:
         fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, T_var)
     if blk is not None:
-        fm, pm, ll = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], fm, pm, ll,
-                                   m, blk, moments)
+        fm, pm, ll = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], fm, ll, m,
+                                   blk, moments)
     if not moments:
         return None, None, None, None, ll.reshape(batch + ll.shape[1:])
     full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
@@ -357,16 +357,17 @@ def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
     return filt_m.transpose(0, 1), pred_m.transpose(0, 1), ll.transpose(0, 1), m
 
 
-def _steady_steps(prep, batch, K, Linv, half_logdet, fm, pm, ll, m, blk, moments=True):
-    """All means and log-likelihoods, given those of the first ``s`` steps (``fm``, ``pm``
-    ``(N, s, n)``, ``ll (N, s)``, the last filtered mean ``m``; ``s`` a multiple of ``blk``)
-    when steps ``s .. T-1`` are at the Riccati fixed point (constant gain ``K``,
-    time-invariant parameters).
+def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=True):
+    """All means and log-likelihoods, given those of the first ``s`` steps (``fm (N, s, n)``,
+    ``ll (N, s)``, the last filtered mean ``m``; ``s`` a multiple of ``blk``) when steps
+    ``s .. T-1`` are at the Riccati fixed point (constant gain ``K``, time-invariant
+    parameters).
 
     Then the filtered means obey m_t = F m_{t-1} + u_t with F = (I - K C) A and u_t =
-    K x_t + (I - K C) b_t, and over a block of ``blk`` steps the filtered means, the predicted
-    means and the whitened innovations are each one product of the block's inputs plus one of
-    the mean before the block (:func:`~pyrossm.lgssm._recurrence.filter_block_operators`).
+    K x_t + (I - K C) b_t, and over a block of ``blk`` steps the filtered means and the
+    whitened innovations are each one product of the block's inputs plus one of the mean
+    before the block (:func:`~pyrossm.lgssm._recurrence.filter_block_operators`); the
+    predicted means follow from the filtered ones (:func:`~pyrossm.lgssm._blocks.predicted_means`).
     The blocks are aligned with t = 0, so that when ``blk`` divides T the blocks of all
     sequences are the rows of one matrix (one product for all); the means before the blocks
     solve the same recurrence with F^blk (:func:`~pyrossm.lgssm._recurrence.affine_recurrence`).
@@ -397,8 +398,8 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, pm, ll, m, blk, moments
     z_blocks = _blocks(z, nb, blk)
     j0 = s // blk  # the first block past the given steps
     if moments:  # particular solutions (every block from a zero mean), then the block starts
-        fm_all, pm_all = fm.new_empty(N, T, n), fm.new_empty(N, T, n)
-        fm_blocks, pm_blocks = _blocks(fm_all, nb, blk), _blocks(pm_all, nb, blk)
+        fm_all = fm.new_empty(N, T, n)
+        fm_blocks = _blocks(fm_all, nb, blk)
         _product_into(fm_blocks, z_blocks, W_m)
         ends = fm_all[:, : nb * blk].view(N, nb, blk * n)[:, :, -n:]
     else:  # only the particular solutions' block ends are needed: a thin product
@@ -411,8 +412,6 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, pm, ll, m, blk, moments
     flat = starts.view(N * nb, n) if z_blocks.dim() == 2 else starts
     if moments:
         _add_product(fm_blocks, flat, V_m)
-        _product_into(pm_blocks, z_blocks, W_pred)
-        _add_product(pm_blocks, flat, V_pred)
     # Σ_p w² of every step: the whitened innovations are not kept (see _sums_of_squares)
     sum_p = torch.block_diag(*[torch.ones(p, 1, dtype=dt, device=dev)] * blk)  # I_blk ⊗ 1_p
     ll_all = ll.new_empty(N, T)
@@ -429,15 +428,15 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, pm, ll, m, blk, moments
             z_tail @ W[: r * k, : r * w_out], m_end, V[:, : r * w_out])
         if moments:
             fm_all[:, nb * blk :] = tail(W_m, V_m, n).view(N, r, n)
-            pm_all[:, nb * blk :] = tail(W_pred, V_pred, n).view(N, r, n)
         ll_all[:, nb * blk :] = tail(W_w, V_w, p).view(N, r, p).pow(2).sum(-1)
     ll_all = ll_all.mul(-0.5) if grad else ll_all.mul_(-0.5)
     ll_all = ll_all.sub_(0.5 * p * _LOG_2PI + half_logdet)
     ll_all[:, :s] = ll
     if not moments:
         return None, None, ll_all
-    fm_all[:, :s], pm_all[:, :s] = fm, pm
-    return fm_all, pm_all, ll_all
+    fm_all[:, :s] = fm
+    m0 = prep.init_mean.expand(batch + (n,)).reshape(N, n)
+    return fm_all, predicted_means(fm_all, m0, A.mT, None if prep.b is None else b), ll_all
 
 
 def _sums_of_squares(out, z_blocks, starts, W_w, V_w, sum_p, chunk_bytes=1 << 19):
