@@ -98,18 +98,14 @@ def _prefix_cov(C1, A2, C2, J2):
 def _doubling_prefixes(Cov1, generic, L):
     """The covariance parts of the prefixes ``e_1 • g • ... • g`` (0 .. L-1 copies of the
     same element ``g``; ``Cov1``, ``generic``'s three matrices ``(..., 1, n, n)``) by
-    doubling: with the first m prefixes and the powers g^1 .. g^m known, the next m prefixes
-    are the m-th one combined with each power, and the next powers g^m combined with each
-    (powers of one element commute). About half the combinations of the general scan, and
-    no interleaving. Returns ``(..., L, n, n)``."""
-    pre, powers = Cov1, generic
+    doubling: with the first m prefixes and the power g^m known, the next m prefixes are the
+    first m ones each combined with g^m (e_1 • g^(j-1) • g^m, powers of one element commute),
+    and g^2m = g^m • g^m. One batched combination with a shared later element per doubling,
+    and one of single elements. Returns ``(..., L, n, n)``."""
+    pre, power = Cov1, generic
     while pre.shape[-3] < L:
-        m = pre.shape[-3]
-        r = min(m, L - m)
-        A2, C2, J2 = (M[..., :r, :, :] for M in powers)
-        pre = torch.cat([pre, _prefix_cov(pre[..., -1:, :, :], A2, C2, J2)], -3)
+        r = min(pre.shape[-3], L - pre.shape[-3])
+        pre = torch.cat([pre, _prefix_cov(pre[..., :r, :, :], *power)], -3)
         if pre.shape[-3] < L:
-            top = tuple(M[..., -1:, :, :] for M in powers)
-            powers = tuple(torch.cat([a, b], -3)
-                           for a, b in zip(powers, _cov_combine(top, powers)))
+            power = _cov_combine(power, power)
     return pre
