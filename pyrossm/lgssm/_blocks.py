@@ -32,9 +32,6 @@ from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
 from ._recurrence import block_length, tracks_grad, varying_affine_recurrence
 
-# Up to this size the data are copied into block-major order (see varying_block_steps).
-_BLOCK_MAJOR_MAX_BYTES = 1 << 28
-
 
 def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, pred=True):
     """Block operators of the filter with per-step ``K (S, n, p)`` and ``Linv (S, p, p)``,
@@ -145,18 +142,14 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     # a shared A: the predicted means from the filtered ones (predicted_means), no operator
     ops = varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments, tvA)
     Wl, Vl = ops["last"]
-    # (nb, N, blk k), block-major: every product below reads one block of all sequences, and
-    # from a batch-major view those rows lie a whole sequence apart (a page or more): one
-    # copy costs less than the strided reads (ends: 2.0 ms -> 0.35 + 0.7 ms at 256 x 1000);
-    # not for very large data, where a second copy would cost more memory than it saves time
-    zb = z.reshape(N, nb, blk * k).transpose(0, 1)
-    if z.numel() * z.element_size() <= _BLOCK_MAJOR_MAX_BYTES:
-        zb = zb.contiguous()
+    zr = z.reshape(N, nb, blk * k)
+    zb = zr.transpose(0, 1)  # (nb, N, blk k): block j of every sequence (a strided view)
     m0 = prep.init_mean.expand(batch + (n,)).reshape(N, n)
-    # the means before the blocks: from the particular solutions' block ends (zero start);
-    # the operator made contiguous: bmm with two strided operands is about 3x slower
-    ends = zb @ Wl[:, -1].contiguous()  # (nb, N, n)
-    rest = varying_affine_recurrence(ends[:-1].transpose(0, 1), Vl[:-1, -1], m0)
+    # the means before the blocks: from the particular solutions' block ends (zero start),
+    # as (nb, n, N) = Wlᵀ zᵀ: with only n output columns zb @ Wl runs at a quarter of the
+    # speed (256 x 1000: 0.7 vs 0.2 ms; the data read through the same strided view)
+    endsT = torch.bmm(Wl[:, -1].mT.contiguous(), zr.permute(1, 2, 0))
+    rest = varying_affine_recurrence(endsT[:-1].permute(2, 0, 1), Vl[:-1, -1], m0)
     starts = torch.cat([m0.unsqueeze(0), rest.transpose(0, 1)], 0)  # (nb, N, n)
     W_w, V_w = ops["w"]
     # ll_t = -Σ w_t² / 2 - c_t, c_t = p log(2π) / 2 + log|L_t| (0 on the padding); the sum

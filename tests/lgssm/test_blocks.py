@@ -156,13 +156,12 @@ def test_block_path_float32_long_constant_level(monkeypatch):
         assert abs(res.log_likelihood[b].item() / ll_ref - 1) < FLOAT32_LONG_RTOL
 
 
-@pytest.mark.parametrize("block_major", [True, False])
 @pytest.mark.parametrize("offsets", [False, True])
-def test_block_path_without_autograd_in_chunks(offsets, block_major, monkeypatch):
+def test_block_path_without_autograd_in_chunks(offsets, monkeypatch):
     """Without autograd the log-likelihoods and the means are computed in chunks of sequences
     through one buffer and written batch-major (here 300 sequences of 201 steps in float64:
-    26 blocks of 8, the last one padded, chunks of 157 and 143 sequences), from a block-major
-    copy of the data or (large data) the strided view; equal to the step path."""
+    26 blocks of 8, the last one padded, chunks of 157 and 143 sequences), the data read
+    through a strided block view; equal to the step path."""
     s = random_system(3, 2, 201, seed=8)
     g = torch.Generator().manual_seed(2)
     s["x"] = torch.randn(300, 201, 2, generator=g, dtype=torch.float64)  # any data will do
@@ -170,8 +169,6 @@ def test_block_path_without_autograd_in_chunks(offsets, block_major, monkeypatch
                                                dtype=torch.float64)) if offsets else {}
     args = [s[k] for k in ARGS]
     monkeypatch.setattr(_steps, "STEADY_STATE", False)
-    if not block_major:  # the data read through the strided batch-major view instead
-        monkeypatch.setattr(_blocks, "_BLOCK_MAJOR_MAX_BYTES", 0)
     with torch.no_grad():
         block = kalman_log_likelihood(*args, per_step=True, **extra)
         block_res = kalman_filter(*args, parallel=False, **extra)
