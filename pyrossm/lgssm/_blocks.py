@@ -216,9 +216,15 @@ def predicted_means(fm, m0, AT, b=None):
         pm = torch.cat([m0.unsqueeze(1), fm[:, :-1] @ AT], 1)
         return pm if b is None else pm + torch.cat([b.new_zeros(N, 1, n), b[:, 1:]], 1)
     # in the flat (N T, n) layout the product of row r, written at row r + 1, is the prediction
-    # of the next step of the same sequence; each sequence's first row is then overwritten
+    # of the next step of the same sequence; each sequence's first row is then overwritten.
+    # g steps per row, so that rows are a cache line wide, times g copies of Aᵀ on a block
+    # diagonal: BLAS runs (N T, 4) @ (4, 4) at a third of the speed of (N T / 4, 16) @ (16, 16)
     flat = fm.new_empty(N * T + 1, n)
-    torch.mm(fm.reshape(N * T, n), AT, out=flat[1:])
+    g = max(1, 64 // (n * fm.element_size()))
+    if (N * T) % g:
+        g = 1
+    op = AT if g == 1 else torch.block_diag(*[AT] * g)
+    torch.mm(fm.reshape(N * T // g, g * n), op, out=flat[1:].view(N * T // g, g * n))
     pm = flat[:-1].view(N, T, n)
     pm[:, 0] = m0
     if b is not None:

@@ -403,7 +403,7 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
         _product_into(fm_blocks, z_blocks, W_m)
         ends = fm_all[:, : nb * blk].view(N, nb, blk * n)[:, :, -n:]
     else:  # only the particular solutions' block ends are needed: a thin product
-        ends = _product_into(None, z_blocks, W_m[:, -n:]).view(N, nb, n)
+        ends = _narrow_product(z_blocks, W_m[:, -n:]).reshape(N, nb, n)
     starts = ll.new_zeros(N, nb, n)
     starts[:, j0] = m
     starts[:, j0 + 1 :] = affine_recurrence(ends[:, j0:-1], None, V_m[:, -n:], m)
@@ -450,11 +450,13 @@ def _sums_of_squares(out, z_blocks, starts, W_w, V_w, sum_p, chunk_bytes=1 << 19
     if z_blocks.dim() == 2:  # (N nb, blk k): chunks of block rows
         flat_out = out.view(N * nb, blk)
         buf = z_blocks.new_empty(min(rows, N * nb), width)
+        sq = z_blocks.new_empty(blk, min(rows, N * nb))
         for i in range(0, N * nb, rows):
             j = min(i + rows, N * nb)
             w = torch.mm(z_blocks[i:j], W_w, out=buf[: j - i])
             w.addmm_(starts[i:j], V_w)
-            torch.mm(w.mul_(w), sum_p, out=flat_out[i:j])
+            # (w²)ᵀ-side product: with only blk output columns the other way runs ~2x slower
+            flat_out[i:j] = torch.mm(sum_p.mT, w.mul_(w).mT, out=sq[:, : j - i]).mT
         return out
     per = max(1, rows // nb)  # (N, nb, blk k) strided: chunks of sequences
     for i in range(0, N, per):
@@ -482,6 +484,16 @@ def _product_into(out, a, W):
     else:
         op, args = torch.bmm, (a, W.expand(a.shape[0], *W.shape))
     return op(*args) if out is None else write_into(out, op, *args)
+
+
+def _narrow_product(a, W):
+    """``a @ W`` (2-D or batched ``a``) for a ``W`` with few columns, computed as ``(Wᵀ aᵀ)ᵀ``
+    (the result a transposed view): BLAS runs products with a handful of output columns
+    several times slower than with a handful of rows (``(32000, 32) @ (32, 4)``: 0.7 vs
+    0.2 ms)."""
+    if a.dim() == 2:
+        return torch.mm(W.mT, a.mT).mT
+    return torch.bmm(W.mT.expand(a.shape[0], *W.mT.shape), a.mT).mT
 
 
 def _add_product(out, a, W):

@@ -178,3 +178,29 @@ def test_block_path_without_autograd_in_chunks(offsets, monkeypatch):
     assert_rel_close(block, step, 1e-11, "log-likelihood")
     for key in ("filtered_means", "predicted_means", "log_likelihood"):
         assert_rel_close(getattr(block_res, key), getattr(step_res, key), 1e-11, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("N, T", [(3, 7), (4, 6)])  # N T odd (one step per row) and even
+def test_predicted_means_from_filtered(N, T, n, dtype):
+    """``_blocks.predicted_means``: m⁻_0 = m_0 and m⁻_t = A m_{t-1} + b_t for every sequence,
+    with several steps per row of the product where N T allows it, equal to a loop over the
+    steps; the autograd path gives the same values."""
+    g = torch.Generator().manual_seed(n)
+    fm = torch.randn(N, T, n, generator=g, dtype=torch.float64)
+    m0 = torch.randn(N, n, generator=g, dtype=torch.float64)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    b = torch.randn(N, T, n, generator=g, dtype=torch.float64)
+    for offsets in (None, b):
+        ref = torch.stack([m0] + [fm[:, t - 1] @ A.mT + (0 if offsets is None else b[:, t])
+                                  for t in range(1, T)], 1)
+        args = [v.to(dtype) for v in (fm, m0, A.mT)] + [None if offsets is None
+                                                        else offsets.to(dtype)]
+        got = _blocks.predicted_means(*args)
+        tol = 1e-6 if dtype == torch.float32 else 1e-13
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+        leaf = args[0].clone().requires_grad_()
+        with_grad = _blocks.predicted_means(leaf, *args[1:])
+        assert with_grad.requires_grad
+        torch.testing.assert_close(with_grad.detach(), got, rtol=tol, atol=tol)
