@@ -209,6 +209,16 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
     cc = _chunk_view(code, L, W, nc)  # (W + L, M); outside [0, T): pattern 0, nothing observed
     xc = _batch_last(_chunk_view(x, L, W, nc))  # (W + L, p, M)
     bc = None if bt is None else _batch_last(_chunk_view(bt, L, W, nc))  # (W + L, n, M)
+    # Rows of the batch-last arrays a multiple of 2 KB apart alias in the caches: every
+    # operation is then up to 30% slower (M = 1024 float32: 491 ms vs 382 ms for M = 1000).
+    # Such batches get a few idle columns (nothing observed, zero state), cut off below.
+    pad = 64 // x.element_size() if (M * x.element_size()) % 2048 == 0 else 0
+    if pad:
+        cc = torch.cat([cc, cc.new_zeros(cc.shape[0], pad)], -1)
+        xc = torch.cat([xc, xc.new_zeros(xc.shape[:-1] + (pad,))], -1)
+        if bc is not None:
+            bc = torch.cat([bc, bc.new_zeros(bc.shape[:-1] + (pad,))], -1)
+    Mp = M + pad
     n1 = n + 1
     R = 2 * n1 if nc > 1 else n1 + 1  # one chunk: no transfer part
     Aa = torch.zeros(n1, n1, dtype=dt, device=dev)
@@ -218,11 +228,11 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
     Qa[:n, :n, 0] = Q
     if bc is not None:
         bc = torch.cat([bc, torch.zeros_like(bc[:, :1])], 1).unsqueeze(2)  # (W + L, n1, 1, M)
-    X0 = torch.zeros(n1, R, M, dtype=dt, device=dev)
-    X0[:n, :n] = init_cov.permute(1, 2, 0).repeat(1, 1, nc)
-    X0[:n, n1] = init_mean.t().repeat(1, nc)
+    X0 = torch.zeros(n1, R, Mp, dtype=dt, device=dev)
+    X0[:n, :n, :M] = init_cov.permute(1, 2, 0).repeat(1, 1, nc)
+    X0[:n, n1, :M] = init_mean.t().repeat(1, nc)
     X0[n, n1] = 1
-    start = torch.zeros(n1, R - n1, M, dtype=dt, device=dev)  # rows [mᵀ; Φᵀ] = [0 .. 0 1; I 0]
+    start = torch.zeros(n1, R - n1, Mp, dtype=dt, device=dev)  # rows [mᵀ; Φᵀ] = [0 .. 0 1; I 0]
     start[n, 0] = 1
     if nc > 1:
         start[:n, 1:] = torch.eye(n, dtype=dt, device=dev).unsqueeze(-1)
@@ -231,9 +241,9 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
     at_origin = {}
     for k in range(nc):
         if 0 < W - k * L < W + L or (k == 0 and W > 0):
-            flag = torch.zeros(nc, N, dtype=torch.bool, device=dev)
-            flag[k] = True
-            at_origin[W - k * L] = flag.reshape(M)
+            flag = torch.zeros(Mp, dtype=torch.bool, device=dev)
+            flag[k * N : (k + 1) * N] = True
+            at_origin[W - k * L] = flag
     X = X0
     outs = []  # per run of steps: the outputs of _kept, each with a leading time dim
     P_before = None
@@ -265,9 +275,9 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
             out = tuple(u.unsqueeze(0) for u in out)
         j += k
         if j == W:  # X is the filtered state at local step W - 1
-            P_before = X[:n, :n]
+            P_before = X[:n, :n, :M]
         if j > W:
-            outs.append(out)
+            outs.append(tuple(u[..., :M] for u in out) if pad else out)
     return tuple(torch.cat(u, 0) for u in zip(*outs)) + (P_before,)
 
 
@@ -349,14 +359,19 @@ def _warmup_matches(P_before, P_last, nc, N, eps):
     return math.isfinite(gap) and gap <= _MATCH_ULPS * eps
 
 
-# Cost model of one step (µs on a 2-core CPU, one thread, n = p = 4): a fixed part for the
-# ~30 small ops and a part per unit of state (batch element × row of X). The sequential kernel
-# of :mod:`._steps` (one Cholesky per sequence per step) for comparison. Fitted to timings of
-# both kernels at B × T = 1 × 500 … 256 × 1000 (benchmarks/kalman.py problems); only the
-# ratios matter. Compiled (set_compile): blocks of fused steps, timed at 64 × 202 … 16 × 10,000.
-_STEP_FIXED, _STEP_PER_UNIT = 320.0, 0.15
+# Cost model of one step (µs, one thread, n = p = 4): a fixed part for the ~30 small ops and a
+# part per unit of state (batch element × row of X); the sequential kernel of :mod:`._steps`
+# (one Cholesky per sequence per step) for comparison. Fitted (session 14, AMD EPYC with
+# AVX-512) to the whole filter's time over a grid of B × T = 4 × 4000 … 256 × 1000 and 1 to
+# 124 chunks (``benchmarks/kalman.py`` problems, 10% missing); on the earlier CPU the fit was
+# 320 + 0.15 per unit and 140 + 1.7 per sequence, which chose fewer chunks (one at B = 256:
+# 181 ms there, against 127 ms with 8 chunks). Only the ratios matter. Compiled
+# (set_compile): blocks of fused steps, timed at 64 × 202 … 16 × 10,000 on the earlier CPU,
+# and compared with that CPU's sequential kernel (the pairs are fitted together).
+_STEP_FIXED, _STEP_PER_UNIT = 160.0, 0.022
+_SEQ_FIXED, _SEQ_PER_SEQUENCE = 50.0, 0.8
 _COMPILED_FIXED, _COMPILED_PER_UNIT = 100.0, 0.06
-_SEQ_FIXED, _SEQ_PER_SEQUENCE = 140.0, 1.7
+_COMPILED_SEQ_FIXED, _COMPILED_SEQ_PER_SEQUENCE = 140.0, 1.7
 
 
 def _cost(T, N, n, nc, W):
@@ -373,7 +388,9 @@ def plan(T, N, n, W=_FIRST_WARMUP):
     kernel is expected to be faster."""
     candidates = [1] + [k for k in range(2, T // (3 * W) + 1)]
     best = min(candidates, key=lambda k: _cost(T, N, n, k, W))
-    if _cost(T, N, n, best, W) >= T * (_SEQ_FIXED + _SEQ_PER_SEQUENCE * N):
+    seq_fixed, seq_unit = ((_COMPILED_SEQ_FIXED, _COMPILED_SEQ_PER_SEQUENCE) if _state["compile"]
+                           else (_SEQ_FIXED, _SEQ_PER_SEQUENCE))
+    if _cost(T, N, n, best, W) >= T * (seq_fixed + seq_unit * N):
         return None
     return best
 

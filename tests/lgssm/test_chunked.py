@@ -54,6 +54,22 @@ def test_equals_sequential_kernel(batch):
         assert_rel_close(a, b, 1e-10, name)
 
 
+@pytest.mark.parametrize("batch,chunk_length", [(256, 60), (64, 15), (64, 60)])
+def test_padded_batch_equals_sequential_kernel(batch, chunk_length):
+    """Batches whose batch-last rows are a multiple of 2 KB (256 sequences in one chunk, 64
+    sequences in 4 chunks, float64) run with idle padding columns (``_run``); the padding
+    must not reach the results, which equal the sequential kernel's, offsets included (64
+    sequences in one chunk: no padding, for comparison)."""
+    s = random_system(3, 2, 60, seed=6, batch=(batch,), missing="entries")
+    b = torch.randn(batch, 60, 3, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    got, ref = _both(_prep(s, b=b), chunk_length=chunk_length,
+                     warmup=None if chunk_length == 60 else 24)
+    for name, a, r in zip(OUTPUTS, got, ref):
+        assert a.shape == r.shape, name
+        assert_rel_close(a, r, 1e-10, name)
+
+
 def test_offsets_mask_and_batched_prior():
     s = random_system(3, 2, 250, seed=3, batch=(4,), missing="entries")
     g = torch.Generator().manual_seed(0)
