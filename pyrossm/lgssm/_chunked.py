@@ -395,10 +395,11 @@ def plan(T, N, n, W=_FIRST_WARMUP):
     return best
 
 
-def chunked_missing_filter(prep, chunk_length=None, warmup=None):
+def chunked_missing_filter(prep, chunk_length=None, warmup=None, moments=True):
     """The filter with missing entries (see the module docstring). Returns
-    ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``, or None when
-    the warm-up does not converge within ``_MAX_WARMUP`` steps."""
+    ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)`` (with
+    ``moments=False`` the first four None), or None when the warm-up does not converge within
+    ``_MAX_WARMUP`` steps."""
     C, R = prep.raw[0], prep.raw[1]
     A, Q = prep.A, prep.Q
     T, p = prep.x.shape[-2:]
@@ -442,18 +443,20 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None):
     ms = torch.stack(starts, 1).reshape(n, nc * N)  # (n, M), chunk-major like the batch
     # m_t = p_t + Φ_t m_s; innovations c·m - x likewise (elementwise, batch last).
     if nc > 1:
-        filt_m = mc[:, :, 0] + (mc[:, :, 1:] * ms.unsqueeze(0)).sum(2)
         neg_v = v[:, :, 0] + (v[:, :, 1:] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
     else:
-        filt_m, neg_v = mc[:, :, 0], v[:, :, 0]
+        neg_v = v[:, :, 0]
     ll = -0.5 * (neg_v.pow(2) / S + torch.log(S)).sum(1)  # (L, M)
     num_obs = obs.to(dt).sum(-1)  # (T, N)
     ll = _time_major(ll, nc, N, T) - 0.5 * _LOG_2PI * num_obs - logdet_tab[code]
+    out = lambda u: u.movedim(-1, 0).reshape(batch + u.shape[:-1])  # noqa: E731
+    if not moments:
+        return None, None, None, None, out(ll)
+    filt_m = mc[:, :, 0] + (mc[:, :, 1:] * ms.unsqueeze(0)).sum(2) if nc > 1 else mc[:, :, 0]
     filt_m = _time_major(filt_m, nc, N, T)  # (T, n, N)
     filt_P = _time_major(filt_P, nc, N, T)  # (T, n, n, N)
     pred_m = _predict_means(A, bt, filt_m, init_mean)
     pred_P = _time_major(pred_P, nc, N, T)  # (T, n, n, N)
-    out = lambda u: u.movedim(-1, 0).reshape(batch + u.shape[:-1])  # noqa: E731
     return (
         out(filt_m),
         out(_sym(filt_P)),

@@ -224,7 +224,7 @@ def _sequential_filter(prep, allow_steady=None, moments=True):
             for M, tv in ((prep.A, prep.tv["A"]), (prep.Q, prep.tv["Q"]), (C, tvC), (R, tvR))
         ):
             if _chunked.applicable(prep):
-                out = _chunked.chunked_missing_filter(prep)
+                out = _chunked.chunked_missing_filter(prep, moments=moments)
                 if out is not None:  # None: the warm-up did not converge
                     return out
             return missing_filter(prep)

@@ -202,3 +202,21 @@ def test_singular_q_component_decaying_to_zero():
     got, ref = _both(prep, chunk_length=100)
     for name, a, r in zip(OUTPUTS, got, ref):
         assert_rel_close(a, r, 1e-10, name)
+
+
+def test_log_likelihood_only_equals_filter():
+    """``kalman_log_likelihood`` with missing entries runs the chunked kernel without the
+    moments (``moments=False``: no means stitched, no covariances symmetrised); its step
+    log-likelihoods equal ``kalman_filter``'s, and so do their gradients."""
+    from pyrossm.lgssm import kalman_log_likelihood
+
+    s = random_system(3, 2, 1500, seed=9, batch=(6,), missing="entries")
+    assert _chunked.applicable(_prep(s))
+    A = s["A"].clone().requires_grad_()
+    args = [A if k == "A" else s[k] for k in ARGS]
+    ll = kalman_log_likelihood(*args, per_step=True)
+    ref = kalman_filter(*args).step_log_likelihoods
+    assert_rel_close(ll, ref, 1e-12, "step log-likelihoods")
+    g1, = torch.autograd.grad(ll.sum(), A)
+    g2, = torch.autograd.grad(ref.sum(), A)
+    assert_rel_close(g1, g2, 1e-10, "gradient")
