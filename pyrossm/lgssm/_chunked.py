@@ -187,7 +187,7 @@ def _batch_last(v):
     return v.permute((0,) + tuple(range(2, v.dim())) + (1,)).contiguous()
 
 
-def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
+def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N, moments=True):
     """The loop over the ``W + L`` local steps of all chunks at once; the batch ``M = nc N``
     (chunk-major) is the last dim of every tensor.
 
@@ -201,6 +201,8 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
     columns ``(L, n, R - n - 1, M)``, predicted covariances ``(L, n, n, M)``, innovation columns
     of ``X c̃`` ``(L, p, R - n - 1, M)`` and their variances ``S`` ``(L, p, M)``; and the
     filtered covariance ``(n, n, M)`` at local step ``W - 1`` (for the warm-up check).
+    With ``moments=False`` the covariances are not kept: the first entry is then only the
+    last step's filtered covariance ``(1, n, n, M)`` and the predicted ones None.
     The loop body is :func:`_step_rows` (blocks of it compiled with :func:`set_compile`).
     """
     n = A.shape[-1]
@@ -277,8 +279,13 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N):
         if j == W:  # X is the filtered state at local step W - 1
             P_before = X[:n, :n, :M]
         if j > W:
-            outs.append(tuple(u[..., :M] for u in out) if pad else out)
-    return tuple(torch.cat(u, 0) for u in zip(*outs)) + (P_before,)
+            if not moments:  # the covariances of every step are not needed: not kept
+                out = (None, out[1], None) + tuple(out[3:])
+            outs.append(tuple(None if u is None else u[..., :M] for u in out) if pad else out)
+    kept = tuple(None if u[0] is None else torch.cat(u, 0) for u in zip(*outs))
+    if not moments:  # the last filtered covariance, for the warm-up check
+        kept = (X[:n, :n, :M].unsqueeze(0),) + kept[1:]
+    return kept + (P_before,)
 
 
 def _kept(X, r, S, P):
@@ -427,7 +434,7 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None, moments=True):
         if nc == 1:
             W = 0
         filt_P, mc, pred_P, v, S, P_before = _run(A, Q, G, code, x, bt, init_mean, init_cov,
-                                                  L, W, nc, N)
+                                                  L, W, nc, N, moments)
         if _warmup_matches(P_before, filt_P[-1], nc, N, eps):
             break
         if warmup is not None or 4 * W > _MAX_WARMUP:
