@@ -16,10 +16,14 @@ once (a few dozen small batched products) and every sequence's block is then one
 batched matrix product (:func:`varying_block_steps`). The means before the blocks obey the same
 recurrence from block to block (:func:`~pyrossm.lgssm._recurrence.varying_affine_recurrence`).
 Step 0 is the first step of the first block with ``A_0 = I`` and ``m_{-1}`` the initial mean
-(its prediction is the initial mean itself).
+(its prediction is the initial mean itself). With a shared A the predicted means need no
+operator: they are the filtered means one step back times Aᵀ, one product over all steps
+(:func:`predicted_means`).
 
 This replaces a step-by-step (or step-blocked) recursion over ``(T, N, n)`` arrays, which moved
 every array through memory several times; here the data are read by three or four products.
+Products with only a few output columns (the block ends, the sums over entries) are computed
+the other way round, ``(Wᵀ zᵀ)ᵀ``: BLAS runs them several times faster so.
 """
 
 from __future__ import annotations
