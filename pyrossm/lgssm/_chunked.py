@@ -248,6 +248,14 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N, moments=True):
             at_origin[W - k * L] = flag
     X = X0
     outs = []  # per run of steps: the outputs of _kept, each with a leading time dim
+    # Without autograd the steps run in place in two alternating buffers (_InPlaceSteps) and
+    # each step's outputs are copied at once into the results: no new arrays per step, where
+    # fresh memory costs page faults (allocating and freeing some 3 MB per step at
+    # 256 x 1000, glibc hands memory back and forth to the system).
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (A, Q, G, x, bt, init_mean, init_cov))
+    inplace = None if grad else _InPlaceSteps(X0, G.shape[0])
+    kept, pos = None, 0
     P_before = None
     block = _compiled_block()
     special = {0, W} | set(at_origin)  # restarts: one eager step each
@@ -270,19 +278,33 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N, moments=True):
             k = _BLOCK
             X, *out = block(X, Aa, Qa, None if bc is None else bc[j : j + k], G,
                             cc[j : j + k], xc[j : j + k])
+        elif inplace is not None:
+            X, r, S, P = inplace.step(X, Aa, Qa, None if bc is None else bc[j], G, cc[j], xc[j])
+            out = _kept(X, r, S, P)
         else:
             X, r, S, P = _step_rows(X, Aa, Qa, None if bc is None else bc[j], G, cc[j], xc[j])
             out = _kept(X, r, S, P)
         if k == 1:
             out = tuple(u.unsqueeze(0) for u in out)
         j += k
-        if j == W:  # X is the filtered state at local step W - 1
-            P_before = X[:n, :n, :M]
+        if j == W:  # X is the filtered state at local step W - 1 (a copy: X may be a buffer)
+            P_before = X[:n, :n, :M].clone()
         if j > W:
             if not moments:  # the covariances of every step are not needed: not kept
                 out = (None, out[1], None) + tuple(out[3:])
-            outs.append(tuple(None if u is None else u[..., :M] for u in out) if pad else out)
-    kept = tuple(None if u[0] is None else torch.cat(u, 0) for u in zip(*outs))
+            if pad:
+                out = tuple(None if u is None else u[..., :M] for u in out)
+            if grad:
+                outs.append(out)
+                continue
+            if kept is None:
+                kept = tuple(None if u is None else u.new_empty((L,) + u.shape[1:]) for u in out)
+            for dest, u in zip(kept, out):
+                if u is not None:
+                    dest[pos : pos + k].copy_(u)
+            pos += k
+    if grad:
+        kept = tuple(None if u[0] is None else torch.cat(u, 0) for u in zip(*outs))
     if not moments:  # the last filtered covariance, for the warm-up check
         kept = (X[:n, :n, :M].unsqueeze(0),) + kept[1:]
     return kept + (P_before,)
@@ -327,6 +349,45 @@ def _update_rows(X, G, code, x):
         rs.append(r)
         Ss.append(S)
     return X, torch.stack(rs, 0), torch.stack(Ss, 0)
+
+
+class _InPlaceSteps:
+    """:func:`_step_rows` without autograd, in place: the state alternates between two
+    buffers and every intermediate has a buffer of its own, so a step allocates only the small
+    per-entry rows. The returned tensors are views of the buffers, valid until the step after
+    next (the caller copies what it keeps at once)."""
+
+    def __init__(self, X0, p):
+        n1, R, M = X0.shape
+        new = lambda *shape: X0.new_empty(shape)  # noqa: E731
+        self.X = (new(n1, R, M), new(n1, R, M))
+        self.U, self.P, self.T = new(n1, R, M), new(n1, n1, M), new(n1, n1, M)
+        self.tmp, self.rs, self.Ss = new(n1, R, M), new(p, R, M), new(p, M)
+        self.u, self.t = new(n1, M), new(n1 - 1, M)
+
+    def step(self, X, Aa, Qa, b, G, code, x):
+        n1, R, M = X.shape
+        n = n1 - 1
+        Xn = self.X[1] if X is self.X[0] else self.X[0]
+        # predict: every row times Ãᵀ, P⁻ = Ã (Ã P)ᵀ + Q (as _predict_rows)
+        torch.mm(Aa, X.view(n1, R * M), out=self.U.view(n1, R * M))
+        self.T.copy_(self.U[:, :n1].transpose(0, 1))
+        torch.mm(Aa, self.T.view(n1, n1 * M), out=self.P.view(n1, n1 * M))
+        self.P.add_(Qa)
+        Xn[:, :n1].copy_(self.P)
+        Xn[:, n1:].copy_(self.U[:, n1:])
+        if b is not None:
+            Xn[:, n1 : n1 + 1].add_(b)
+        # update by each entry in turn (as _update_rows)
+        g = G.index_select(-1, code)
+        xw = (g[:, n:] * x.unsqueeze(0)).sum(1, keepdim=True)
+        c = torch.cat([g[:, :n], -xw], 1).unsqueeze(2)
+        for i in range(G.shape[0]):
+            ci, r, S = c[i], self.rs[i], self.Ss[i]
+            torch.sum(torch.mul(Xn, ci, out=self.tmp), 0, out=r)
+            torch.sum(torch.mul(r[:n], ci[:n, 0], out=self.t), 0, out=S).add_(1)
+            Xn.addcmul_(torch.div(r[:n1], S, out=self.u).unsqueeze(1), r.unsqueeze(0), value=-1)
+        return Xn, self.rs, self.Ss, self.P[:n, :n]
 
 
 def _step_rows(X, Aa, Qa, b, G, code, x):
