@@ -3,11 +3,12 @@ nonlinear filters and the samplers (column vectors: ``mv(A, z)`` is ``A @ z`` fo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-__all__ = ["LOG_2PI", "cholesky", "gaussian_log_density", "mv", "sym"]
+__all__ = ["LOG_2PI", "cholesky", "congruence", "gaussian_log_density", "mv", "sym"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -15,6 +16,47 @@ LOG_2PI = math.log(2 * math.pi)
 def sym(P: torch.Tensor) -> torch.Tensor:
     """The symmetric part ``(P + Pᵀ) / 2`` of ``(..., n, n)`` matrices."""
     return 0.5 * (P + P.transpose(-1, -2))
+
+
+# Up to this inner size congruence() uses the Kronecker form (its operator has m(m+1)/2 x n²
+# entries; for n = 4 one (r, 16) @ (16, 10) product instead of two batched 4 x 4 products).
+_KRON_MAX_DIM = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_index(m: int, device: torch.device):
+    """The rows and columns of the upper triangle of an m x m matrix, and for every entry
+    (i, j) the position of (min(i, j), max(i, j)) among them."""
+    rows, cols = torch.triu_indices(m, m, device=device)
+    pos = torch.empty(m, m, dtype=torch.long, device=device)
+    pos[rows, cols] = torch.arange(rows.numel(), device=device)
+    pos[cols, rows] = pos[rows, cols]
+    return rows, cols, pos.flatten()
+
+
+def congruence(M: torch.Tensor, P: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``sym(M P Mᵀ + add)`` for one matrix ``M (m, n)`` and many ``P (..., n, n)`` (``add``
+    ``(m, m)`` or broadcastable to the result, or None), exactly symmetric.
+
+    For small n all of them are one matrix product, ``vec(M P Mᵀ) = (M ⊗ M) vec(P)``, over the
+    upper triangle only (then mirrored): a batched ``M @ P`` with a shared left factor runs as
+    one small product per matrix (about 65 ns each for 4 x 4), this as one GEMM (about 10 ns).
+    Differentiable."""
+    m, n = M.shape
+    if n > _KRON_MAX_DIM or P.dim() < 3:
+        out = M @ P @ M.mT
+        return sym(out if add is None else out + add)
+    rows, cols, pos = _upper_index(m, M.device)
+    # K[(i, j), (k, l)] = (M_ik M_jl + M_il M_jk) / 2: M sym(P) Mᵀ, so that the values and
+    # the gradients are those of sym(M P Mᵀ + add) for any P and add (the gradients
+    # symmetric), not only for symmetric ones
+    K = M[rows].unsqueeze(-1) * M[cols].unsqueeze(-2)  # (m(m+1)/2, n, n)
+    K = (0.5 * (K + K.mT)).reshape(-1, n * n)
+    y = P.reshape(-1, n * n) @ K.mT
+    if add is not None:
+        add = add.expand(P.shape[:-2] + (m, m)).reshape(-1, m, m)
+        y = y + 0.5 * (add[:, rows, cols] + add[:, cols, rows])
+    return y[:, pos].reshape(P.shape[:-2] + (m, m))
 
 
 def mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

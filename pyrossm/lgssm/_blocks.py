@@ -110,14 +110,18 @@ def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, 
     return ops
 
 
-def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk=None):
+def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk=None,
+                        per_step=True):
     """Means and log-likelihoods of steps ``0 .. Td-1`` given the per-step gains ``K (>= Td,
     n, p)``, inverse innovation Cholesky factors ``Linv (>= Td, p, p)`` and their
     ``half_logdet (>= Td,)`` (shared by the sequences; the parameters without batch dims).
 
     Returns batch-major ``filt_means (N, Td, n)``, ``pred_means (N, Td, n)`` (both None
     without ``moments``), ``step_log_likelihoods (N, Td)`` and the last filtered mean
-    ``(N, n)``; ``N`` the flattened ``batch``."""
+    ``(N, n)``; ``N`` the flattened ``batch``. ``per_step=False`` (and no moments): the
+    log-likelihoods may come summed over the steps, ``(N, 1)`` (without autograd, when the
+    blocks tile the steps: each block's squares are then summed where they are made, and no
+    per-step array is written)."""
     p = prep.x.shape[-1]
     n = prep.init_mean.shape[-1]
     N = math.prod(batch)
@@ -167,6 +171,11 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
         w = torch.baddbmm(zb @ W_w, starts, V_w)  # (nb, N, blk p)
         ll = torch.baddbmm(neg_c, sum_p, (w * w).mT, alpha=-0.5).permute(2, 0, 1).reshape(N, S)
         batch_major = lambda W, V: torch.baddbmm(zb @ W, starts, V).transpose(0, 1)  # noqa: E731
+    elif not (per_step or moments or pad):  # Σ_t ll_t = -Σ w² / 2 - Σ_t c_t
+        total = _block_rows(zb, starts, W_w, V_w, _sum_of_squares)
+        j, i = divmod(Td - 1, blk)
+        m = torch.addmm(zb[j] @ Wl[j, i], starts[j], Vl[j, i])
+        return None, None, total.view(N, 1).mul_(-0.5).sub_(c.sum()), m
     else:
         ll = _block_rows(zb, starts, W_w, V_w,
                          lambda w: torch.baddbmm(neg_c, sum_p, w.mul_(w).mT, alpha=-0.5).mT)
@@ -183,6 +192,12 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     j, i = divmod(Td - 1, blk)
     m = torch.addmm(zb[j] @ Wl[j, i], starts[j], Vl[j, i])
     return None, None, ll, m
+
+
+def _sum_of_squares(w):
+    """``(1, rows, 1)``: the sum of ``w (nb, rows, d)²`` over the blocks and the entries (in
+    place; the sum over the blocks first, a contiguous reduction)."""
+    return w.mul_(w).sum(0, keepdim=True).sum(-1, keepdim=True)
 
 
 def _block_rows(zb, starts, W, V, finish=None, chunk_bytes=1 << 19):
@@ -203,7 +218,7 @@ def _block_rows(zb, starts, W, V, finish=None, chunk_bytes=1 << 19):
         if finish is not None:
             y = finish(y)
         if out is None:
-            out = zb.new_empty(N, nb, y.shape[-1])
+            out = zb.new_empty(N, y.shape[0], y.shape[-1])
         out[i:j].transpose(0, 1).copy_(y)
     return out
 

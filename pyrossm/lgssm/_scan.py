@@ -72,27 +72,28 @@ def associative_scan(combine, elems, time_dims):
 # the covariance part of the Kalman filter's elements (Särkkä & García-Fernández 2021)
 def _cov_combine(earlier, later):
     """The covariance part of the filtering elements' combination (Särkkä & García-Fernández
-    2021, eq. (32)): (A, C, J) of two consecutive stretches of time."""
+    2021, eq. (32)): (A, C, J) of two consecutive stretches of time. With M = I + C1 J2 (one
+    inverse serves both of its solves)."""
     A1, C1, J1 = earlier
     A2, C2, J2 = later
     eye = torch.eye(A1.shape[-1], dtype=A1.dtype, device=A1.device)
-    IpCJ = eye + C1 @ J2
-    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
-    A1T_Minv = torch.linalg.solve(IpCJ, A1).transpose(-1, -2)
+    Minv = torch.linalg.inv(eye + C1 @ J2)
+    MA1 = Minv @ A1
     return (
-        A2M @ A1,
-        sym(A2M @ C1 @ A2.transpose(-1, -2) + C2),
-        sym(A1T_Minv @ J2 @ A1 + J1),
+        A2 @ MA1,
+        sym(A2 @ (Minv @ C1) @ A2.transpose(-1, -2) + C2),
+        sym(MA1.transpose(-1, -2) @ J2 @ A1 + J1),
     )
 
 
 def _prefix_cov(C1, A2, C2, J2):
     """The covariance part of ``(0, C1, 0) • (A2, C2, J2)`` (:func:`_cov_combine` with an
-    earlier element that has no A or J, as every prefix of the filter's elements has)."""
+    earlier element that has no A or J, as every prefix of the filter's elements has):
+    A2 (I + C1 J2)⁻¹ C1 A2ᵀ + C2, where (I + C1 J2)⁻¹ C1 is symmetric (one solve, no
+    transposed operands)."""
     eye = torch.eye(C1.shape[-1], dtype=C1.dtype, device=C1.device)
-    IpCJ = eye + C1 @ J2
-    A2M = torch.linalg.solve(IpCJ.transpose(-1, -2), A2.transpose(-1, -2)).transpose(-1, -2)
-    return sym(A2M @ C1 @ A2.transpose(-1, -2) + C2)
+    X = torch.linalg.solve(eye + C1 @ J2, C1)
+    return sym(A2 @ X @ A2.transpose(-1, -2) + C2)
 
 
 def _doubling_prefixes(Cov1, generic, L):
@@ -101,11 +102,27 @@ def _doubling_prefixes(Cov1, generic, L):
     doubling: with the first m prefixes and the power g^m known, the next m prefixes are the
     first m ones each combined with g^m (e_1 • g^(j-1) • g^m, powers of one element commute),
     and g^2m = g^m • g^m. One batched combination with a shared later element per doubling,
-    and one of single elements. Returns ``(..., L, n, n)``."""
-    pre, power = Cov1, generic
-    while pre.shape[-3] < L:
-        r = min(pre.shape[-3], L - pre.shape[-3])
-        pre = torch.cat([pre, _prefix_cov(pre[..., :r, :, :], *power)], -3)
-        if pre.shape[-3] < L:
+    and one of single elements. Without autograd the prefixes are written into one array as
+    they come (no growing concatenation). Returns ``(..., L, n, n)``."""
+    n = Cov1.shape[-1]
+    if Cov1.shape[:-3] == ():  # the power without its time dim: single matrices
+        generic = tuple(M.reshape(n, n) for M in generic)
+    grad = torch.is_grad_enabled() and any(M.requires_grad for M in (Cov1, *generic))
+    if grad:
+        pre, power = Cov1, generic
+        while pre.shape[-3] < L:
+            r = min(pre.shape[-3], L - pre.shape[-3])
+            pre = torch.cat([pre, _prefix_cov(pre[..., :r, :, :], *power)], -3)
+            if pre.shape[-3] < L:
+                power = _cov_combine(power, power)
+        return pre
+    out = Cov1.new_empty(Cov1.shape[:-3] + (L, n, n))
+    out.narrow(-3, 0, 1).copy_(Cov1)
+    done, power = 1, generic
+    while done < L:
+        r = min(done, L - done)
+        out.narrow(-3, done, r).copy_(_prefix_cov(out.narrow(-3, 0, r), *power))
+        done += r
+        if done < L:
             power = _cov_combine(power, power)
-    return pre
+    return out

@@ -211,12 +211,13 @@ def _no_batch(param, tv):
     return param.dim() == (3 if tv else 2)
 
 
-def _sequential_filter(prep, allow_steady=None, moments=True):
+def _sequential_filter(prep, allow_steady=None, moments=True, per_step=True):
     """Dispatch to the fast kernels of :mod:`._steps`; the general case (parameters with batch
     dims) is handled here. Returns the moments and the step log-likelihoods (or None).
-    ``moments=False``: the moments may be None (where a kernel can skip them)."""
+    ``moments=False``: the moments may be None (where a kernel can skip them); with
+    ``per_step=False`` too the log-likelihoods may be their sums over the steps, ``(..., 1)``."""
     if prep.obs is None and _param_batch(prep) == ():
-        return shared_filter(prep, allow_steady, moments)
+        return shared_filter(prep, allow_steady, moments, per_step)
     if prep.obs is not None:
         C, R, tvC, tvR = prep.raw
         if all(
@@ -455,14 +456,15 @@ def kalman_log_likelihood(
     if not isinstance(per_step, bool):
         raise TypeError(f"per_step: expected a bool, got {type(per_step).__name__}")
     step_ll = _filter(x, A, C, Q, R, init_mean, init_cov, mask, False, validate,
-                      transition_offset, observation_offset, moments=False)
+                      transition_offset, observation_offset, moments=False, per_step=per_step)
     return step_ll if per_step else step_ll.sum(-1)
 
 
 def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None, d=None,
-            moments=True):
+            moments=True, per_step=True):
     """The filter without broadcasting its outputs: covariances keep the parameters' batch.
-    ``moments=False``: the step log-likelihoods only (a tensor, not a FilterResult)."""
+    ``moments=False``: the step log-likelihoods only (a tensor, not a FilterResult), and with
+    ``per_step=False`` possibly their sums over the steps (``(..., 1)``)."""
     prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b, d, masked=False)
     if prep.x.shape[-2] == 0:
         raise ValueError("x: expected at least one time step (shape (..., T, obs_dim), T >= 1)")
@@ -472,7 +474,7 @@ def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None
         step_ll = None
     else:
         filt_means, filt_covs, pred_means, pred_covs, step_ll = _sequential_filter(
-            prep, moments=moments)
+            prep, moments=moments, per_step=per_step)
     if step_ll is None:
         step_ll = _step_log_likelihoods(prep, pred_means, pred_covs)
     if not all_finite(step_ll.detach()):

@@ -100,9 +100,9 @@ def test_block_length_and_threshold_choices(monkeypatch):
     calls = []
     original = _blocks.varying_block_steps
 
-    def spy(prep, batch, K, Linv, half_logdet, Td, moments, blk):
+    def spy(prep, batch, K, Linv, half_logdet, Td, moments, blk, per_step=True):
         calls.append(blk)
-        return original(prep, batch, K, Linv, half_logdet, Td, moments, blk)
+        return original(prep, batch, K, Linv, half_logdet, Td, moments, blk, per_step)
 
     monkeypatch.setattr(_steps, "varying_block_steps", spy)
     monkeypatch.setattr(_steps, "STEADY_STATE", False)
@@ -178,6 +178,30 @@ def test_block_path_without_autograd_in_chunks(offsets, monkeypatch):
     assert_rel_close(block, step, 1e-11, "log-likelihood")
     for key in ("filtered_means", "predicted_means", "log_likelihood"):
         assert_rel_close(getattr(block_res, key), getattr(step_res, key), 1e-11, key)
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_log_likelihood_totals_without_autograd(offsets, monkeypatch):
+    """``kalman_log_likelihood`` (totals, no autograd) sums each chunk's squares over the
+    blocks where they are made, when the blocks tile the steps (here 300 sequences of 200
+    steps, blocks of 8); equal to the step path's summed step log-likelihoods in float64."""
+    s = random_system(3, 2, 200, seed=11)
+    g = torch.Generator().manual_seed(3)
+    s["x"] = torch.randn(300, 200, 2, generator=g, dtype=torch.float64)
+    extra = dict(transition_offset=torch.randn(300, 200, 3, generator=g,
+                                               dtype=torch.float64)) if offsets else {}
+    args = [s[k] for k in ARGS]
+    monkeypatch.setattr(_steps, "STEADY_STATE", False)
+    calls = []
+    original = _blocks._sum_of_squares
+    monkeypatch.setattr(_blocks, "_sum_of_squares", lambda w: calls.append(1) or original(w))
+    with torch.no_grad():
+        total = kalman_log_likelihood(*args, **extra)
+        assert calls, "the totals path was not taken"
+        monkeypatch.setattr(_steps, "_BLOCK_STEPS_MIN_WORK", 1 << 62)
+        step = kalman_log_likelihood(*args, per_step=True, **extra)
+    assert total.shape == (300,)
+    assert_rel_close(total, step.sum(-1), 1e-11, "log-likelihood totals")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
