@@ -145,11 +145,13 @@ def _full_time(param, T):
 
 
 def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None, masked=True):
+    finite = None
     if validate:
-        validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask)
+        finite = validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask)
         validate_offsets(x, init_mean, b, d)
     if d is not None:
         x = x - d  # NaN entries stay NaN
+        finite = None
     if b is not None:
         # b_0 is never used (z_1 ~ N(init_mean, init_cov)); zero it so that sums over t can
         # include it.
@@ -157,7 +159,7 @@ def _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b=None, d=None,
         b = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., 1:, :]], -2)
     tv = {name: p.dim() == x.dim() + 1 for name, p in zip("ACQR", (A, C, Q, R))}
     A, C, Q, R = (_full_time(p, x.shape[-2]) if tv[k] else p for k, p in zip("ACQR", (A, C, Q, R)))
-    if (mask is None or bool(mask.all())) and all_finite(x):
+    if (mask is None or bool(mask.all())) and (all_finite(x) if finite is None else finite):
         return _Prepared(x, None, A, C, Q, R, init_mean, init_cov, tv, None, b)
     obs = ~torch.isnan(x)
     if mask is not None:
