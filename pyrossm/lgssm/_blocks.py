@@ -50,63 +50,59 @@ def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, 
     and with ``moments`` ``"m"`` (the filtered means) and, if also ``pred``, ``"pred"`` (the
     predicted means).
 
-    Built one step of the block at a time for all blocks at once, in the layout ``[block, i,
-    j, k, d]`` (the map from input ``j`` to output ``i``), where a shared A or C is one
-    product for all steps and the per-step factors are products batched over the blocks."""
+    Built in column form, one step of the block at a time for all blocks at once: the map
+    of step ``i`` is ``(nb, d, blk k)`` (outputs in the rows), so that the row-form operators
+    are transposed views of contiguous arrays (batched products take them as they are; a
+    permuted copy into row form cost a fifth of the build). A shared A or C is one product
+    for all steps, the per-step factors are products batched over the blocks."""
     S, n, p = K.shape
     nb = S // blk
-    dev = K.device
-    eye = torch.eye(n, dtype=K.dtype, device=dev)
+    dt, dev = K.dtype, K.device
+    eye = torch.eye(n, dtype=dt, device=dev)
     IKC = eye - K @ C  # (S, n, n)
-    A_steps = A if tvA else A.expand(S, n, n)
-    FT = torch.cat([IKC[:1], IKC[1:] @ A_steps[1:]], 0).mT.reshape(nb, blk, n, n)  # A_0 = I
-    map_in = K.mT if not with_b else torch.cat([K.mT, IKC.mT], -2)  # (S, k, n)
-    k = map_in.shape[-2]
-    map_in = map_in.reshape(nb, blk, k, n)
-    # filtered means: row i = row i-1 times F_iᵀ, plus the step's own input map
-    # (rows are stacked, not written in place: autograd keeps each row for the next product)
-    rows, Nrows = [], []
+    # F_i = (I - K_i C_i) A_i, with A_0 = I
+    F = torch.cat([IKC[:1], IKC[1:] @ (A[1:] if tvA else A)], 0).reshape(nb, blk, n, n)
+    map_in = K if not with_b else torch.cat([K, IKC], -1)  # (S, n, k)
+    k = map_in.shape[-1]
+    map_in = map_in.reshape(nb, blk, n, k)
+    # filtered means: map i = F_i times map i-1, plus the step's own input map
+    # (maps are stacked, not written in place: autograd keeps each one for the next product)
+    maps, starts = [], []
     for i in range(blk):
-        parts = [map_in[:, i : i + 1], K.new_zeros(nb, blk - i - 1, k, n)]
+        parts = [map_in[:, i], K.new_zeros(nb, n, (blk - i - 1) * k)]
         if i:
-            prev = rows[-1][:, :i].reshape(nb, i * k, n) @ FT[:, i]
-            parts.insert(0, prev.view(nb, i, k, n))
-        rows.append(torch.cat(parts, 1))
-        Nrows.append(Nrows[-1] @ FT[:, i] if i else FT[:, 0])
-    Lm, Nm = torch.stack(rows, 1), torch.stack(Nrows, 1)  # (nb, blk, blk, k, n), (nb, blk, n, n)
-    AT = A.mT.reshape(nb, blk, n, n) if tvA else A.mT
-    CT = C.mT.reshape(nb, blk, n, p) if tvC else C.mT
-    LinvT = Linv.mT.reshape(nb, blk, p, p)
-    CL = CT @ LinvT  # (nb, blk, n, p): C_iᵀ L_i⁻ᵀ
+            parts.insert(0, F[:, i] @ maps[-1][..., : i * k])
+        maps.append(torch.cat(parts, -1))
+        starts.append(F[:, i] @ starts[-1] if i else F[:, 0])
+    Mt, Nt = torch.stack(maps, 1), torch.stack(starts, 1)  # (nb, blk, n, blk k), (nb, blk, n, n)
+    Ab = A.reshape(nb, blk, n, n) if tvA else A
+    LC = (Linv @ C).reshape(nb, blk, p, n)  # L_i⁻¹ C_i
     idx = torch.arange(blk, device=dev)
-    # predicted means (only with the moments): the filtered mean one step back (m_0 first)
-    # times A_iᵀ, + b_i
-    Nprev = torch.cat([eye.expand(nb, 1, n, n), Nm[:, :-1]], 1)
-    Npred = Nprev @ AT
-    # step 0 of block 0 predicts the initial mean itself (A_0 = I)
+    # predicted means' map of the block start: A_i times the filtered one a step back (the
+    # identity before step 0); step 0 of block 0 predicts the initial mean itself (A_0 = I)
+    Nprev = torch.cat([eye.expand(nb, 1, n, n), Nt[:, :-1]], 1)
+    Npred = Ab @ Nprev
     Npred = torch.cat([torch.cat([eye.expand(1, 1, n, n), Npred[:1, 1:]], 1), Npred[1:]], 0)
-    # whitened innovations (x_i - m⁻_i Cᵀ) L_i⁻ᵀ: the data rows are the filtered means' one
-    # step back times A_iᵀ C_iᵀ L_i⁻ᵀ (one product; the predicted means' rows are not needed)
-    G = (AT @ CL)[:, 1:]  # (nb, blk - 1, n, p)
-    rows_back = Lm[:, :-1].reshape(nb, blk - 1, blk * k, n)
-    Lw = torch.cat([K.new_zeros(nb, 1, blk, k, p), (rows_back @ -G).view(nb, blk - 1, blk, k, p)],
-                   1)
-    Lw[:, idx, idx, :p] = Lw[:, idx, idx, :p] + LinvT
+    # whitened innovations L_i⁻¹ (x_i - C_i m⁻_i): the data part is -L_i⁻¹ C_i A_i times the
+    # filtered map a step back (one product; the predicted means' maps are not needed)
+    G = (LC[:, 1:] @ Ab[:, 1:]) if tvA else LC[:, 1:] @ A  # (nb, blk - 1, p, n)
+    Ww = torch.cat([K.new_zeros(nb, 1, p, blk * k), -(G @ Mt[:, :-1])], 1)  # (nb, blk, p, blk k)
+    Ww5 = Ww.view(nb, blk, p, blk, k)  # the diagonal blocks (i, i): advanced dims come first
+    Ww5[:, idx, :, idx, :p] = Ww5[:, idx, :, idx, :p] + Linv.reshape(nb, blk, p, p).transpose(0, 1)
     if with_b:  # b_i enters m⁻_i directly
-        Lw[:, idx, idx, p:] = Lw[:, idx, idx, p:] - CL
-    Nw = -(Npred @ CL)
-    W = lambda L: L.permute(0, 2, 3, 1, 4).reshape(nb, blk * k, blk * L.shape[-1])  # noqa: E731
-    V = lambda N: N.permute(0, 2, 1, 3).reshape(nb, n, blk * N.shape[-1])  # noqa: E731
-    ops = {"w": (W(Lw), V(Nw)), "last": (Lm.reshape(nb, blk, blk * k, n), Nm)}
+        Ww5[:, idx, :, idx, p:] = Ww5[:, idx, :, idx, p:] - LC.transpose(0, 1)
+    Nw = -(LC @ Npred)  # (nb, blk, p, n)
+    rows = lambda M: M.reshape(nb, blk * M.shape[-2], M.shape[-1]).mT  # noqa: E731
+    ops = {"w": (rows(Ww), rows(Nw)), "last": (Mt.mT, Nt.mT)}
     if moments and pred:
-        Lpred = torch.cat([K.new_zeros(nb, 1, blk, k, n),
-                           (rows_back @ (AT[:, 1:] if tvA else AT)).view(nb, blk - 1, blk, k, n)],
-                          1)
+        Lpred = torch.cat([K.new_zeros(nb, 1, n, blk * k),
+                           (Ab[:, 1:] if tvA else Ab) @ Mt[:, :-1]], 1)
         if with_b:
-            Lpred[:, idx, idx, p:] = Lpred[:, idx, idx, p:] + eye
-        ops["pred"] = (W(Lpred), V(Npred))
+            L5 = Lpred.view(nb, blk, n, blk, k)
+            L5[:, idx, :, idx, p:] = L5[:, idx, :, idx, p:] + eye
+        ops["pred"] = (rows(Lpred), rows(Npred))
     if moments:
-        ops["m"] = (W(Lm), V(Nm))
+        ops["m"] = (rows(Mt), rows(Nt))
     return ops
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pyrossm._gaussian import sym
+from pyrossm._gaussian import congruence, sym
 
 
 def _slice(elems, dims, start, stop=None, step=None):
@@ -93,6 +93,8 @@ def _prefix_cov(C1, A2, C2, J2):
     transposed operands)."""
     eye = torch.eye(C1.shape[-1], dtype=C1.dtype, device=C1.device)
     X = torch.linalg.solve(eye + C1 @ J2, C1)
+    if A2.dim() == 2 and C2.dim() == 2 and X.shape[-3] >= 64:  # one GEMM for many prefixes
+        return congruence(A2, X, C2)
     return sym(A2 @ X @ A2.transpose(-1, -2) + C2)
 
 
