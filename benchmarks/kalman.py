@@ -40,6 +40,7 @@ import importlib
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -384,10 +385,18 @@ def run_cell(args, batch, steps, frac, dtype):
                    batch / subset, ref,
                    f"float64; {subset} sequences timed, scaled x{batch / subset:g}")
     # Timed round-robin (one run of every method per round), so that a change of the machine's
-    # load during the cell affects all methods alike; the median over rounds is reported.
+    # load during the cell affects all methods alike; the median over rounds is reported. The
+    # order is shuffled every round (seeded): a method's time depends on what ran just before
+    # it (its caches, and the allocator's state: in a fixed order dynamax always followed
+    # pyrossm's fastest row, and measured 6.3 ms where it measured 10.8 ms after dynamax
+    # +moments in another order on the same machine).
     times = [[] for _ in todo]
+    shuffle = random.Random(args.seed)
     for rnd in range(max(rep for *_, rep in todo)):
-        for i, (_, fn, arg, rep) in enumerate(todo):
+        order = list(range(len(todo)))
+        shuffle.shuffle(order)
+        for i in order:
+            _, fn, arg, rep = todo[i]
             if rnd < rep:
                 t0 = time.perf_counter()
                 fn(arg)
