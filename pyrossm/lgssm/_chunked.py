@@ -48,6 +48,8 @@ import torch
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky
 
+from ._recurrence import tracks_grad
+
 # Warm-up steps tried first (then 4 times as many), and the most tried before the sequential
 # filter takes over.
 _FIRST_WARMUP = 32
@@ -201,8 +203,8 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N, moments=True):
     columns ``(L, n, R - n - 1, M)``, predicted covariances ``(L, n, n, M)``, innovation columns
     of ``X c̃`` ``(L, p, R - n - 1, M)`` and their variances ``S`` ``(L, p, M)``; and the
     filtered covariance ``(n, n, M)`` at local step ``W - 1`` (for the warm-up check).
-    With ``moments=False`` the covariances are not kept: the first entry is then only the
-    last step's filtered covariance ``(1, n, n, M)`` and the predicted ones None.
+    With ``moments=False`` the covariances and means are not kept: the first two entries are
+    then only the last step's ``(1, ...)`` and the predicted covariances None.
     The loop body is :func:`_step_rows` (blocks of it compiled with :func:`set_compile`).
     """
     n = A.shape[-1]
@@ -290,8 +292,8 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N, moments=True):
         if j == W:  # X is the filtered state at local step W - 1 (a copy: X may be a buffer)
             P_before = X[:n, :n, :M].clone()
         if j > W:
-            if not moments:  # the covariances of every step are not needed: not kept
-                out = (None, out[1], None) + tuple(out[3:])
+            if not moments:  # only the innovations of every step are needed: the covariances
+                out = (None, None, None) + tuple(out[3:])  # and means are not kept
             if pad:
                 out = tuple(None if u is None else u[..., :M] for u in out)
             if grad:
@@ -305,8 +307,8 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N, moments=True):
             pos += k
     if grad:
         kept = tuple(None if u[0] is None else torch.cat(u, 0) for u in zip(*outs))
-    if not moments:  # the last filtered covariance, for the warm-up check
-        kept = (X[:n, :n, :M].unsqueeze(0),) + kept[1:]
+    if not moments:  # the last filtered covariance (for the warm-up check) and mean columns
+        kept = (X[:n, :n, :M].unsqueeze(0), X[:n, n1:, :M].unsqueeze(0)) + kept[2:]
     return kept + (P_before,)
 
 
@@ -510,18 +512,14 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None, moments=True):
         starts.append(last[:, 0, k - 1] + (phi_t * starts[-1].unsqueeze(0)).sum(1))
     ms = torch.stack(starts, 1).reshape(n, nc * N)  # (n, M), chunk-major like the batch
     # m_t = p_t + Φ_t m_s; innovations c·m - x likewise (elementwise, batch last).
-    if nc > 1:
-        neg_v = v[:, :, 0] + (v[:, :, 1:] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
-    else:
-        neg_v = v[:, :, 0]
+    neg_v = _stitch(v, ms)
     ll = -0.5 * (neg_v.pow(2) / S + torch.log(S)).sum(1)  # (L, M)
     num_obs = obs.to(dt).sum(-1)  # (T, N)
     ll = _time_major(ll, nc, N, T) - 0.5 * _LOG_2PI * num_obs - logdet_tab[code]
     out = lambda u: u.movedim(-1, 0).reshape(batch + u.shape[:-1])  # noqa: E731
     if not moments:
         return None, None, None, None, out(ll)
-    filt_m = mc[:, :, 0] + (mc[:, :, 1:] * ms.unsqueeze(0)).sum(2) if nc > 1 else mc[:, :, 0]
-    filt_m = _time_major(filt_m, nc, N, T)  # (T, n, N)
+    filt_m = _time_major(_stitch(mc, ms), nc, N, T)  # (T, n, N)
     filt_P = _time_major(filt_P, nc, N, T)  # (T, n, n, N)
     pred_m = _predict_means(A, bt, filt_m, init_mean)
     pred_P = _time_major(pred_P, nc, N, T)  # (T, n, n, N)
@@ -532,6 +530,20 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None, moments=True):
         out(_sym(pred_P)),
         out(ll),
     )
+
+
+def _stitch(u, ms):
+    """``u[:, :, 0] + Σ_k u[:, :, 1 + k] ms[k]`` for ``u (L, d, 1 + n, M)`` (particular part
+    and transfer columns) and the chunks' start means ``ms (n, M)``: ``(L, d, M)``, one
+    column at a time (without autograd in place: no ``(L, d, n, M)`` product array)."""
+    if u.shape[2] == 1:
+        return u[:, :, 0]
+    if tracks_grad(u, ms):
+        return u[:, :, 0] + (u[:, :, 1:] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
+    out = u[:, :, 0].clone()
+    for k in range(u.shape[2] - 1):
+        out.addcmul_(u[:, :, 1 + k], ms[k])
+    return out
 
 
 def _time_major(u, nc, N, T):
