@@ -7,6 +7,7 @@ Model (column vectors; sequences ``(batch, time, dim)`` with time at dim -2)::
 """
 
 from ._chunked import set_compile
+from ._workspace import release_workspace
 from .distributions import LinearGaussianChain, LinearGaussianObservations
 from .inference import (
     FilterResult,
@@ -47,6 +48,7 @@ __all__ = [
     "kalman_log_likelihood",
     "kalman_smoother",
     "ljung_box",
+    "release_workspace",
     "sample_lgssm",
     "sample_posterior",
     "set_compile",

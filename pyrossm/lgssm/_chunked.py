@@ -49,6 +49,7 @@ from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky
 
 from ._recurrence import tracks_grad
+from ._workspace import scratch
 
 # Warm-up steps tried first (then 4 times as many), and the most tried before the sequential
 # filter takes over.
@@ -299,8 +300,10 @@ def _run(A, Q, G, code, x, bt, init_mean, init_cov, L, W, nc, N, moments=True):
             if grad:
                 outs.append(out)
                 continue
-            if kept is None:
-                kept = tuple(None if u is None else u.new_empty((L,) + u.shape[1:]) for u in out)
+            if kept is None:  # reused buffers (_workspace): tens of MB at 256 x 1000
+                kept = tuple(None if u is None else scratch(f"chunked.kept{i}", (L,) + u.shape[1:],
+                                                            u.dtype, u.device)
+                             for i, u in enumerate(out))
             for dest, u in zip(kept, out):
                 if u is not None:
                     dest[pos : pos + k].copy_(u)
@@ -361,7 +364,8 @@ class _InPlaceSteps:
 
     def __init__(self, X0, p):
         n1, R, M = X0.shape
-        new = lambda *shape: X0.new_empty(shape)  # noqa: E731
+        names = iter(range(100))
+        new = lambda *shape: scratch(f"chunked.step{next(names)}", shape, X0.dtype, X0.device)  # noqa: E731
         self.X = (new(n1, R, M), new(n1, R, M))
         self.U, self.P, self.T = new(n1, R, M), new(n1, n1, M), new(n1, n1, M)
         self.tmp, self.rs, self.Ss = new(n1, R, M), new(p, R, M), new(p, M)
@@ -520,14 +524,12 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None, moments=True):
     if not moments:
         return None, None, None, None, out(ll)
     filt_m = _time_major(_stitch(mc, ms), nc, N, T)  # (T, n, N)
-    filt_P = _time_major(filt_P, nc, N, T)  # (T, n, n, N)
     pred_m = _predict_means(A, bt, filt_m, init_mean)
-    pred_P = _time_major(pred_P, nc, N, T)  # (T, n, n, N)
     return (
         out(filt_m),
-        out(_sym(filt_P)),
+        out(_sym_time_major(filt_P, nc, N, T)),
         out(pred_m),
-        out(_sym(pred_P)),
+        out(_sym_time_major(pred_P, nc, N, T)),
         out(ll),
     )
 
@@ -536,11 +538,9 @@ def _stitch(u, ms):
     """``u[:, :, 0] + Σ_k u[:, :, 1 + k] ms[k]`` for ``u (L, d, 1 + n, M)`` (particular part
     and transfer columns) and the chunks' start means ``ms (n, M)``: ``(L, d, M)``, one
     column at a time (without autograd in place: no ``(L, d, n, M)`` product array)."""
-    if u.shape[2] == 1:
-        return u[:, :, 0]
     if tracks_grad(u, ms):
         return u[:, :, 0] + (u[:, :, 1:] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
-    out = u[:, :, 0].clone()
+    out = u[:, :, 0].clone()  # (u may be a reused buffer: the result is a new array)
     for k in range(u.shape[2] - 1):
         out.addcmul_(u[:, :, 1 + k], ms[k])
     return out
@@ -564,6 +564,15 @@ def _predict_means(A, bt, filt_m, init_mean):
     return torch.cat([init_mean.t().unsqueeze(0), m], 0)
 
 
-def _sym(P):
-    """``(T, n, n, N)`` symmetrised (one new tensor: these are the largest outputs)."""
-    return torch.add(P, P.transpose(1, 2)).mul_(0.5)
+def _sym_time_major(P, nc, N, T):
+    """The kept covariances ``(L, n, n, nc N)`` (chunk-major batch) symmetrised, ``(T, n, n,
+    N)``: without autograd in one pass from the kept layout into the output (these are the
+    largest outputs; a time-major copy first would be another array as large)."""
+    if tracks_grad(P):
+        P = _time_major(P, nc, N, T)
+        return torch.add(P, P.transpose(1, 2)).mul_(0.5)
+    L, n = P.shape[0], P.shape[1]
+    src = P.view(L, n, n, nc, N).permute(3, 0, 1, 2, 4)  # (nc, L, n, n, N), N contiguous
+    full = P.new_empty(nc * L, n, n, N)
+    torch.add(src, src.transpose(2, 3), out=full.view(nc, L, n, n, N))
+    return full[:T].mul_(0.5)

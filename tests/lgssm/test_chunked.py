@@ -220,3 +220,27 @@ def test_log_likelihood_only_equals_filter():
     g1, = torch.autograd.grad(ll.sum(), A)
     g2, = torch.autograd.grad(ref.sum(), A)
     assert_rel_close(g1, g2, 1e-10, "gradient")
+
+
+def test_reused_buffers_do_not_leak_into_results():
+    """The chunked kernel keeps its per-step arrays in buffers reused from call to call
+    (``_workspace``): a second call with other data leaves the first call's results as they
+    were, with one chunk and with several, moments or not; ``release_workspace`` frees them."""
+    from pyrossm.lgssm import kalman_log_likelihood, release_workspace
+
+    for T, B in ((100, 256), (1500, 6)):  # one chunk, 15 chunks
+        s = random_system(3, 2, T, seed=T, batch=(B,), missing="entries")
+        assert _chunked.applicable(_prep(s))
+        args = [s[k] for k in ARGS]
+        with torch.no_grad():
+            first = kalman_filter(*args)
+            first_ll = kalman_log_likelihood(*args, per_step=True)
+            kept = [v.clone() for v in first] + [first_ll.clone()]
+            other = [torch.randn_like(s["x"]) * 3 if k == "x" else s[k] for k in ARGS]
+            other[0][torch.isnan(s["x"])] = float("nan")
+            kalman_filter(*other)
+            kalman_log_likelihood(*other, per_step=True)
+        for a, b in zip(list(first) + [first_ll], kept):
+            assert torch.equal(a, b)
+    assert release_workspace() > 0
+    assert release_workspace() == 0
