@@ -394,7 +394,8 @@ def run_cell(args, batch, steps, frac, dtype):
     shuffle = random.Random(args.seed)
     for rnd in range(max(rep for *_, rep in todo)):
         order = list(range(len(todo)))
-        shuffle.shuffle(order)
+        if args.order == "shuffled":
+            shuffle.shuffle(order)
         for i in order:
             _, fn, arg, rep = todo[i]
             if rnd < rep:
@@ -445,6 +446,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip", nargs="*", default=[], choices=CONTENDERS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--order", choices=("shuffled", "fixed"), default="shuffled",
+                    help="the order of the methods in each timing round (fixed: as listed, as "
+                         "before session 15)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kalman.json"),
                     help="JSON output path ('' to skip)")
     args = ap.parse_args(argv)
@@ -462,7 +466,7 @@ def main(argv=None):
                                                           else sys.argv[1:]),
         config=dict(cells=args.cells, missing=args.missing, state_dim=args.state_dim,
                     obs_dim=args.obs_dim, dtype=args.dtype, repeats=args.repeats,
-                    subset=args.subset, seed=args.seed),
+                    subset=args.subset, seed=args.seed, order=args.order),
         machine=machine(),
         timestamp_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         results=rows,
