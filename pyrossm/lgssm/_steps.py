@@ -185,6 +185,11 @@ def riccati_scan(prep, t0, P_filt0, T):
             getattr(prep, name)[..., t0 + 1 : T, :, :] if prep.tv[name] else getattr(prep, name)
         )
     )
+    plain = [getattr(prep, k) for k in "ACQR"]
+    if not any(prep.tv.values()) and P_filt0.dim() == 2 and all(M.dim() == 2 for M in plain):
+        # one shared system (the common case): the same algebra on (n, n) matrices, without
+        # the time dims of the general case (a third of the small operations)
+        return _doubling_prefixes(*_scan_elements(*plain, P_filt0), T - t0 - 1)
     A, C, Q, R = (with_time(sl(k), prep.tv[k]) for k in "ACQR")
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
@@ -211,6 +216,21 @@ def riccati_scan(prep, t0, P_filt0, T):
     J = torch.cat([torch.zeros_like(J[..., :1, :, :]), J[..., 1:, :, :]], -3)
     _, filt, _ = associative_scan(_cov_combine, (Fm, Cov, J), (-3, -3, -3))
     return filt
+
+
+def _scan_elements(A, C, Q, R, P_filt0):
+    """The first element ``(1, n, n)`` (from the filtered covariance ``P_filt0``) and the
+    generic element's three ``(n, n)`` matrices of :func:`riccati_scan`, for one shared system
+    given as ``(n, n)`` and ``(p, n)``, ``(p, p)`` matrices."""
+    n = A.shape[-1]
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    Lq, Kq = innovation_terms(Q, C, R)
+    Fm = (eye - Kq @ C) @ A
+    CA = C @ A
+    J = sym(CA.mT @ torch.cholesky_solve(CA, Lq))
+    P1 = sym(A @ P_filt0 @ A.mT + Q)
+    _, K1 = innovation_terms(P1, C, R)
+    return update_cov(P1, K1, C, R).unsqueeze(0), (Fm, update_cov(Q, Kq, C, R), J)
 
 
 def shared_covariances(prep, T, batch_shape, allow_steady=True):
