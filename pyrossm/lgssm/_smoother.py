@@ -25,8 +25,9 @@ from pyrossm._gaussian import mv as _mv
 from pyrossm._gaussian import sym as _sym
 
 from . import _small
-from ._recurrence import varying_affine_recurrence
+from ._recurrence import tracks_grad, varying_affine_recurrence
 from ._scan import associative_scan
+from ._workspace import scratch
 
 
 def gains(filt_covs, pred_covs, A):
@@ -184,18 +185,31 @@ def _chunked_pass(G, fm, fc, pc, offset):
 
 
 def _batch_last_loop(G, fm, fc, pc, offset):
-    """:func:`backward_pass` one step at a time with the batch laid out last, ``(T, n, n, N)``."""
+    """:func:`backward_pass` one step at a time with the batch laid out last, ``(T, n, n, N)``.
+    Without autograd the batch-last copies and the stacked results live in buffers reused
+    between calls (:mod:`._workspace`: at 256 x 1000 they are 80 MB of fresh memory, one page
+    fault per 4 KB, on every call otherwise)."""
     T, n = fm.shape[-2:]
     batch = torch.broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
+    grad = tracks_grad(G, fm, fc, pc, offset)
 
-    def last(v, core):  # batch + (time, core...) -> (time, core..., N), contiguous
+    def last(v, core, name):  # batch + (time, core...) -> (time, core..., N), contiguous
         v = v.expand(batch + v.shape[-1 - len(core):]).reshape((-1,) + v.shape[-1 - len(core):])
-        return v.permute(tuple(range(1, v.dim())) + (0,)).contiguous()
+        v = v.permute(tuple(range(1, v.dim())) + (0,))
+        if grad:
+            return v.contiguous()
+        return scratch(f"smoother.{name}", v.shape, v.dtype, v.device).copy_(v)
 
-    Gl, fcl, pcl = last(G, (n, n)), last(fc, (n, n)), last(pc, (n, n))
-    offl, fml = last(offset, (n,)), last(fm[..., -1:, :], (n,))
+    Gl, fcl, pcl = last(G, (n, n), "G"), last(fc, (n, n), "fc"), last(pc, (n, n), "pc")
+    offl, fml = last(offset, (n,), "offset"), last(fm[..., -1:, :], (n,), "fm")
+    N = fcl.shape[-1]
     P, m = fcl[-1], fml[0]
-    covs, means = [P], [m]
+    if grad:
+        covs, means = [P], [m]
+    else:
+        covs = scratch("smoother.covs", (T, n, n, N), P.dtype, P.device)
+        means = scratch("smoother.means", (T, n, N), P.dtype, P.device)
+        covs[T - 1], means[T - 1] = P, m
     for t in range(T - 2, -1, -1):
         Gt = Gl[t]
         D = P - pcl[t + 1]
@@ -203,10 +217,16 @@ def _batch_last_loop(G, fm, fc, pc, offset):
         P = fcl[t] + (GD.unsqueeze(1) * Gt.unsqueeze(0)).sum(2)  # + [i, l] Σ_k GD_ik G_lk
         P = 0.5 * (P + P.transpose(0, 1))
         m = (Gt * m.unsqueeze(0)).sum(1) + offl[t]
-        covs.append(P)
-        means.append(m)
-    sc = torch.stack(covs[::-1], 0).permute(3, 0, 1, 2).reshape(batch + (T, n, n))
-    sm = torch.stack(means[::-1], 0).permute(2, 0, 1).reshape(batch + (T, n))
+        if grad:
+            covs.append(P)
+            means.append(m)
+        else:
+            covs[t], means[t] = P, m
+    if grad:
+        covs, means = torch.stack(covs[::-1], 0), torch.stack(means[::-1], 0)
+    # (contiguous: new arrays, never views of the reused buffers)
+    sc = covs.permute(3, 0, 1, 2).contiguous().reshape(batch + (T, n, n))
+    sm = means.permute(2, 0, 1).contiguous().reshape(batch + (T, n))
     return sc, sm
 
 

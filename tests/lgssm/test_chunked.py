@@ -238,6 +238,7 @@ def test_reused_buffers_do_not_leak_into_results():
             kept = [v.clone() for v in first] + [first_ll.clone()]
             other = [torch.randn_like(s["x"]) * 3 if k == "x" else s[k] for k in ARGS]
             other[0][torch.isnan(s["x"])] = float("nan")
+            other[ARGS.index("R")] = 2 * s["R"]  # other covariances too
             kalman_filter(*other)
             kalman_log_likelihood(*other, per_step=True)
         for a, b in zip(list(first) + [first_ll], kept):

@@ -81,6 +81,31 @@ def test_batch_last_loop_equals_the_batched_loop(batch, monkeypatch):
     _path_equals_the_loop(s, monkeypatch, "_batch_last_loop", ["_BATCH_LAST_MIN"], 1e-12, 1e-10)
 
 
+def test_batch_last_loop_without_autograd_reuses_buffers(monkeypatch):
+    """Without autograd the batch-last loop keeps its arrays in buffers reused between calls:
+    its results equal the batched loop's, and a second call with other data leaves the first
+    call's results unchanged (float64, 20 sequences with NaN entries)."""
+    s = random_system(3, 2, 30, seed=8, batch=(20,), missing="entries")
+    args = [s[k] for k in ("x", "A", "C", "Q", "R", "init_mean", "init_cov")]
+    calls = []
+    original = _smoother._batch_last_loop
+    monkeypatch.setattr(_smoother, "_batch_last_loop", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        first = kalman_smoother(*args)
+        kept = [v.clone() for v in first]
+        other = [torch.randn_like(args[0]) * 2] + args[1:]  # other data and R: other means
+        other[0][torch.isnan(args[0])] = float("nan")         # and covariances
+        other[4] = 2 * args[4]
+        kalman_smoother(*other)
+        assert len(calls) == 2
+        for a, b in zip(first, kept):
+            assert torch.equal(a, b)
+        monkeypatch.setattr(_smoother, "_BATCH_LAST_MIN", 10**9)
+        ref = kalman_smoother(*args)
+    for key in ("smoothed_means", "smoothed_covs"):
+        assert_rel_close(getattr(first, key), getattr(ref, key), 1e-12, key)
+
+
 @pytest.mark.parametrize("batch,T", [((1,), 100), ((3,), 97), ((2, 2), 64)])
 def test_chunked_pass_equals_the_loop(batch, T, monkeypatch):
     """Few sequences with NaN entries, long enough to be cut into chunks of time (97 and 64
