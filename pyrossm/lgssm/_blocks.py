@@ -34,7 +34,7 @@ import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
-from ._recurrence import block_length, tracks_grad, varying_affine_recurrence
+from ._recurrence import block_length, tracks_grad, varying_affine_recurrence, write_into
 
 
 def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, pred=True):
@@ -245,3 +245,69 @@ def predicted_means(fm, m0, AT, b=None):
     if b is not None:
         pm[:, 1:] += b[:, 1:]
     return pm
+
+
+# ---------------------------------------------------------------------------------------------
+# products over the blocks of a series (the steady-state path of ._steps)
+def sums_of_squares(out, z_blocks, starts, W_w, V_w, sum_p, chunk_bytes=1 << 19):
+    """``out (N, nb, blk)`` = the sums over entries of ``w²``, ``w = z W_w + starts V_w`` per
+    block (no autograd), in chunks of rows of about ``chunk_bytes`` through one reused buffer:
+    the whitened innovations are as large as x, and a fresh array of that size costs about as
+    much in page faults (first touches) as the arithmetic, and leaves the cache."""
+    N, nb, blk = out.shape
+    width = W_w.shape[1]
+    rows = max(1, chunk_bytes // (width * z_blocks.element_size()))
+    if z_blocks.dim() == 2:  # (N nb, blk k): chunks of block rows
+        flat_out = out.view(N * nb, blk)
+        buf = z_blocks.new_empty(min(rows, N * nb), width)
+        sq = z_blocks.new_empty(blk, min(rows, N * nb))
+        for i in range(0, N * nb, rows):
+            j = min(i + rows, N * nb)
+            w = torch.mm(z_blocks[i:j], W_w, out=buf[: j - i])
+            w.addmm_(starts[i:j], V_w)
+            # (w²)ᵀ-side product: with only blk output columns the other way runs ~2x slower
+            flat_out[i:j] = torch.mm(sum_p.mT, w.mul_(w).mT, out=sq[:, : j - i]).mT
+        return out
+    per = max(1, rows // nb)  # (N, nb, blk k) strided: chunks of sequences
+    for i in range(0, N, per):
+        j = min(i + per, N)
+        w = torch.bmm(z_blocks[i:j], W_w.expand(j - i, *W_w.shape))
+        w.baddbmm_(starts[i:j], V_w.expand(j - i, *V_w.shape))
+        out[i:j] = w.mul_(w) @ sum_p
+    return out
+
+
+def as_blocks(v, nb, blk):
+    """The full blocks of ``v (N, T, d)`` (contiguous): a ``(N nb, blk d)`` view when they
+    tile it (``T = nb blk``), else a strided ``(N, nb, blk d)`` view."""
+    N, T, d = v.shape
+    if T == nb * blk:
+        return v.view(N * nb, blk * d)
+    return v[:, : nb * blk].view(N, nb, blk * d)
+
+
+def product_into(out, a, W):
+    """``a @ W`` for a 2-D or 3-D (batched) ``a``, written into ``out`` (None: a new
+    tensor), straight into it when autograd is not recording."""
+    if a.dim() == 2:
+        op, args = torch.mm, (a, W)
+    else:
+        op, args = torch.bmm, (a, W.expand(a.shape[0], *W.shape))
+    return op(*args) if out is None else write_into(out, op, *args)
+
+
+def narrow_product(a, W):
+    """``a @ W`` (2-D or batched ``a``) for a ``W`` with few columns, computed as ``(Wᵀ aᵀ)ᵀ``
+    (the result a transposed view): BLAS runs products with a handful of output columns
+    several times slower than with a handful of rows (``(32000, 32) @ (32, 4)``: 0.7 vs
+    0.2 ms)."""
+    if a.dim() == 2:
+        return torch.mm(W.mT, a.mT).mT
+    return torch.bmm(W.mT.expand(a.shape[0], *W.mT.shape), a.mT).mT
+
+
+def add_product(out, a, W):
+    """``out += a @ W`` in place (2-D or batched)."""
+    if out.dim() == 2:
+        return out.addmm_(a, W)
+    return out.baddbmm_(a, W.expand(a.shape[0], *W.shape))

@@ -35,14 +35,21 @@ from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 from pyrossm._gaussian import cholesky, congruence, sym
 
 from . import _small
-from ._blocks import predicted_means, varying_block_steps
+from ._blocks import (
+    add_product,
+    as_blocks,
+    narrow_product,
+    predicted_means,
+    product_into,
+    sums_of_squares,
+    varying_block_steps,
+)
 from ._recurrence import (
     affine_recurrence,
     block_length,
     filter_block_operators,
     tracks_grad,
     varying_affine_recurrence,
-    write_into,
 )
 from ._scan import _cov_combine, _doubling_prefixes, associative_scan
 
@@ -429,15 +436,15 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
     (W_m, V_m), (W_pred, V_pred), (W_w, V_w) = ops
     k = z.shape[-1]
     grad = tracks_grad(z, m, fm, ll, W_m, W_pred, W_w)  # in-place products only without it
-    z_blocks = _blocks(z, nb, blk)
+    z_blocks = as_blocks(z, nb, blk)
     j0 = s // blk  # the first block past the given steps
     if moments:  # particular solutions (every block from a zero mean), then the block starts
         fm_all = fm.new_empty(N, T, n)
-        fm_blocks = _blocks(fm_all, nb, blk)
-        _product_into(fm_blocks, z_blocks, W_m)
+        fm_blocks = as_blocks(fm_all, nb, blk)
+        product_into(fm_blocks, z_blocks, W_m)
         ends = fm_all[:, : nb * blk].view(N, nb, blk * n)[:, :, -n:]
     else:  # only the particular solutions' block ends are needed: a thin product
-        ends = _narrow_product(z_blocks, W_m[:, -n:]).reshape(N, nb, n)
+        ends = narrow_product(z_blocks, W_m[:, -n:]).reshape(N, nb, n)
     starts = ll.new_zeros(N, nb, n)
     starts[:, j0] = m
     starts[:, j0 + 1 :] = affine_recurrence(ends[:, j0:-1], None, V_m[:, -n:], m)
@@ -445,15 +452,15 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
         m_end = torch.addmm(ends[:, -1], starts[:, -1], V_m[:, -n:])
     flat = starts.view(N * nb, n) if z_blocks.dim() == 2 else starts
     if moments:
-        _add_product(fm_blocks, flat, V_m)
+        add_product(fm_blocks, flat, V_m)
     # Σ_p w² of every step: the whitened innovations are not kept (see _sums_of_squares)
     sum_p = torch.block_diag(*[torch.ones(p, 1, dtype=dt, device=dev)] * blk)  # I_blk ⊗ 1_p
     ll_all = ll.new_empty(N, T)
     if grad:
-        w = _add_product(_product_into(None, z_blocks, W_w), flat, V_w)
+        w = add_product(product_into(None, z_blocks, W_w), flat, V_w)
         ll_all[:, : nb * blk] = ((w * w) @ sum_p).reshape(N, nb * blk)
     else:
-        _sums_of_squares(ll_all[:, : nb * blk].view(N, nb, blk), z_blocks, flat, W_w, V_w, sum_p)
+        sums_of_squares(ll_all[:, : nb * blk].view(N, nb, blk), z_blocks, flat, W_w, V_w, sum_p)
     if r:  # the last, shorter block: the leading r blocks of the operators, from the last mean
         z_tail = z[:, nb * blk :].reshape(N, r * k)
         if moments:
@@ -471,70 +478,6 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
     fm_all[:, :s] = fm
     m0 = prep.init_mean.expand(batch + (n,)).reshape(N, n)
     return fm_all, predicted_means(fm_all, m0, A.mT, None if prep.b is None else b), ll_all
-
-
-def _sums_of_squares(out, z_blocks, starts, W_w, V_w, sum_p, chunk_bytes=1 << 19):
-    """``out (N, nb, blk)`` = the sums over entries of ``w²``, ``w = z W_w + starts V_w`` per
-    block (no autograd), in chunks of rows of about ``chunk_bytes`` through one reused buffer:
-    the whitened innovations are as large as x, and a fresh array of that size costs about as
-    much in page faults (first touches) as the arithmetic, and leaves the cache."""
-    N, nb, blk = out.shape
-    width = W_w.shape[1]
-    rows = max(1, chunk_bytes // (width * z_blocks.element_size()))
-    if z_blocks.dim() == 2:  # (N nb, blk k): chunks of block rows
-        flat_out = out.view(N * nb, blk)
-        buf = z_blocks.new_empty(min(rows, N * nb), width)
-        sq = z_blocks.new_empty(blk, min(rows, N * nb))
-        for i in range(0, N * nb, rows):
-            j = min(i + rows, N * nb)
-            w = torch.mm(z_blocks[i:j], W_w, out=buf[: j - i])
-            w.addmm_(starts[i:j], V_w)
-            # (w²)ᵀ-side product: with only blk output columns the other way runs ~2x slower
-            flat_out[i:j] = torch.mm(sum_p.mT, w.mul_(w).mT, out=sq[:, : j - i]).mT
-        return out
-    per = max(1, rows // nb)  # (N, nb, blk k) strided: chunks of sequences
-    for i in range(0, N, per):
-        j = min(i + per, N)
-        w = torch.bmm(z_blocks[i:j], W_w.expand(j - i, *W_w.shape))
-        w.baddbmm_(starts[i:j], V_w.expand(j - i, *V_w.shape))
-        out[i:j] = w.mul_(w) @ sum_p
-    return out
-
-
-def _blocks(v, nb, blk):
-    """The full blocks of ``v (N, T, d)`` (contiguous): a ``(N nb, blk d)`` view when they
-    tile it (``T = nb blk``), else a strided ``(N, nb, blk d)`` view."""
-    N, T, d = v.shape
-    if T == nb * blk:
-        return v.view(N * nb, blk * d)
-    return v[:, : nb * blk].view(N, nb, blk * d)
-
-
-def _product_into(out, a, W):
-    """``a @ W`` for a 2-D or 3-D (batched) ``a``, written into ``out`` (None: a new
-    tensor), straight into it when autograd is not recording."""
-    if a.dim() == 2:
-        op, args = torch.mm, (a, W)
-    else:
-        op, args = torch.bmm, (a, W.expand(a.shape[0], *W.shape))
-    return op(*args) if out is None else write_into(out, op, *args)
-
-
-def _narrow_product(a, W):
-    """``a @ W`` (2-D or batched ``a``) for a ``W`` with few columns, computed as ``(Wᵀ aᵀ)ᵀ``
-    (the result a transposed view): BLAS runs products with a handful of output columns
-    several times slower than with a handful of rows (``(32000, 32) @ (32, 4)``: 0.7 vs
-    0.2 ms)."""
-    if a.dim() == 2:
-        return torch.mm(W.mT, a.mT).mT
-    return torch.bmm(W.mT.expand(a.shape[0], *W.mT.shape), a.mT).mT
-
-
-def _add_product(out, a, W):
-    """``out += a @ W`` in place (2-D or batched)."""
-    if out.dim() == 2:
-        return out.addmm_(a, W)
-    return out.baddbmm_(a, W.expand(a.shape[0], *W.shape))
 
 
 def missing_filter(prep):
