@@ -453,7 +453,7 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
     flat = starts.view(N * nb, n) if z_blocks.dim() == 2 else starts
     if moments:
         add_product(fm_blocks, flat, V_m)
-    # Σ_p w² of every step: the whitened innovations are not kept (see _sums_of_squares)
+    # Σ_p w² of every step: the whitened innovations are not kept (see _blocks.sums_of_squares)
     sum_p = torch.block_diag(*[torch.ones(p, 1, dtype=dt, device=dev)] * blk)  # I_blk ⊗ 1_p
     ll_all = ll.new_empty(N, T)
     if grad:
