@@ -538,7 +538,9 @@ def _stitch(u, ms):
     """``u[:, :, 0] + Σ_k u[:, :, 1 + k] ms[k]`` for ``u (L, d, 1 + n, M)`` (particular part
     and transfer columns) and the chunks' start means ``ms (n, M)``: ``(L, d, M)``, one
     column at a time (without autograd in place: no ``(L, d, n, M)`` product array)."""
-    if tracks_grad(u, ms):
+    if tracks_grad(u, ms):  # (then u is not a reused buffer)
+        if u.shape[2] == 1:
+            return u[:, :, 0]
         return u[:, :, 0] + (u[:, :, 1:] * ms.unsqueeze(0).unsqueeze(0)).sum(2)
     out = u[:, :, 0].clone()  # (u may be a reused buffer: the result is a new array)
     for k in range(u.shape[2] - 1):
