@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._workspace import scratch
+
 # Up to this size the unrolled factorisation is used (its operation count grows as n³).
 MAX_DIM = 8
 # Below this many matrices LAPACK's per-matrix loop is cheaper than the unrolled operations.
@@ -56,8 +58,8 @@ def spd_solve(P, B, return_factor=False):
     """
     n, k = P.shape[-1], B.shape[-1]
     batch = torch.broadcast_shapes(P.shape[:-2], B.shape[:-2])
-    Pl = P.expand(batch + (n, n)).reshape(-1, n, n).permute(1, 2, 0).contiguous()  # (n, n, M)
-    Bl = B.expand(batch + (n, k)).reshape(-1, n, k).permute(1, 2, 0).contiguous()  # (n, k, M)
+    Pl = _batch_last_copy(P.expand(batch + (n, n)).reshape(-1, n, n), "small.P")  # (n, n, M)
+    Bl = _batch_last_copy(B.expand(batch + (n, k)).reshape(-1, n, k), "small.B")  # (n, k, M)
     L, inv, pivots = _factor(Pl, n)
     # L Y = B, row by row (each row (k, M)), then Lᵀ X = Y from the last row up
     Y = []
@@ -77,6 +79,16 @@ def spd_solve(P, B, return_factor=False):
     if not return_factor:
         return X, pivots
     return X, pivots, _batch_first(_fill_upper(L, Pl[0, 0]), batch)
+
+
+def _batch_last_copy(M, name):
+    """``(M, r, c)`` -> contiguous ``(r, c, M)``; without autograd in a buffer reused between
+    calls (:mod:`._workspace`: the copies are as large as the inputs, fresh memory otherwise).
+    Only the factorisation reads it: nothing returned is a view of it."""
+    src = M.permute(1, 2, 0)
+    if torch.is_grad_enabled() and M.requires_grad:
+        return src.contiguous()
+    return scratch(name, src.shape, src.dtype, src.device).copy_(src)
 
 
 def _fill_upper(L, like):
