@@ -240,11 +240,13 @@ def _scan_elements(A, C, Q, R, P_filt0):
     return update_cov(P1, K1, C, R).unsqueeze(0), (Fm, update_cov(Q, Kq, C, R), J)
 
 
-def shared_covariances(prep, T, batch_shape, allow_steady=True):
+def shared_covariances(prep, T, batch_shape, allow_steady=True, moments=True):
     """Predicted/filtered covariances, gains and innovation Cholesky factors of all steps.
 
     Returns ``(pred, filt, gains, chols, T_distinct)``: tensors with a time dim at -3 of length
     ``T_distinct`` (``T``, or the step of the fixed point: later steps equal the last one).
+    ``moments=False``: ``pred`` and ``filt`` are None (the gains and factors are what the
+    log-likelihood needs).
     """
     check = allow_steady and not any(prep.tv.values())
     # Without the fixed-point test the sequential steps only pay for short series: one step,
@@ -255,7 +257,7 @@ def shared_covariances(prep, T, batch_shape, allow_steady=True):
     pred, filt, gains, chols = stack(pred), stack(filt), stack(gains), stack(chols)
     t0 = pred.shape[-3]
     if t_steady is not None or t0 == T:
-        return pred, filt, gains, chols, t0
+        return (pred, filt, gains, chols, t0) if moments else (None, None, gains, chols, t0)
     rest_filt = riccati_scan(prep, t0 - 1, filt[..., -1, :, :], T)
     A = with_time(prep.A[..., t0:, :, :] if prep.tv["A"] else prep.A, prep.tv["A"])
     Q = with_time(prep.Q[..., t0:, :, :] if prep.tv["Q"] else prep.Q, prep.tv["Q"])
@@ -270,8 +272,8 @@ def shared_covariances(prep, T, batch_shape, allow_steady=True):
         C, R = with_time(C, prep.tv["C"]), with_time(R, prep.tv["R"])
     rest_L, rest_K = _many_innovation_terms(rest_pred, C, R)
     return (
-        _cat_time(pred, rest_pred),
-        _cat_time(filt, rest_filt),
+        _cat_time(pred, rest_pred) if moments else None,
+        _cat_time(filt, rest_filt) if moments else None,
         _cat_time(gains, rest_K),
         _cat_time(chols, rest_L),
         T,
@@ -329,7 +331,7 @@ def shared_filter(prep, allow_steady=None, moments=True, per_step=True):
     T, p = prep.x.shape[-2:]
     if allow_steady is None:
         allow_steady = STEADY_STATE
-    pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady)
+    pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady, moments)
     batch = _data_batch(prep)
     eye_p = torch.eye(p, dtype=L.dtype, device=L.device)
     if _small.use_unrolled(L, _UNROLLED_MIN_STEPS):

@@ -457,16 +457,15 @@ def kalman_log_likelihood(
     """
     if not isinstance(per_step, bool):
         raise TypeError(f"per_step: expected a bool, got {type(per_step).__name__}")
-    step_ll = _filter(x, A, C, Q, R, init_mean, init_cov, mask, False, validate,
-                      transition_offset, observation_offset, moments=False, per_step=per_step)
-    return step_ll if per_step else step_ll.sum(-1)
+    return _filter(x, A, C, Q, R, init_mean, init_cov, mask, False, validate,
+                   transition_offset, observation_offset, moments=False, per_step=per_step)
 
 
 def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None, d=None,
             moments=True, per_step=True):
     """The filter without broadcasting its outputs: covariances keep the parameters' batch.
-    ``moments=False``: the step log-likelihoods only (a tensor, not a FilterResult), and with
-    ``per_step=False`` possibly their sums over the steps (``(..., 1)``)."""
+    ``moments=False``: the step log-likelihoods only (a tensor, not a FilterResult), or with
+    ``per_step=False`` their sums over the steps (``(...)``)."""
     prep = _prepare(x, A, C, Q, R, init_mean, init_cov, mask, validate, b, d, masked=False)
     if prep.x.shape[-2] == 0:
         raise ValueError("x: expected at least one time step (shape (..., T, obs_dim), T >= 1)")
@@ -479,14 +478,16 @@ def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None
             prep, moments=moments, per_step=per_step)
     if step_ll is None:
         step_ll = _step_log_likelihoods(prep, pred_means, pred_covs)
-    if not all_finite(step_ll.detach()):
+    total = step_ll.sum(-1)
+    # any non-finite step makes its sum non-finite (a tenth of the check over every step)
+    if not all_finite(total.detach()):
         raise ValueError(
             "R: the innovation covariance C P Cᵀ + R is not positive definite at some step "
             "(is R singular, or are the parameters extreme?); the log-likelihood is not finite"
         )
     if not moments:
-        return step_ll
-    return FilterResult(step_ll.sum(-1), step_ll, filt_means, filt_covs, pred_means, pred_covs)
+        return step_ll if per_step else total
+    return FilterResult(total, step_ll, filt_means, filt_covs, pred_means, pred_covs)
 
 
 def _expand(res):
