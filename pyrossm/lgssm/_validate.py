@@ -38,7 +38,7 @@ def _check_covariance(name, value):
     with torch.no_grad():
         asym = (value - value.transpose(-1, -2)).abs().max()
         scale = value.abs().max().clamp_min(1e-30)
-        if float(asym) > 1e-6 * float(scale):
+        if bool(asym > 1e-6 * scale):  # (one synchronisation)
             _fail(name, "a symmetric covariance matrix", f"max |M - Mᵀ| = {float(asym):.3g}")
         # Positive semi-definite up to rounding: singular Q (e.g. a deterministic trend) is fine.
         # A Cholesky factorisation that succeeds proves it (a few µs; eigvalsh takes ~15 µs
@@ -115,12 +115,21 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
                 f"a time dim of length {T} (time-varying parameter)",
                 f"shape {tuple(value.shape)}",
             )
-    for name in ("A", "C", "Q", "R", "init_mean", "init_cov"):
-        _check_finite(name, named[name])
+    params = ("A", "C", "Q", "R", "init_mean", "init_cov")
+    for name in params:
         if named[name].dtype != x.dtype:
             raise TypeError(
                 f"{name}: expected dtype {x.dtype} (the dtype of x), got {named[name].dtype}"
             )
+        if named[name].device != x.device:
+            raise ValueError(
+                f"{name}: expected a tensor on {x.device} (the device of x), got one on "
+                f"{named[name].device}; move the parameters and the data together"
+            )
+    # all parameters at once (a finite sum proves it), then the culprit by name
+    if not all_finite(torch.cat([named[name].detach().reshape(-1) for name in params])):
+        for name in params:
+            _check_finite(name, named[name])
     finite = all_finite(x)
     if not finite and bool(torch.isinf(x).any()):
         _fail("x", "finite values or NaN for missing entries", "Inf entries")

@@ -106,6 +106,25 @@ def test_nan_in_parameters_raises(name):
     check_message(e, name)
 
 
+@pytest.mark.parametrize("name", ["A", "Q", "init_mean"])
+def test_inf_in_parameters_raises_naming_it(name):
+    # the parameters are checked together first; the message still names the culprit
+    v = valid()
+    v[name] = v[name].clone()
+    v[name].view(-1)[0] = float("inf")
+    with pytest.raises(ValueError) as e:
+        kalman_filter(**v)
+    check_message(e, name)
+
+
+def test_parameter_on_another_device_raises():
+    v = valid()
+    v["Q"] = torch.empty(v["Q"].shape, dtype=v["Q"].dtype, device="meta")
+    with pytest.raises(ValueError) as e:
+        kalman_filter(**v)
+    check_message(e, "Q", "device")
+
+
 def test_inf_in_x_raises():
     v = valid()
     v["x"][0, 3, 1] = float("inf")
