@@ -74,7 +74,7 @@ def _cov_combine(earlier, later, symmetrize=True):
     """The covariance part of the filtering elements' combination (Särkkä & García-Fernández
     2021, eq. (32)): (A, C, J) of two consecutive stretches of time. With M = I + C1 J2 (one
     inverse serves both of its solves). ``symmetrize=False`` leaves C and J as computed
-    (symmetric to rounding): for the powers of :func:`_powers`, whose few levels feed prefixes
+    (symmetric to rounding): for the powers of the doubling, whose few levels feed prefixes
     that are symmetrised themselves (six operations fewer per combination)."""
     A1, C1, J1 = earlier
     A2, C2, J2 = later
@@ -98,62 +98,33 @@ def _prefix_cov(C1, A2, C2, J2):
     return sym(A2 @ X @ A2.transpose(-1, -2) + C2)
 
 
-# Prefixes per doubling level: each level combines the prefixes known so far with up to
-# _RADIX - 1 powers of the generic element in one batched call (radix 8 at T = 1000: 4 levels
-# instead of 10, and the same 9 combinations for the powers).
-_RADIX = 8
-
-
-def _powers(h, count):
-    """``h^1 .. h^count`` of one element ``h`` (a tuple of ``(..., 1, n, n)`` matrices),
-    stacked at dim -3, ``(..., count, n, n)``: [h^(k+1) .. h^2k] = h^k • [h^1 .. h^k], one batched
-    combination per doubling (powers of one element commute)."""
-    stack = h
-    while stack[0].shape[-3] < count:
-        k = stack[0].shape[-3]
-        r = min(k, count - k)
-        top = tuple(M[..., k - 1 : k, :, :] for M in stack)
-        more = _cov_combine(top, tuple(M[..., :r, :, :] for M in stack), symmetrize=False)
-        stack = tuple(torch.cat([a, b], -3) for a, b in zip(stack, more))
-    return stack
-
-
 def _doubling_prefixes(Cov1, generic, L):
     """The covariance parts of the prefixes ``e_1 • g • ... • g`` (0 .. L-1 copies of the
     same element ``g``; ``Cov1``, ``generic``'s three matrices ``(..., 1, n, n)``) by
-    multiplying up: with the first m prefixes and h = g^m known, the next ones are the first
-    m each combined with h, h², ..., h^(R-1) (e_1 • g^i • g^(jm), powers of one element
-    commute), R = ``_RADIX``; one batched combination per level, and h^R = g^(Rm) for the
-    next level (:func:`_powers`). Without autograd the prefixes are written into one array as
+    doubling: with the first m prefixes and the power g^m known, the next m prefixes are the
+    first m ones each combined with g^m (e_1 • g^(j-1) • g^m, powers of one element commute),
+    and g^2m = g^m • g^m. One batched combination with a shared later element per doubling,
+    and one of single elements. Without autograd the prefixes are written into one array as
     they come (no growing concatenation). Returns ``(..., L, n, n)``."""
     n = Cov1.shape[-1]
-    single = Cov1.shape[:-3] == ()  # one system: the powers without batch dims
-    h = tuple(M.reshape(1, n, n) for M in generic) if single else generic
+    if Cov1.shape[:-3] == ():  # the power without its time dim: single matrices
+        generic = tuple(M.reshape(n, n) for M in generic)
     grad = torch.is_grad_enabled() and any(M.requires_grad for M in (Cov1, *generic))
     if grad:
-        parts = [Cov1]
-    else:
-        out = Cov1.new_empty(Cov1.shape[:-3] + (L, n, n))
-        out.narrow(-3, 0, 1).copy_(Cov1)
-    done = 1
+        pre, power = Cov1, generic
+        while pre.shape[-3] < L:
+            r = min(pre.shape[-3], L - pre.shape[-3])
+            pre = torch.cat([pre, _prefix_cov(pre[..., :r, :, :], *power)], -3)
+            if pre.shape[-3] < L:
+                power = _cov_combine(power, power, symmetrize=False)
+        return pre
+    out = Cov1.new_empty(Cov1.shape[:-3] + (L, n, n))
+    out.narrow(-3, 0, 1).copy_(Cov1)
+    done, power = 1, generic
     while done < L:
-        need = L - done
-        J = min(_RADIX - 1, -(-need // done))  # powers h^1 .. h^J this level
-        last = done * (J + 1) >= L
-        pw = _powers(h, J if last else _RADIX)
-        known = torch.cat(parts, -3) if grad else out.narrow(-3, 0, done)
-        if J == 1:  # the powers' dim dropped (one system: plain matrices, see _prefix_cov)
-            first = tuple(M[0] if single else M[..., :1, :, :] for M in pw)
-            new = _prefix_cov(known.narrow(-3, 0, need) if need < done else known, *first)
-        else:
-            grid = tuple(M[..., :J, :, :].unsqueeze(-3) for M in pw)  # (..., J, 1, n, n)
-            new = _prefix_cov(known.unsqueeze(-4), *grid)  # (..., J, m, n, n)
-            new = new.reshape(new.shape[:-4] + (J * done, n, n)).narrow(-3, 0, min(need, J * done))
-        if grad:
-            parts.append(new)
-        else:
-            out.narrow(-3, done, new.shape[-3]).copy_(new)
-        done += new.shape[-3]
-        if not last:
-            h = tuple(M[..., _RADIX - 1 : _RADIX, :, :] for M in pw)
-    return torch.cat(parts, -3) if grad else out
+        r = min(done, L - done)
+        out.narrow(-3, done, r).copy_(_prefix_cov(out.narrow(-3, 0, r), *power))
+        done += r
+        if done < L:
+            power = _cov_combine(power, power, symmetrize=False)
+    return out
