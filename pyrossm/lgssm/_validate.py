@@ -55,6 +55,24 @@ def _check_covariance(name, value):
             )
 
 
+def _check_covariances(named):
+    """:func:`_check_covariance` for several matrices: those of one shape are checked as one
+    batch (each check is a dozen small operations), and a failing batch again one by one, so
+    that the error names the culprit."""
+    groups = {}
+    for name, value in named.items():
+        groups.setdefault(tuple(value.shape), []).append(name)
+    for names in groups.values():
+        if len(names) > 1:
+            try:
+                _check_covariance(names[0], torch.stack([named[k].detach() for k in names]))
+                continue
+            except ValueError:
+                pass
+        for name in names:
+            _check_covariance(name, named[name])
+
+
 def all_finite(x):
     """True when every entry of x is finite: one reduction (a sum is finite when all entries
     are, unless it overflows; then the exact elementwise test decides)."""
@@ -133,8 +151,7 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
     finite = all_finite(x)
     if not finite and bool(torch.isinf(x).any()):
         _fail("x", "finite values or NaN for missing entries", "Inf entries")
-    for name in ("Q", "R", "init_cov"):
-        _check_covariance(name, named[name])
+    _check_covariances({name: named[name] for name in ("Q", "R", "init_cov")})
     check_mask(mask, tuple(x.shape[:-1]), broadcast=True)
     try:
         torch.broadcast_shapes(x.shape[:-2], init_mean.shape[:-1])
