@@ -42,7 +42,10 @@ def scratch(name, shape, dtype, device):
         return torch.empty(shape, dtype=dtype, device=device)
     buf = _buffers.by_name.get(name)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor even when the first call runs under torch.inference_mode(): an
+        # inference tensor could not be written to by later calls outside it
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _buffers.by_name[name] = buf
     return buf[:numel].view(shape)
 
