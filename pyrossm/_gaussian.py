@@ -26,12 +26,15 @@ _KRON_MAX_DIM = 8
 @functools.lru_cache(maxsize=64)
 def _upper_index(m: int, device: torch.device):
     """The flat positions ``i m + j`` of the upper triangle (i <= j) of an m x m matrix, and
-    for every entry (i, j) the position of (min(i, j), max(i, j)) among them."""
-    rows, cols = torch.triu_indices(m, m, device=device)
-    pos = torch.empty(m, m, dtype=torch.long, device=device)
-    pos[rows, cols] = torch.arange(rows.numel(), device=device)
-    pos[cols, rows] = pos[rows, cols]
-    return rows * m + cols, pos.flatten()
+    for every entry (i, j) the position of (min(i, j), max(i, j)) among them. (Cached: made as
+    normal tensors even under ``torch.inference_mode()``, so that later calls with autograd can
+    use them.)"""
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(m, m, device=device)
+        pos = torch.empty(m, m, dtype=torch.long, device=device)
+        pos[rows, cols] = torch.arange(rows.numel(), device=device)
+        pos[cols, rows] = pos[rows, cols]
+        return rows * m + cols, pos.flatten()
 
 
 def congruence(M: torch.Tensor, P: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

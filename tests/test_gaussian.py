@@ -29,3 +29,21 @@ def test_congruence_equals_the_symmetrised_sandwich(m, n, batch):
     torch.testing.assert_close(congruence(M, P, batched_add), sym(M @ P @ M.mT + batched_add),
                                rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(congruence(M, P), sym(M @ P @ M.mT), rtol=1e-13, atol=1e-13)
+
+
+def test_congruence_after_a_first_call_under_inference_mode():
+    """The cached index tensors are made as normal tensors even when the first call runs under
+    ``torch.inference_mode()``: a later call with autograd can save them for backward."""
+    from pyrossm import _gaussian
+
+    _gaussian._upper_index.cache_clear()
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    P = torch.randn(5, 3, 3, generator=g, dtype=torch.float64)
+    with torch.inference_mode():
+        congruence(M, P, None)
+    assert not any(t.is_inference() for t in _gaussian._upper_index(3, M.device))
+    Mg = M.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(congruence(Mg, P, None).sum(), Mg)
+    (ref,) = torch.autograd.grad(sym(Mg @ P @ Mg.mT).sum(), Mg)
+    assert torch.allclose(grad, ref)
