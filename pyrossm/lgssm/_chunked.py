@@ -88,6 +88,11 @@ def set_compile(enabled: bool = True) -> bool:
     return previous
 
 
+def compile_enabled() -> bool:
+    """Whether :func:`set_compile` is on."""
+    return _state["compile"]
+
+
 def _compiled_block():
     """The compiled :func:`_block_rows`, or None when compiling is off."""
     if not _state["compile"]:

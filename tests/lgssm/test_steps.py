@@ -267,3 +267,36 @@ def test_unrolled_innovation_factors_equal_lapack(monkeypatch):
         assert_rel_close(getattr(fast, key), getattr(ref, key), 1e-11, key)
     for a, c in zip(g_fast, g_ref):
         assert_rel_close(a, c, 1e-9, "gradient")
+
+
+@pytest.mark.parametrize("missing", ["none", "entries"])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_log_likelihood_without_gradients_returns_a_normal_tensor(missing, per_step):
+    """Without anything to differentiate ``kalman_log_likelihood`` runs its kernels under
+    ``torch.inference_mode()``; what it returns is still a normal tensor (in-place updates and
+    use in a later autograd graph work) with the values of the differentiable call. Under the
+    caller's own inference mode, or with the compiled kernel on, it stays out of it."""
+    from pyrossm.lgssm import inference, set_compile
+
+    s = random_system(3, 2, 150, seed=4, batch=(5,), missing=missing)
+    args = [s[k] for k in ARGS]
+    ll = kalman_log_likelihood(*args, per_step=per_step)
+    assert not ll.is_inference() and not ll.requires_grad
+    x = s["x"].clone().requires_grad_()
+    ref = kalman_log_likelihood(x, *args[1:], per_step=per_step)
+    assert ref.requires_grad
+    assert_rel_close(ll, ref.detach(), 1e-12, "log-likelihood")
+    w = torch.ones_like(ll, requires_grad=True)
+    (g,) = torch.autograd.grad((w * ll).sum(), w)  # ll saved for backward
+    assert torch.equal(g, ll)
+    ll.add_(1.0)
+    with torch.inference_mode():
+        inner = kalman_log_likelihood(*args, per_step=per_step)
+    assert_rel_close(inner, ref.detach(), 1e-12, "inside inference mode")
+    assert inference._inference_pays(args)
+    previous = set_compile(True)
+    try:
+        assert not inference._inference_pays(args)
+    finally:
+        set_compile(previous)
+    assert not inference._inference_pays([x, *args[1:]])
