@@ -34,7 +34,13 @@ import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
 
-from ._recurrence import block_length, tracks_grad, varying_affine_recurrence, write_into
+from ._recurrence import (
+    block_length,
+    parameter_work,
+    tracks_grad,
+    varying_affine_recurrence,
+    write_into,
+)
 
 
 def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, pred=True):
@@ -146,7 +152,9 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
         if tvC:
             C = torch.cat([C, C.new_zeros(pad, p, n)], 0)
     # a shared A: the predicted means from the filtered ones (predicted_means), no operator
-    ops = varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments, tvA)
+    # (the data too: operators made under inference mode cannot be saved for x's backward)
+    with parameter_work(tracks_grad(K, Linv, A, C, z, prep.init_mean)):
+        ops = varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments, tvA)
     Wl, Vl = ops["last"]
     zr = z.reshape(N, nb, blk * k)
     zb = zr.transpose(0, 1)  # (nb, N, blk k): block j of every sequence (a strided view)

@@ -10,6 +10,8 @@ recursively. Row-vector form (the batch in the rows), sequences ``(N, S, n)``, t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 BLOCK = 8  # steps per block
@@ -54,6 +56,16 @@ def affine_recurrence(inputs, map_in, FT, m, level=0):
 
 def tracks_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def parameter_work(grad):
+    """A context for the work that depends on the parameters only (covariances, gains, block
+    operators: hundreds of small operations): ``torch.inference_mode()`` when nothing is
+    differentiated (``grad`` False), which skips autograd's bookkeeping on each of them; else
+    nothing. What it makes are inference tensors: read them, but copy any that are returned."""
+    if grad or torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    return torch.inference_mode()
 
 
 def write_into(out, op, *args):

@@ -48,6 +48,7 @@ from ._recurrence import (
     affine_recurrence,
     block_length,
     filter_block_operators,
+    parameter_work,
     tracks_grad,
     varying_affine_recurrence,
 )
@@ -331,14 +332,19 @@ def shared_filter(prep, allow_steady=None, moments=True, per_step=True):
     T, p = prep.x.shape[-2:]
     if allow_steady is None:
         allow_steady = STEADY_STATE
-    pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady, moments)
+    grad = tracks_grad(*(v for v in prep[:8] if isinstance(v, torch.Tensor)),
+                       *(() if prep.b is None else (prep.b,)))
+    with parameter_work(grad):
+        pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady, moments)
+        eye_p = torch.eye(p, dtype=L.dtype, device=L.device)
+        if _small.use_unrolled(L, _UNROLLED_MIN_STEPS):
+            Linv = _small.lower_inverse(L)  # (Td, p, p)
+        else:
+            Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)
+        half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
+    if moments and pred_c.is_inference() and not torch.is_inference_mode_enabled():
+        pred_c, filt_c = pred_c.clone(), filt_c.clone()  # returned: normal tensors
     batch = _data_batch(prep)
-    eye_p = torch.eye(p, dtype=L.dtype, device=L.device)
-    if _small.use_unrolled(L, _UNROLLED_MIN_STEPS):
-        Linv = _small.lower_inverse(L)  # (Td, p, p)
-    else:
-        Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)
-    half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (Td,)
     T_var, blk = T, None
     if Td < T:  # past the fixed point the gain is constant: the means are solved in blocks
         blk = block_length(T)
@@ -434,7 +440,9 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
         map_in = torch.cat([K.mT, (eye - K @ C).mT], 0)
         direct_pred = torch.cat([torch.zeros(p, n, dtype=dt, device=dev), eye], 0)
         direct_w = torch.cat([Linv.mT, torch.zeros(n, p, dtype=dt, device=dev)], 0)
-    ops = filter_block_operators(F.mT, A.mT, map_in, direct_pred, direct_w, C.mT @ Linv.mT, blk)
+    with parameter_work(tracks_grad(F, Linv, A, C, map_in, z, m, fm, ll)):
+        ops = filter_block_operators(F.mT, A.mT, map_in, direct_pred, direct_w, C.mT @ Linv.mT,
+                                     blk)
     (W_m, V_m), (W_pred, V_pred), (W_w, V_w) = ops
     k = z.shape[-1]
     grad = tracks_grad(z, m, fm, ll, W_m, W_pred, W_w)  # in-place products only without it

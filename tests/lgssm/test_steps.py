@@ -300,3 +300,28 @@ def test_log_likelihood_without_gradients_returns_a_normal_tensor(missing, per_s
     finally:
         set_compile(previous)
     assert not inference._inference_pays([x, *args[1:]])
+
+
+@pytest.mark.parametrize("steady", [True, False])
+@pytest.mark.parametrize("which", ["x", "init_mean"])
+def test_gradient_for_the_data_alone(steady, which, monkeypatch):
+    """With only the data (or the initial mean) differentiated, the parameter-only work may
+    run under inference mode but what the data's backward saves may not: the gradients of
+    the filter's and the smoother's outputs equal those taken with A differentiated too."""
+    from pyrossm.lgssm import kalman_smoother
+
+    monkeypatch.setattr(_steps, "STEADY_STATE", steady)
+    # (64 x 520: the per-block operators of _blocks without the stop)
+    s = random_system(3, 2, 520, seed=21, batch=(64,))
+
+    def grad(with_A):
+        leaves = {which: s[which].clone().requires_grad_()}
+        if with_A:
+            leaves["A"] = s["A"].clone().requires_grad_()
+        args = [leaves.get(k, s[k]) for k in ARGS]
+        f = kalman_filter(*args)
+        out = f.log_likelihood.sum() + f.filtered_means.sum() + f.predicted_means.sum()
+        out = out + kalman_smoother(*args).smoothed_means.sum()
+        return torch.autograd.grad(out, leaves[which])[0]
+
+    assert_rel_close(grad(False), grad(True), 1e-12, f"gradient w.r.t. {which}")
