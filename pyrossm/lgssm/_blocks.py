@@ -172,7 +172,7 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     # as (nb, blk, N) = sum_pᵀ (w²)ᵀ: with only blk output columns the product the other way
     # round runs at less than half the speed (as for the block ends)
     neg_c = -c.view(nb, blk, 1)
-    sum_p = torch.block_diag(*[torch.ones(1, p, dtype=dt, device=dev)] * blk).expand(nb, -1, -1)
+    sum_p = torch.eye(blk, dtype=dt, device=dev).repeat_interleave(p, 1).expand(nb, -1, -1)
     if tracks_grad(zb, W_w, starts, neg_c, *(M for op in ops.values() for M in op)):
         w = torch.baddbmm(zb @ W_w, starts, V_w)  # (nb, N, blk p)
         ll = torch.baddbmm(neg_c, sum_p, (w * w).mT, alpha=-0.5).permute(2, 0, 1).reshape(N, S)

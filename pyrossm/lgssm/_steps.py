@@ -464,7 +464,7 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
     if moments:
         add_product(fm_blocks, flat, V_m)
     # Σ_p w² of every step: the whitened innovations are not kept (see _blocks.sums_of_squares)
-    sum_p = torch.block_diag(*[torch.ones(p, 1, dtype=dt, device=dev)] * blk)  # I_blk ⊗ 1_p
+    sum_p = torch.eye(blk, dtype=dt, device=dev).repeat_interleave(p, 0)  # I_blk ⊗ 1_p
     ll_all = ll.new_empty(N, T)
     if grad:
         w = add_product(product_into(None, z_blocks, W_w), flat, V_w)
