@@ -30,6 +30,9 @@ contraction test, not a tolerance on consecutive steps), and covariances of long
 not converge quickly come from the associative scan (see :mod:`pyrossm.lgssm._steps`).
 When only log p(x) is wanted (a likelihood for MLE, a Pyro factor), :func:`kalman_log_likelihood`
 returns the same numbers without the moments: past the fixed point it never writes the means.
+When nothing is differentiated, the work that depends on the parameters only (covariances,
+gains, block operators: hundreds of small operations) runs under ``torch.inference_mode()``
+(all of :func:`kalman_log_likelihood`'s work); every returned tensor is a normal one.
 With missing entries and time-invariant parameters, long series are cut into chunks filtered
 as one batch, each started early from the prior and accepted only when its covariance has
 met the previous chunk's to a few ulps (the Riccati map forgets its start); the means are
