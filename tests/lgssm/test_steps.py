@@ -325,3 +325,21 @@ def test_gradient_for_the_data_alone(steady, which, monkeypatch):
         return torch.autograd.grad(out, leaves[which])[0]
 
     assert_rel_close(grad(False), grad(True), 1e-12, f"gradient w.r.t. {which}")
+
+
+@pytest.mark.parametrize("steady", [True, False])
+@pytest.mark.parametrize("batch", [(2,), (64,)])
+@pytest.mark.parametrize("missing", ["none", "entries"])
+def test_no_returned_tensor_is_an_inference_tensor(steady, batch, missing, monkeypatch):
+    """Whatever path runs (stop or not, the step or the block path, missing entries or not),
+    every tensor the filter and the smoother return is a normal tensor: part of their work
+    runs under inference mode, and an inference tensor handed back could not be updated in
+    place or saved for backward later."""
+    from pyrossm.lgssm import kalman_smoother
+
+    monkeypatch.setattr(_steps, "STEADY_STATE", steady)
+    s = random_system(3, 2, 520 if batch == (64,) else 200, seed=8, batch=batch, missing=missing)
+    args = [s[k] for k in ARGS]
+    for res in (kalman_filter(*args), kalman_smoother(*args)):
+        for name, v in res._asdict().items():
+            assert not v.is_inference(), name
