@@ -173,6 +173,7 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     # round runs at less than half the speed (as for the block ends)
     neg_c = -c.view(nb, blk, 1)
     sum_p = torch.eye(blk, dtype=dt, device=dev).repeat_interleave(p, 1).expand(nb, -1, -1)
+    fm = None
     if tracks_grad(zb, W_w, starts, neg_c, *(M for op in ops.values() for M in op)):
         w = torch.baddbmm(zb @ W_w, starts, V_w)  # (nb, N, blk p)
         ll = torch.baddbmm(neg_c, sum_p, (w * w).mT, alpha=-0.5).permute(2, 0, 1).reshape(N, S)
@@ -193,7 +194,7 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
             ll = _block_rows(zb, starts, W_w, V_w, step_ll)
     ll = ll.reshape(N, S)[:, :Td]
     if moments:
-        if tracks_grad(zb, starts, *ops["m"]):
+        if fm is None:
             fm = batch_major(*ops["m"])
         fm = fm.reshape(N, S, n)
         if tvA:
