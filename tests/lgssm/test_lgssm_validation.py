@@ -210,3 +210,17 @@ def test_model_bad_x_raises():
         with pytest.raises(ValueError) as e:
             ssm.model(bad)
         check_message(e, "x", "3")
+
+
+def test_asymmetry_is_judged_against_each_matrix_own_scale():
+    """Covariances of one shape (here Q and init_cov) are checked together, but each against
+    its own scale: a 1% asymmetry in Q is an error even when init_cov is a million times
+    larger."""
+    v = valid()
+    v["init_cov"] = v["init_cov"] * 1e6
+    Q = v["Q"].clone()
+    Q[0, 1] += 0.01
+    v["Q"] = Q
+    with pytest.raises(ValueError) as e:
+        kalman_filter(**v)
+    check_message(e, "Q", "symmetric")
