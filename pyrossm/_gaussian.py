@@ -8,7 +8,10 @@ import math
 
 import torch
 
-__all__ = ["LOG_2PI", "cholesky", "congruence", "gaussian_log_density", "mv", "sym"]
+__all__ = [
+    "LOG_2PI", "broadcast_shapes", "cholesky", "congruence", "gaussian_log_density", "mv",
+    "shared_times", "sym", "times_shared",
+]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -63,6 +66,59 @@ def congruence(M: torch.Tensor, P: torch.Tensor, add: torch.Tensor | None = None
             add = 0.5 * (add + add.mT)
             y = y + add.expand(P.shape[:-2] + (m, m)).reshape(-1, m * m).index_select(1, upper)
     return y.index_select(1, pos).reshape(P.shape[:-2] + (m, m))
+
+
+def times_shared(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``X @ M`` for many small ``X (..., r, c)`` and one ``M (c, d)``, as one GEMM: ``X``'s
+    rows are already the rows of one matrix, but BLAS runs a product with 4 columns at a
+    third of the speed of one with 16, so ``g`` rows are taken at a time, times g copies of
+    ``M`` on a block diagonal (1000 4 x 4 products: 20 µs as one (4000, 4) product, 7 µs so;
+    as a batched product 56 µs). Differentiable."""
+    c, d = M.shape
+    rows = X.numel() // c
+    if X.dim() < 3 or c > 8 or not X.is_contiguous():
+        return X @ M
+    g = max(1, 16 // c)
+    while rows % g:
+        g //= 2
+    out = X.reshape(rows // g, g * c) @ (torch.block_diag(*[M] * g) if g > 1 else M)
+    return out.view(X.shape[:-1] + (d,))
+
+
+def shared_times(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``M @ X`` for one ``M (q, r)`` and many small ``X (..., r, c)``, as one GEMM over the
+    flattened matrices: ``vec_rows(M X) = vec_rows(X) (Mᵀ ⊗ I_c)`` (a batched product with a
+    shared left factor runs one small product per matrix: 1000 4 x 4 products 56 vs 7 µs).
+    Differentiable."""
+    q, r = M.shape
+    c = X.shape[-1]
+    if X.dim() < 3 or r * c > 64 or not X.is_contiguous():
+        return M @ X
+    eye = torch.eye(c, dtype=M.dtype, device=M.device)
+    op = (M.mT[:, None, :, None] * eye[None, :, None, :]).reshape(r * c, q * c)  # Mᵀ ⊗ I_c
+    return (X.reshape(-1, r * c) @ op).view(X.shape[:-2] + (q, c))
+
+
+def broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes`` for shapes given as tuples, in plain Python (torch's runs
+    through its reference implementation: 19 µs a call; a Kalman call makes about ten).
+    Raises ``RuntimeError`` as torch's does."""
+    first = shapes[0] if shapes else ()
+    if all(s == first for s in shapes):
+        return torch.Size(first)
+    ndim = max(len(s) for s in shapes)
+    out = [1] * ndim
+    for s in shapes:
+        offset = ndim - len(s)
+        for i, size in enumerate(s):
+            have = out[offset + i]
+            if size == have or size == 1:
+                continue
+            if have != 1:
+                raise RuntimeError(
+                    f"Shape mismatch: objects cannot be broadcast to a single shape: {shapes}")
+            out[offset + i] = size
+    return torch.Size(out)
 
 
 def mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

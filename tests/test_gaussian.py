@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyrossm._gaussian import congruence, sym
+from pyrossm._gaussian import broadcast_shapes, congruence, shared_times, sym, times_shared
 
 
 @pytest.mark.parametrize("m,n", [(4, 4), (2, 3), (3, 2), (1, 1), (3, 9)])
@@ -47,3 +47,44 @@ def test_congruence_after_a_first_call_under_inference_mode():
     (grad,) = torch.autograd.grad(congruence(Mg, P, None).sum(), Mg)
     (ref,) = torch.autograd.grad(sym(Mg @ P @ Mg.mT).sum(), Mg)
     assert torch.allclose(grad, ref)
+
+
+@pytest.mark.parametrize("shape", [(1000, 4, 4), (7, 3, 4), (5, 2, 3), (2, 3, 4, 2), (6, 4, 16),
+                                   (0, 4, 4)])
+def test_shared_factor_products_equal_matmul(shape):
+    """``times_shared(X, M)`` = X @ M and ``shared_times(M, X)`` = M @ X in values and gradients,
+    for contiguous and transposed X and row counts that no block size divides."""
+    g = torch.Generator().manual_seed(sum(shape))
+    r, c = shape[-2:]
+    for X in (torch.randn(shape, generator=g, dtype=torch.float64),
+              torch.randn(shape[:-2] + (c, r), generator=g, dtype=torch.float64).mT):
+        X.requires_grad_(True)
+        Mr = torch.randn(c, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        Ml = torch.randn(5, r, generator=g, dtype=torch.float64, requires_grad=True)
+        for got, ref, args in ((times_shared(X, Mr), X @ Mr, (X, Mr)),
+                               (shared_times(Ml, X), Ml @ X, (Ml, X))):
+            assert got.shape == ref.shape
+            torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+            if ref.numel():
+                w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+                for a, b in zip(torch.autograd.grad((got * w).sum(), args),
+                                torch.autograd.grad((ref * w).sum(), args)):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_broadcast_shapes_equals_torch():
+    """The plain-Python ``broadcast_shapes`` gives torch's result, and torch's error."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        k = int(torch.randint(1, 4, (1,), generator=g))
+        shapes = [tuple(int(v) for v in torch.randint(0, 3, (int(torch.randint(0, 4, (1,),
+                  generator=g)),), generator=g)) for _ in range(k)]
+        try:
+            ref = torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            with pytest.raises(RuntimeError, match="cannot be broadcast"):
+                broadcast_shapes(*shapes)
+            continue
+        assert broadcast_shapes(*shapes) == ref
+        assert isinstance(broadcast_shapes(*shapes), torch.Size)
+    assert broadcast_shapes(torch.Size([2, 1]), (3,)) == (2, 3)

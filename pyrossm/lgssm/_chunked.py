@@ -46,7 +46,7 @@ import warnings
 import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
-from pyrossm._gaussian import cholesky
+from pyrossm._gaussian import broadcast_shapes, cholesky
 
 from ._recurrence import tracks_grad
 from ._workspace import scratch
@@ -134,7 +134,7 @@ def applicable(prep):
     if any(M.dim() != 2 for M in (prep.A, prep.Q, C, R)) or R.shape[-1] > _MAX_TABLE_DIM:
         return False
     T, n = prep.x.shape[-2], prep.A.shape[-1]
-    N = math.prod(torch.broadcast_shapes(prep.x.shape[:-2], prep.obs.shape[:-2],
+    N = math.prod(broadcast_shapes(prep.x.shape[:-2], prep.obs.shape[:-2],
                                          prep.init_mean.shape[:-1], prep.init_cov.shape[:-2]))
     if plan(T, N, n) is None:
         return False
@@ -483,7 +483,7 @@ def chunked_missing_filter(prep, chunk_length=None, warmup=None, moments=True):
     A, Q = prep.A, prep.Q
     T, p = prep.x.shape[-2:]
     n = A.shape[-1]
-    batch = torch.broadcast_shapes(
+    batch = broadcast_shapes(
         prep.x.shape[:-2], prep.obs.shape[:-2], prep.init_mean.shape[:-1],
         prep.init_cov.shape[:-2], () if prep.b is None else prep.b.shape[:-2],
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from pyrossm._gaussian import broadcast_shapes
 from pyrossm._gaussian import mv as _mv
 from pyrossm._gaussian import sym as _sym
 
@@ -50,8 +51,8 @@ def _filter_elements(prep):
     Cov1 = _update_cov(P0e, K1, C1, R1)
     # Matrices keep the parameters' batch shape (data-independent), vectors the data's: the
     # scan broadcasts them, so no covariance is computed once per sequence without need.
-    mbatch = torch.broadcast_shapes(Fm.shape[:-3], Cov.shape[:-3], Cov1.shape[:-3], J.shape[:-3])
-    vbatch = torch.broadcast_shapes(b.shape[:-2], b1.shape[:-2], eta.shape[:-2])
+    mbatch = broadcast_shapes(Fm.shape[:-3], Cov.shape[:-3], Cov1.shape[:-3], J.shape[:-3])
+    vbatch = broadcast_shapes(b.shape[:-2], b1.shape[:-2], eta.shape[:-2])
     Fm = Fm.expand(mbatch + (T, n, n))
     Fm = torch.cat([torch.zeros_like(Fm[..., :1, :, :]), Fm[..., 1:, :, :]], -3)
     b = torch.cat([b1.expand(vbatch + (1, n)), b.expand(vbatch + (T, n))[..., 1:, :]], -2)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from pyrossm._gaussian import broadcast_shapes
+
 from ._workspace import scratch
 
 # Up to this size the unrolled factorisation is used (its operation count grows as n³).
@@ -57,7 +59,7 @@ def spd_solve(P, B, return_factor=False):
     of ``P``.
     """
     n, k = P.shape[-1], B.shape[-1]
-    batch = torch.broadcast_shapes(P.shape[:-2], B.shape[:-2])
+    batch = broadcast_shapes(P.shape[:-2], B.shape[:-2])
     Pl = _batch_last_copy(P.expand(batch + (n, n)).reshape(-1, n, n), "small.P")  # (n, n, M)
     Bl = _batch_last_copy(B.expand(batch + (n, k)).reshape(-1, n, k), "small.B")  # (n, k, M)
     L, inv, pivots = _factor(Pl, n)

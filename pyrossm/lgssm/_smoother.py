@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from pyrossm._gaussian import broadcast_shapes
 from pyrossm._gaussian import cholesky as _cholesky
 from pyrossm._gaussian import mv as _mv
 from pyrossm._gaussian import sym as _sym
@@ -44,7 +45,7 @@ def gains(filt_covs, pred_covs, A):
         APf = (filt_covs[..., :-1, :, :] @ A.transpose(-1, -2)).transpose(-1, -2)
     else:
         APf = A[..., 1:, :, :] @ filt_covs[..., :-1, :, :]
-    batch = torch.broadcast_shapes(P_next.shape[:-2], APf.shape[:-2])
+    batch = broadcast_shapes(P_next.shape[:-2], APf.shape[:-2])
     P_next, APf = P_next.expand(batch + P_next.shape[-2:]), APf.expand(batch + APf.shape[-2:])
     n = P_next.shape[-1]
     tol = n * torch.finfo(P_next.dtype).eps
@@ -83,7 +84,7 @@ def backward_pass(G, fm, fc, pm, pc):
     if G.dim() == 3 and fc.dim() == 3 and pc.dim() == 3:  # shared by every sequence
         return _scanned_covs(G, fc, pc), _blocked_means(G, fm, offset)
     if fc.dim() > 3:  # per-sequence covariances
-        N = torch.Size(torch.broadcast_shapes(fm.shape[:-2], fc.shape[:-3])).numel()
+        N = torch.Size(broadcast_shapes(fm.shape[:-2], fc.shape[:-3])).numel()
         if T >= _CHUNKED_MIN_STEPS and N <= _CHUNKED_MAX_SEQUENCES:
             return _chunked_pass(G, fm, fc, pc, offset)
         if N >= _BATCH_LAST_MIN:
@@ -132,7 +133,7 @@ def _chunked_pass(G, fm, fc, pc, offset):
     truncation, only the order of the arithmetic changes.
     """
     T, n = fm.shape[-2:]
-    batch = torch.broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
+    batch = broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
     S = T - 1  # steps t = 0 .. T-2
     N = torch.Size(batch).numel()
     fcN = fc.expand(batch + fc.shape[-3:]).reshape(N, T, n, n)
@@ -190,7 +191,7 @@ def _batch_last_loop(G, fm, fc, pc, offset):
     between calls (:mod:`._workspace`: at 256 x 1000 they are 80 MB of fresh memory, one page
     fault per 4 KB, on every call otherwise)."""
     T, n = fm.shape[-2:]
-    batch = torch.broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
+    batch = broadcast_shapes(G.shape[:-3], fm.shape[:-2], fc.shape[:-3], pc.shape[:-3])
     grad = tracks_grad(G, fm, fc, pc, offset)
 
     def last(v, core, name):  # batch + (time, core...) -> (time, core..., N), contiguous

@@ -32,7 +32,7 @@ import math
 import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
-from pyrossm._gaussian import cholesky, congruence, sym
+from pyrossm._gaussian import broadcast_shapes, cholesky, congruence, sym
 
 from . import _small
 from ._blocks import (
@@ -213,7 +213,7 @@ def riccati_scan(prep, t0, P_filt0, T):
     _, K1 = innovation_terms(P1, C[..., :1, :, :], R[..., :1, :, :])
     Cov1 = update_cov(P1, K1, C[..., :1, :, :], R[..., :1, :, :])
     L = T - t0 - 1
-    batch = torch.broadcast_shapes(Fm.shape[:-3], Cov.shape[:-3], Cov1.shape[:-3], J.shape[:-3])
+    batch = broadcast_shapes(Fm.shape[:-3], Cov.shape[:-3], Cov1.shape[:-3], J.shape[:-3])
     if not any(prep.tv[k] for k in "ACQR"):  # every element after the first is the same
         full = lambda M: M.expand(batch + M.shape[-3:])  # noqa: E731
         return _doubling_prefixes(full(Cov1), (full(Fm), full(Cov), full(J)), L)
@@ -282,7 +282,7 @@ def shared_covariances(prep, T, batch_shape, allow_steady=True, moments=True):
 
 
 def _cat_time(a, b):
-    batch = torch.broadcast_shapes(a.shape[:-3], b.shape[:-3])
+    batch = broadcast_shapes(a.shape[:-3], b.shape[:-3])
     return torch.cat([a.expand(batch + a.shape[-3:]), b.expand(batch + b.shape[-3:])], -3)
 
 
@@ -311,14 +311,14 @@ def _param_batch(prep):
     for k in "ACQR":
         p = getattr(prep, k)
         shapes.append(p.shape[:-3] if prep.tv[k] else p.shape[:-2])
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)
 
 
 def _data_batch(prep):
     shapes = [prep.x.shape[:-2], prep.init_mean.shape[:-1]]
     if prep.b is not None:
         shapes.append(prep.b.shape[:-2])
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)
 
 
 def shared_filter(prep, allow_steady=None, moments=True, per_step=True):
@@ -500,7 +500,7 @@ def missing_filter(prep):
     A, Q, tvA, tvQ = prep.A, prep.Q, prep.tv["A"], prep.tv["Q"]
     T, p = prep.x.shape[-2:]
     n = prep.init_mean.shape[-1]
-    batch = torch.broadcast_shapes(_data_batch(prep), prep.obs.shape[:-2], prep.init_cov.shape[:-2])
+    batch = broadcast_shapes(_data_batch(prep), prep.obs.shape[:-2], prep.init_cov.shape[:-2])
     xt = _time_major(prep.x, batch)
     ot = _time_major(prep.obs.to(xt.dtype), batch)  # (T, N, p) 1 = observed
     bt = None if prep.b is None else _time_major(prep.b, batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pyrossm._checks import check_mask
+from pyrossm._gaussian import broadcast_shapes
 
 
 def _fail(name, expected, got):
@@ -157,7 +158,7 @@ def validate_inputs(x, A, C, Q, R, init_mean, init_cov, mask):
     _check_covariances({name: named[name] for name in ("Q", "R", "init_cov")})
     check_mask(mask, tuple(x.shape[:-1]), broadcast=True)
     try:
-        torch.broadcast_shapes(x.shape[:-2], init_mean.shape[:-1])
+        broadcast_shapes(x.shape[:-2], init_mean.shape[:-1])
     except RuntimeError:
         _fail(
             "init_mean",
@@ -188,7 +189,7 @@ def validate_offsets(x, init_mean, transition_offset, observation_offset):
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {value.dtype}")
         _check_finite(name, value)
         try:
-            torch.broadcast_shapes(value.shape[:-2], x.shape[:-2])
+            broadcast_shapes(value.shape[:-2], x.shape[:-2])
         except RuntimeError:
             _fail(
                 name,

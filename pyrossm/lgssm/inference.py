@@ -66,7 +66,7 @@ from typing import NamedTuple
 import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
-from pyrossm._gaussian import cholesky, gaussian_log_density, mv, sym
+from pyrossm._gaussian import broadcast_shapes, cholesky, gaussian_log_density, mv, sym
 
 from . import _chunked, _smoother, _steps
 from ._parallel import parallel_filter as _parallel_filter
@@ -428,7 +428,7 @@ def _filter(x, A, C, Q, R, init_mean, init_cov, mask, parallel, validate, b=None
 
 def _expand(res):
     """Broadcast every field of a filter/smoother result to the full batch shape."""
-    batch = torch.broadcast_shapes(
+    batch = broadcast_shapes(
         res.step_log_likelihoods.shape[:-1],
         res.filtered_means.shape[:-2],
         res.filtered_covs.shape[:-3],
