@@ -33,6 +33,7 @@ import math
 import torch
 
 from pyrossm._gaussian import LOG_2PI as _LOG_2PI
+from pyrossm._gaussian import times_shared
 
 from ._recurrence import (
     block_length,
@@ -53,64 +54,75 @@ def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, 
     ``[z_1 .. z_blk] W[j] + m_0 V[j]`` (:mod:`pyrossm.lgssm._blocks`): ``"w"`` (the whitened
     innovations), ``"last"`` (the filtered mean at each step ``i`` of the block alone: ``Wl
     (nb, blk, blk k, n)`` and ``Vl (nb, blk, n, n)``; ``i = blk - 1`` gives the block ends)
-    and with ``moments`` ``"m"`` (the filtered means) and, if also ``pred``, ``"pred"`` (the
-    predicted means).
+    and with ``moments`` ``"m"`` (the filtered means), ``"wm"`` (``"w"`` and ``"m"`` side by
+    side, d = p + n: one product for both) and, if also ``pred``, ``"pred"`` (the predicted
+    means).
 
     Built in column form, one step of the block at a time for all blocks at once: the map
     of step ``i`` is ``(nb, d, blk k)`` (outputs in the rows), so that the row-form operators
-    are transposed views of contiguous arrays (batched products take them as they are; a
-    permuted copy into row form cost a fifth of the build). A shared A or C is one product
-    for all steps, the per-step factors are products batched over the blocks."""
+    are transposed views of one contiguous array (batched products take them as they are).
+    The filtered mean's map of step i and its map of the block start are one ``(nb, n, blk k
+    + n)`` array, F_i times that of step i - 1 with K_i written into its own (zero) columns;
+    the innovations' maps are -L_i⁻¹ C_i A_i times that of step i - 1 (both maps in one
+    product). Products with a shared A or C are single GEMMs (:func:`times_shared`)."""
     S, n, p = K.shape
     nb = S // blk
     dt, dev = K.dtype, K.device
     eye = torch.eye(n, dtype=dt, device=dev)
-    IKC = eye - K @ C  # (S, n, n)
+    IKC = eye - (K @ C if tvC else times_shared(K, C))  # (S, n, n)
     # F_i = (I - K_i C_i) A_i, with A_0 = I
-    F = torch.cat([IKC[:1], IKC[1:] @ (A[1:] if tvA else A)], 0).reshape(nb, blk, n, n)
+    F = torch.cat([IKC[:1], IKC[1:] @ A[1:] if tvA else times_shared(IKC[1:], A)], 0)
+    F = F.reshape(nb, blk, n, n)
     map_in = K if not with_b else torch.cat([K, IKC], -1)  # (S, n, k)
     k = map_in.shape[-1]
+    bk, bp = blk * k, blk * p
     map_in = map_in.reshape(nb, blk, n, k)
-    # filtered means: map i = F_i times map i-1, plus the step's own input map
-    # (maps are stacked, not written in place: autograd keeps each one for the next product)
-    maps, starts = [], []
-    for i in range(blk):
-        parts = [map_in[:, i], K.new_zeros(nb, n, (blk - i - 1) * k)]
-        if i:
-            parts.insert(0, F[:, i] @ maps[-1][..., : i * k])
-        maps.append(torch.cat(parts, -1))
-        starts.append(F[:, i] @ starts[-1] if i else F[:, 0])
-    Mt, Nt = torch.stack(maps, 1), torch.stack(starts, 1)  # (nb, blk, n, blk k), (nb, blk, n, n)
+    # [filtered mean's map | block start's map] of step i. Full width: BLAS takes a batch of
+    # 4 x 4 times 4 x 36 products (11 µs), where narrower ones (< ~25 columns) run through a
+    # naive loop (4 x 16: 29 µs); the columns past step i are zero and stay so
+    first = K.new_zeros(nb, n, bk + n)
+    first[..., :k] = map_in[:, 0]
+    first[..., bk:] = F[:, 0]
+    maps = [first]
+    for i in range(1, blk):
+        y = torch.bmm(F[:, i], maps[-1])
+        y[..., i * k : (i + 1) * k] = map_in[:, i]  # (bmm's backward does not need y)
+        maps.append(y)
+    aug = torch.stack(maps, 1)  # (nb, blk, n, bk + n)
+    Linv = Linv.contiguous()
+    LC = (Linv @ C if tvC else times_shared(Linv, C)).reshape(nb, blk, p, n)  # L_i⁻¹ C_i
     Ab = A.reshape(nb, blk, n, n) if tvA else A
-    LC = (Linv @ C).reshape(nb, blk, p, n)  # L_i⁻¹ C_i
-    # predicted means' map of the block start: A_i times the filtered one a step back (the
-    # identity before step 0); step 0 of block 0 predicts the initial mean itself (A_0 = I)
-    Nprev = torch.cat([eye.expand(nb, 1, n, n), Nt[:, :-1]], 1)
-    Npred = Ab @ Nprev
-    Npred = torch.cat([torch.cat([eye.expand(1, 1, n, n), Npred[:1, 1:]], 1), Npred[1:]], 0)
-    # whitened innovations L_i⁻¹ (x_i - C_i m⁻_i): the data part is -L_i⁻¹ C_i A_i times the
-    # filtered map a step back (one product; the predicted means' maps are not needed)
-    # (negated before the product: a sixteenth of its size)
-    G = -(LC[:, 1:] @ Ab[:, 1:]) if tvA else LC[:, 1:] @ -A  # (nb, blk - 1, p, n)
-    Ww = torch.cat([K.new_zeros(nb, 1, p, blk * k), G @ Mt[:, :-1]], 1)  # (nb, blk, p, blk k)
-    # the diagonal blocks (i, i), as a strided view (nb, p, k, blk): added to in place, where
-    # advanced indexing cost a quarter of the whole build
-    diag = Ww.view(nb, blk, p, blk, k).diagonal(dim1=1, dim2=3)
-    diag[:, :, :p].add_(Linv.reshape(nb, blk, p, p).permute(0, 2, 3, 1))
+    # whitened innovations w_i = L_i⁻¹ (x_i - C_i A_i m_{i-1}): both maps of step i are
+    # G_i = -L_i⁻¹ C_i A_i times those of the filtered mean a step back (one product); step 0
+    # has only the block start's, G_0 (block 0: -L_0⁻¹ C_0, the initial mean predicts itself)
+    G = -(LC @ Ab) if tvA else times_shared(LC, -A)  # (nb, blk, p, n)
+    parts = [torch.cat([K.new_zeros(nb, p, bk), G[:, 0]], -1),
+             (G[:, 1:] @ aug[:, :-1]).reshape(nb, bp - p, bk + n)]
+    if moments:  # the filtered means' maps in the same array: "wm" is one operator
+        parts.append(aug.reshape(nb, blk * n, bk + n))
+    ops_cols = torch.cat(parts, 1)  # (nb, rows, bk + n): the operators in column form
+    ops_cols[0, :p, bk:] = -LC[0, 0]
+    # the diagonal blocks (i, i) of the innovations' W, as a strided view (nb, p, k, blk):
+    # added to in place, where advanced indexing cost a quarter of the whole build
+    diag = ops_cols[:, :bp, :bk].view(nb, blk, p, blk, k).diagonal(dim1=1, dim2=3)
+    diag[:, :, :p].add_(Linv.view(nb, blk, p, p).permute(0, 2, 3, 1))
     if with_b:  # b_i enters m⁻_i directly
         diag[:, :, p:].sub_(LC.permute(0, 2, 3, 1))
-    Nw = -(LC @ Npred)  # (nb, blk, p, n)
-    rows = lambda M: M.reshape(nb, blk * M.shape[-2], M.shape[-1]).mT  # noqa: E731
-    ops = {"w": (rows(Ww), rows(Nw)), "last": (Mt.mT, Nt.mT)}
-    if moments and pred:
-        Lpred = torch.cat([K.new_zeros(nb, 1, n, blk * k),
-                           (Ab[:, 1:] if tvA else Ab) @ Mt[:, :-1]], 1)
+    W, V = ops_cols[..., :bk].mT, ops_cols[..., bk:].mT  # (nb, bk, rows), (nb, n, rows)
+    ops = {"w": (W[..., :bp], V[..., :bp]), "last": (aug[..., :bk].mT, aug[..., bk:].mT)}
+    if moments:
+        ops["m"] = (W[..., bp:], V[..., bp:])
+        ops["wm"] = (W, V)
+    if moments and pred:  # per-step A: the predicted means' maps, A_i times the filtered ones
+        rows = lambda M: M.reshape(nb, blk * M.shape[-2], M.shape[-1]).mT  # noqa: E731
+        Nt = aug[..., bk:]
+        Npred = Ab @ torch.cat([eye.expand(nb, 1, n, n), Nt[:, :-1]], 1)
+        Npred = torch.cat([torch.cat([eye.expand(1, 1, n, n), Npred[:1, 1:]], 1), Npred[1:]], 0)
+        Lpred = torch.cat([K.new_zeros(nb, 1, n, bk), Ab[:, 1:] @ aug[:, :-1, :, :bk]], 1)
         if with_b:
             Lpred.view(nb, blk, n, blk, k).diagonal(dim1=1, dim2=3)[:, :, p:].add_(
                 eye.unsqueeze(-1))
         ops["pred"] = (rows(Lpred), rows(Npred))
-    if moments:
-        ops["m"] = (rows(Mt), rows(Nt))
     return ops
 
 
@@ -187,9 +199,7 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
         step_ll = lambda w: torch.baddbmm(neg_c, sum_p, w.mul_(w).mT, alpha=-0.5).mT  # noqa: E731
         batch_major = lambda W, V: _block_rows(zb, starts, W, V)  # noqa: E731
         if moments:  # the filtered means in the same pass (the data read once, wider products)
-            W_m, V_m = ops["m"]
-            ll, fm = _block_rows(zb, starts, torch.cat([W_w, W_m], -1),
-                                 torch.cat([V_w, V_m], -1), step_ll, split=blk * p)
+            ll, fm = _block_rows(zb, starts, *ops["wm"], step_ll, split=blk * p)
         else:
             ll = _block_rows(zb, starts, W_w, V_w, step_ll)
     ll = ll.reshape(N, S)[:, :Td]
