@@ -161,6 +161,60 @@ def varying_affine_recurrence(u, FT, m, level=0):
     return torch.cat([body, torch.stack(tail, 1)], 1)
 
 
+def column_recurrence(U, F, m, level=0):
+    """The states m_1 .. m_S (``(S, n, N)``, a fresh tensor) of m_t = F_t m_{t-1} + u_t in
+    column form (the sequences in the columns), time at dim 0: inputs ``U (S, n, N)``,
+    ``F (S, n, n)`` shared by the sequences, from ``m (n, N)``.
+
+    As :func:`varying_affine_recurrence` (blocks of ``BLOCK`` steps, each one product; the
+    block starts the same recurrence, solved recursively), for inputs that come in this
+    layout, the block starts of :mod:`._blocks`: every product then reads contiguous ``(n,
+    N)`` slabs and the inputs are not copied, and the block operators are built by
+    full-width products (:func:`_column_block_operators`)."""
+    S, n, N = U.shape
+    blk = BLOCK
+    nb = S // blk
+    if nb < 3 or level >= 4:
+        steps = []
+        for t in range(S):
+            m = torch.addmm(U[t], F[t], m)
+            steps.append(m)
+        return torch.stack(steps) if steps else U.new_empty(0, n, N)
+    W, V = _column_block_operators(F[: nb * blk].reshape(nb, blk, n, n))
+    part = torch.bmm(W, U[: nb * blk].reshape(nb, blk * n, N))  # from a zero start
+    starts = column_recurrence(part[:-1, -n:], V[:-1, -n:], m, level + 1)
+    starts = torch.cat([m.unsqueeze(0), starts], 0)  # (nb, n, N)
+    body = torch.baddbmm(part, V, starts).reshape(nb * blk, n, N)
+    if S == nb * blk:
+        return body
+    tail, m = [], body[-1]
+    for t in range(nb * blk, S):
+        m = torch.addmm(U[t], F[t], m)
+        tail.append(m)
+    return torch.cat([body, torch.stack(tail)], 0)
+
+
+def _column_block_operators(Fb):
+    """W ``(nb, blk n, blk n)`` and V ``(nb, blk n, n)`` (views of one array) of m_t = F_t
+    m_{t-1} + u_t over each block in column form, ``[m_1; ..; m_blk] = W [u_1; ..; u_blk] +
+    V m_0``, ``Fb (nb, blk, n, n)``: row block i of ``[W | V]`` is F_i times row block i - 1,
+    plus the identity at column block i. Full-width products: BLAS runs them, where products
+    of fewer than ~25 columns go through torch's naive loop."""
+    nb, blk, n, _ = Fb.shape
+    bn = blk * n
+    eye = torch.eye(n, dtype=Fb.dtype, device=Fb.device)
+    first = Fb.new_zeros(nb, n, bn + n)
+    first[..., :n] = eye
+    first[..., bn:] = Fb[:, 0]
+    rows = [first]
+    for i in range(1, blk):
+        y = torch.bmm(Fb[:, i], rows[-1])
+        y[..., i * n : (i + 1) * n] = eye  # (bmm's backward does not need y)
+        rows.append(y)
+    WV = torch.cat(rows, 1)  # (nb, blk n, blk n + n)
+    return WV[..., :bn], WV[..., bn:]
+
+
 def _varying_block_operators(FTb):
     """W ``(nb, blk n, blk n)`` and V ``(nb, n, blk n)`` of each block of m_t = m_{t-1} F_tᵀ +
     u_t, ``FTb (nb, blk, n, n)`` the blocks' ``F_tᵀ``: block (j, i) of W is
