@@ -140,6 +140,38 @@ def test_varying_affine_recurrence_equals_a_loop(steps):
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("steps", [0, 5, 24, 31, 200, 1001])
+@pytest.mark.parametrize("strided", [False, True])
+def test_column_recurrence_equals_a_loop(steps, strided):
+    """The column-form recurrence m_t = F_t m_{t-1} + u_t (inputs ``(S, n, N)``, contiguous or
+    a strided view; 1001 steps take three levels and a tail at each) equals a loop, with
+    gradients w.r.t. F, the inputs and the start; the inputs are left as they were."""
+    g = torch.Generator().manual_seed(steps + 2)
+    N, n = 5, 3
+    d = dict(dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(steps, n, n, generator=g, **d))[0] if steps else \
+        torch.zeros(0, n, n, **d)
+    F = (0.97 * U).requires_grad_()
+    m = torch.randn(n, N, generator=g, **d).requires_grad_()
+    full = torch.randn(steps, n, N + 2, generator=g, **d)
+    u = (full[..., 2:] if strided else full[..., 2:].contiguous()).requires_grad_()
+    before = full.clone()
+    got = _recurrence.column_recurrence(u, F, m)
+    ref, cur = [], m
+    for t in range(steps):
+        cur = F[t] @ cur + u[t]
+        ref.append(cur)
+    ref = torch.stack(ref) if ref else u.new_zeros(0, n, N)
+    assert got.shape == (steps, n, N)
+    torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+    assert torch.equal(full, before)
+    if steps:
+        w = torch.randn(steps, n, N, generator=g, **d)
+        for a, b in zip(torch.autograd.grad((got * w).sum(), (F, u, m)),
+                        torch.autograd.grad((ref * w).sum(), (F, u, m))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("T", [296, 307])
 def test_log_likelihood_only_values_and_gradients(T):
     """``kalman_log_likelihood`` (no means written past the fixed point: block ends and
