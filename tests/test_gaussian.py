@@ -49,11 +49,12 @@ def test_congruence_after_a_first_call_under_inference_mode():
     assert torch.allclose(grad, ref)
 
 
-@pytest.mark.parametrize("shape", [(1000, 4, 4), (7, 3, 4), (5, 2, 3), (2, 3, 4, 2), (6, 4, 16),
-                                   (0, 4, 4)])
+@pytest.mark.parametrize("shape", [(1000, 4, 4), (171, 3, 3), (300, 3, 4), (2, 130, 4, 2),
+                                   (7, 3, 4), (5, 2, 3), (6, 4, 16), (0, 4, 4)])
 def test_shared_factor_products_equal_matmul(shape):
     """``times_shared(X, M)`` = X @ M and ``shared_times(M, X)`` = M @ X in values and gradients,
-    for contiguous and transposed X and row counts that no block size divides."""
+    for contiguous and transposed X, row counts that no block size divides, and batches below
+    the one-GEMM threshold (a 0.01% error in the one-GEMM path fails 4 cases)."""
     g = torch.Generator().manual_seed(sum(shape))
     r, c = shape[-2:]
     for X in (torch.randn(shape, generator=g, dtype=torch.float64),
