@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pyrossm._gaussian import congruence, sym
+from pyrossm._gaussian import congruence, sym, times_shared
 
 
 def _slice(elems, dims, start, stop=None, step=None):
@@ -118,6 +118,8 @@ def _doubling_prefixes(Cov1, generic, L):
             if pre.shape[-3] < L:
                 power = _cov_combine(power, power, symmetrize=False)
         return pre
+    if Cov1.shape[:-3] == ():
+        return _doubling_single(Cov1, generic, L)
     out = Cov1.new_empty(Cov1.shape[:-3] + (L, n, n))
     out.narrow(-3, 0, 1).copy_(Cov1)
     done, power = 1, generic
@@ -128,3 +130,37 @@ def _doubling_prefixes(Cov1, generic, L):
         if done < L:
             power = _cov_combine(power, power, symmetrize=False)
     return out
+
+
+def _doubling_single(Cov1, generic, L):
+    """:func:`_doubling_prefixes` for one system (``Cov1 (1, n, n)``, ``generic`` (n, n)
+    matrices) without autograd, with each level's prefixes and the squaring of the power in
+    one batch: both combine an earlier element with the same later one, g^m (the power's A
+    and J parts are then added alone). The power's covariance part waits in the slot after
+    the known prefixes, where the level's results go: the batch is one contiguous slice, and
+    the new power lands where the next level reads it. Half the small operations of two
+    calls per level (the doubling is dominated by their count)."""
+    n = Cov1.shape[-1]
+    Ap, Cp, Jp = generic
+    eye = torch.eye(n, dtype=Cov1.dtype, device=Cov1.device)
+    out = Cov1.new_empty(L + 1, n, n)
+    out[0] = Cov1[0]
+    done = 1
+    while done < L:
+        r = min(done, L - done)
+        more = done + r < L  # the power g^2m is needed
+        if more:
+            out[done] = Cp
+        earlier = out[: r + more]
+        M = eye + times_shared(earlier, Jp)  # I + C1 J2
+        X = torch.linalg.solve(M, earlier)
+        if X.shape[0] >= 64:
+            new = congruence(Ap, X, Cp)
+        else:
+            new = sym(Ap @ X @ Ap.mT + Cp)
+        out[done : done + r + more] = new
+        if more:
+            MA = torch.linalg.solve(M[-1], Ap)
+            Ap, Cp, Jp = Ap @ MA, out[done + r], MA.mT @ Jp @ Ap + Jp
+        done += r
+    return out[:L]
