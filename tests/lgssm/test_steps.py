@@ -280,6 +280,30 @@ def test_doubling_prefixes_equal_the_associative_scan(L):
     assert_rel_close(g1, g2, 1e-10, "gradient")
 
 
+@pytest.mark.parametrize("L", [1, 2, 3, 8, 13, 64, 100, 300])
+def test_doubling_of_one_system_without_autograd_equals_the_scan(L):
+    """One shared system without autograd (``_scan._doubling_single``: each level's prefixes
+    and the power's squaring in one batch; from 64 prefixes by the Kronecker sandwich): the
+    prefixes equal the general associative scan in float64."""
+    from pyrossm.lgssm import _scan
+    from pyrossm.lgssm._scan import associative_scan
+
+    s = random_system(3, 2, 5, seed=L)
+    n = 3
+    eye = torch.eye(n, dtype=torch.float64)
+    Fm, Cov, J = 0.9 * s["A"], s["Q"] + eye, s["A"].mT @ s["A"] + 0.1 * eye
+    Cov1 = (2 * eye).unsqueeze(0)
+    with torch.no_grad():
+        got = _scan._doubling_prefixes(Cov1, (Fm, Cov, J), L)
+    full = lambda M: M.expand(L, n, n)  # noqa: E731
+    elems = (torch.cat([torch.zeros_like(Fm)[None], full(Fm)[1:]]),
+             torch.cat([Cov1, full(Cov)[1:]]),
+             torch.cat([torch.zeros_like(J)[None], full(J)[1:]]))
+    ref = associative_scan(_scan._cov_combine, elems, (-3, -3, -3))[1]
+    assert got.shape == (L, n, n)
+    assert_rel_close(got, ref, 1e-12, "prefixes")
+
+
 def test_unrolled_innovation_factors_equal_lapack(monkeypatch):
     """Past ``_UNROLLED_MIN_STEPS`` steps (here forced from 1) the innovation covariances are
     factorised entry by entry (``_small``): log-likelihoods, moments and gradients equal the
