@@ -135,32 +135,36 @@ def _doubling_prefixes(Cov1, generic, L):
 def _doubling_single(Cov1, generic, L):
     """:func:`_doubling_prefixes` for one system (``Cov1 (1, n, n)``, ``generic`` (n, n)
     matrices) without autograd, with each level's prefixes and the squaring of the power in
-    one batch: both combine an earlier element with the same later one, g^m (the power's A
-    and J parts are then added alone). The power's covariance part waits in the slot after
-    the known prefixes, where the level's results go: the batch is one contiguous slice, and
-    the new power lands where the next level reads it. Half the small operations of two
-    calls per level (the doubling is dominated by their count)."""
+    one batch: both combine an earlier element with the same later one, g^m. The power's
+    covariance part and its A wait in the two slots after the known prefixes, where the
+    level's results go: the batch is one contiguous slice, one solve gives (I + C_i J)⁻¹ C_i
+    for every prefix and the power and (I + C J)⁻¹ A for the power's A and J parts, and the
+    new power's covariance part lands where the next level reads it. (The doubling's cost is
+    the count of its small operations: a third of the two calls per level before.)"""
     n = Cov1.shape[-1]
     Ap, Cp, Jp = generic
     eye = torch.eye(n, dtype=Cov1.dtype, device=Cov1.device)
-    out = Cov1.new_empty(L + 1, n, n)
+    out = Cov1.new_empty(L + 2, n, n)
     out[0] = Cov1[0]
     done = 1
     while done < L:
         r = min(done, L - done)
-        more = done + r < L  # the power g^2m is needed
+        more = 2 if done + r < L else 0  # the power g^2m is needed (then r = done)
         if more:
-            out[done] = Cp
+            out[done], out[done + 1] = Cp, Ap
         earlier = out[: r + more]
         M = eye + times_shared(earlier, Jp)  # I + C1 J2
+        if more:
+            M[-1] = M[-2]  # the power's A is solved with the power's matrix
         X = torch.linalg.solve(M, earlier)
+        if more:
+            MA, X = X[-1], X[:-1]  # (I + C J)⁻¹ A, and the covariance parts
         if X.shape[0] >= 64:
             new = congruence(Ap, X, Cp)
         else:
             new = sym(Ap @ X @ Ap.mT + Cp)
-        out[done : done + r + more] = new
+        out[done : done + X.shape[0]] = new
         if more:
-            MA = torch.linalg.solve(M[-1], Ap)
             Ap, Cp, Jp = Ap @ MA, out[done + r], MA.mT @ Jp @ Ap + Jp
         done += r
     return out[:L]
