@@ -337,7 +337,7 @@ def shared_filter(prep, allow_steady=None, moments=True, per_step=True):
     with parameter_work(grad):
         pred_c, filt_c, K, L, Td = shared_covariances(prep, T, (), allow_steady, moments)
         eye_p = torch.eye(p, dtype=L.dtype, device=L.device)
-        if _small.use_unrolled(L, _UNROLLED_MIN_STEPS):
+        if _small.lower_inverse_pays(L):
             Linv = _small.lower_inverse(L)  # (Td, p, p)
         else:
             Linv = torch.linalg.solve_triangular(L, eye_p.expand(L.shape), upper=False)
