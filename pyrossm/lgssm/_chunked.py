@@ -135,7 +135,7 @@ def applicable(prep):
         return False
     T, n = prep.x.shape[-2], prep.A.shape[-1]
     N = math.prod(broadcast_shapes(prep.x.shape[:-2], prep.obs.shape[:-2],
-                                         prep.init_mean.shape[:-1], prep.init_cov.shape[:-2]))
+                                   prep.init_mean.shape[:-1], prep.init_cov.shape[:-2]))
     if plan(T, N, n) is None:
         return False
     return not _never_forgets(prep.A, prep.obs)
