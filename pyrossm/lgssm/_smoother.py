@@ -84,7 +84,7 @@ def backward_pass(G, fm, fc, pm, pc):
     if G.dim() == 3 and fc.dim() == 3 and pc.dim() == 3:  # shared by every sequence
         return _scanned_covs(G, fc, pc), _blocked_means(G, fm, offset)
     if fc.dim() > 3:  # per-sequence covariances
-        N = torch.Size(broadcast_shapes(fm.shape[:-2], fc.shape[:-3])).numel()
+        N = broadcast_shapes(fm.shape[:-2], fc.shape[:-3]).numel()
         if T >= _CHUNKED_MIN_STEPS and N <= _CHUNKED_MAX_SEQUENCES:
             return _chunked_pass(G, fm, fc, pc, offset)
         if N >= _BATCH_LAST_MIN:
