@@ -196,8 +196,10 @@ def riccati_scan(prep, t0, P_filt0, T):
     plain = [getattr(prep, k) for k in "ACQR"]
     if not any(prep.tv.values()) and P_filt0.dim() == 2 and all(M.dim() == 2 for M in plain):
         # one shared system (the common case): the same algebra on (n, n) matrices, without
-        # the time dims of the general case (a third of the small operations)
-        return _doubling_prefixes(*_scan_elements(*plain, P_filt0), T - t0 - 1)
+        # the time dims of the general case (a third of the small operations); the prefixes
+        # start at the filtered covariance of step t0 itself (dropped), which then needs no
+        # element of its own
+        return _doubling_prefixes(P_filt0.unsqueeze(0), _generic_element(*plain), T - t0)[1:]
     A, C, Q, R = (with_time(sl(k), prep.tv[k]) for k in "ACQR")
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
@@ -226,19 +228,30 @@ def riccati_scan(prep, t0, P_filt0, T):
     return filt
 
 
-def _scan_elements(A, C, Q, R, P_filt0):
-    """The first element ``(1, n, n)`` (from the filtered covariance ``P_filt0``) and the
-    generic element's three ``(n, n)`` matrices of :func:`riccati_scan`, for one shared system
-    given as ``(n, n)`` and ``(p, n)``, ``(p, p)`` matrices."""
+def _generic_element(A, C, Q, R):
+    """The covariance part ``(F, Cov, J)`` (three ``(n, n)`` matrices) of the filtering element
+    of one step of a shared system (``A (n, n)``, ``C (p, n)``, ``Q``, ``R``): the prior
+    z_t | z_{t-1} conditioned on x_t (:func:`riccati_scan`)."""
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     Lq, Kq = innovation_terms(Q, C, R)
-    Fm = (eye - Kq @ C) @ A
     CA = C @ A
     J = sym(CA.mT @ torch.cholesky_solve(CA, Lq))
-    P1 = sym(A @ P_filt0 @ A.mT + Q)
-    _, K1 = innovation_terms(P1, C, R)
-    return update_cov(P1, K1, C, R).unsqueeze(0), (Fm, update_cov(Q, Kq, C, R), J)
+    return (eye - Kq @ C) @ A, update_cov(Q, Kq, C, R), J
+
+
+def _one_system_covariances(prep, T, moments):
+    """:func:`shared_covariances` without the fixed-point test for one shared system (``A``,
+    ``C``, ``Q``, ``R``, ``init_cov`` without time or batch dims): the filtered covariances of
+    all steps by doubling from that of step 0, then the predicted ones and the innovation
+    terms of all steps in one batch each."""
+    A, C, Q, R, P0 = prep.A, prep.C, prep.Q, prep.R, prep.init_cov
+    _, K0 = innovation_terms(P0, C, R)
+    filt0 = update_cov(P0, K0, C, R).unsqueeze(0)
+    filt = _doubling_prefixes(filt0, _generic_element(A, C, Q, R), T)
+    pred = torch.cat([P0.unsqueeze(0), congruence(A, filt[:-1], Q)], 0)
+    L, K = _many_innovation_terms(pred, C, R)
+    return (pred, filt, K, L, T) if moments else (None, None, K, L, T)
 
 
 def shared_covariances(prep, T, batch_shape, allow_steady=True, moments=True):
@@ -253,6 +266,8 @@ def shared_covariances(prep, T, batch_shape, allow_steady=True, moments=True):
     # Without the fixed-point test the sequential steps only pay for short series: one step,
     # then the scan (whose elements start at a filtered covariance).
     steps = _SEQ_STEPS if check or T <= _SEQ_STEPS else 1
+    if steps == 1 and all(M.dim() == 2 for M in (prep.A, prep.C, prep.Q, prep.R, prep.init_cov)):
+        return _one_system_covariances(prep, T, moments)
     pred, filt, gains, chols, t_steady = riccati_sequential(prep, T, batch_shape, check, steps)
     stack = lambda seq: torch.stack(seq, -3)  # noqa: E731
     pred, filt, gains, chols = stack(pred), stack(filt), stack(gains), stack(chols)
