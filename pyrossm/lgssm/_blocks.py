@@ -127,17 +127,17 @@ def varying_block_operators(K, Linv, A, C, tvA, tvC, with_b, blk, moments=True, 
 
 
 def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk=None,
-                        per_step=True):
+                        per_step=True, predicted=True):
     """Means and log-likelihoods of steps ``0 .. Td-1`` given the per-step gains ``K (>= Td,
     n, p)``, inverse innovation Cholesky factors ``Linv (>= Td, p, p)`` and their
     ``half_logdet (>= Td,)`` (shared by the sequences; the parameters without batch dims).
 
     Returns batch-major ``filt_means (N, Td, n)``, ``pred_means (N, Td, n)`` (both None
     without ``moments``), ``step_log_likelihoods (N, Td)`` and the last filtered mean
-    ``(N, n)``; ``N`` the flattened ``batch``. ``per_step=False`` (and no moments): the
-    log-likelihoods may come summed over the steps, ``(N, 1)`` (without autograd, when the
-    blocks tile the steps: each block's squares are then summed where they are made, and no
-    per-step array is written)."""
+    ``(N, n)``; ``N`` the flattened ``batch``. ``per_step=False``: the log-likelihoods may
+    come summed over the steps, ``(N, 1)`` (without autograd, when the blocks tile the steps:
+    each block's squares are then summed where they are made, and no per-step array is
+    written). ``predicted=False``: the predicted means are None."""
     p = prep.x.shape[-1]
     n = prep.init_mean.shape[-1]
     N = math.prod(batch)
@@ -186,16 +186,18 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
     # round runs at less than half the speed (as for the block ends)
     neg_c = -c.view(nb, blk, 1)
     sum_p = torch.eye(blk, dtype=dt, device=dev).repeat_interleave(p, 1).expand(nb, -1, -1)
-    fm = None
+    fm, summed = None, False
     if tracks_grad(zb, W_w, starts, neg_c, *(M for op in ops.values() for M in op)):
         w = torch.baddbmm(zb @ W_w, starts, V_w)  # (nb, N, blk p)
         ll = torch.baddbmm(neg_c, sum_p, (w * w).mT, alpha=-0.5).permute(2, 0, 1).reshape(N, S)
         batch_major = lambda W, V: torch.baddbmm(zb @ W, starts, V).transpose(0, 1)  # noqa: E731
-    elif not (per_step or moments or pad):  # Σ_t ll_t = -Σ w² / 2 - Σ_t c_t
-        total = _block_rows(zb, starts, W_w, V_w, _sum_of_squares)
-        j, i = divmod(Td - 1, blk)
-        m = torch.addmm(zb[j] @ Wl[j, i], starts[j], Vl[j, i])
-        return None, None, total.view(N, 1).mul_(-0.5).sub_(c.sum()), m
+    elif not (per_step or pad):  # Σ_t ll_t = -Σ w² / 2 - Σ_t c_t
+        batch_major = lambda W, V: _block_rows(zb, starts, W, V)  # noqa: E731
+        if moments:  # the filtered means in the same pass
+            total, fm = _block_rows(zb, starts, *ops["wm"], _sum_of_squares, split=blk * p)
+        else:
+            total = _block_rows(zb, starts, W_w, V_w, _sum_of_squares)
+        ll, summed = total.view(N, 1).mul_(-0.5).sub_(c.sum()), True
     else:
         step_ll = lambda w: torch.baddbmm(neg_c, sum_p, w.mul_(w).mT, alpha=-0.5).mT  # noqa: E731
         batch_major = lambda W, V: _block_rows(zb, starts, W, V)  # noqa: E731
@@ -203,12 +205,15 @@ def varying_block_steps(prep, batch, K, Linv, half_logdet, Td, moments=True, blk
             ll, fm = _block_rows(zb, starts, *ops["wm"], step_ll, split=blk * p)
         else:
             ll = _block_rows(zb, starts, W_w, V_w, step_ll)
-    ll = ll.reshape(N, S)[:, :Td]
+    if not summed:
+        ll = ll.reshape(N, S)[:, :Td]
     if moments:
         if fm is None:
             fm = batch_major(*ops["m"])
         fm = fm.reshape(N, S, n)
-        if tvA:
+        if not predicted:
+            pm = None
+        elif tvA:
             pm = batch_major(*ops["pred"]).reshape(N, S, n)[:, :Td]
         else:
             pm = predicted_means(fm, m0, A.mT, None if not with_b else z[..., p:])[:, :Td]

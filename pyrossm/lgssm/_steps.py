@@ -336,13 +336,14 @@ def _data_batch(prep):
     return broadcast_shapes(*shapes)
 
 
-def shared_filter(prep, allow_steady=None, moments=True, per_step=True):
+def shared_filter(prep, allow_steady=None, moments=True, per_step=True, predicted=True):
     """The filter when no entry is missing and the parameters have no batch dims.
 
     Returns ``(filt_means, filt_covs, pred_means, pred_covs, step_log_likelihoods)``; with
     ``moments=False`` the means past the Riccati fixed point are not written (all four
-    moments are then None), and with ``per_step=False`` too the log-likelihoods may come
-    summed over the steps (``(..., 1)``).
+    moments are then None); with ``per_step=False`` the log-likelihoods may come summed over
+    the steps (``(..., 1)``); with ``predicted=False`` the predicted moments are None (never
+    computed).
     """
     T, p = prep.x.shape[-2:]
     if allow_steady is None:
@@ -359,8 +360,9 @@ def shared_filter(prep, allow_steady=None, moments=True, per_step=True):
         # (the diagonal copied first: log runs vectorised only on contiguous memory, 11 vs
         # 37 µs for 1,000 factors of 4 x 4)
         half_logdet = torch.diagonal(L, dim1=-2, dim2=-1).contiguous().log().sum(-1)  # (Td,)
-    if moments and pred_c.is_inference() and not torch.is_inference_mode_enabled():
-        pred_c, filt_c = pred_c.clone(), filt_c.clone()  # returned: normal tensors
+    if moments and filt_c.is_inference() and not torch.is_inference_mode_enabled():
+        # returned: normal tensors
+        pred_c, filt_c = pred_c.clone() if predicted else None, filt_c.clone()
     batch = _data_batch(prep)
     T_var, blk = T, None
     if Td < T:  # past the fixed point the gain is constant: the means are solved in blocks
@@ -375,16 +377,19 @@ def shared_filter(prep, allow_steady=None, moments=True, per_step=True):
     if N >= _BLOCK_STEPS_MIN_BATCH and N * T_var >= _BLOCK_STEPS_MIN_WORK:
         fm, pm, ll, m = varying_block_steps(prep, batch, K, Linv, half_logdet, T_var,
                                             moments or blk is not None,
-                                            4 if N < 64 else None, per_step or blk is not None)
+                                            4 if N < 64 else None, per_step or blk is not None,
+                                            predicted)
     else:
         fm, pm, ll, m = _varying_steps(prep, batch, K, Linv, half_logdet, T_var)
     if blk is not None:
         fm, pm, ll = _steady_steps(prep, batch, K[-1], Linv[-1], half_logdet[-1], fm, ll, m,
-                                   blk, moments)
+                                   blk, moments, predicted)
     if not moments:
         return None, None, None, None, ll.reshape(batch + ll.shape[1:])
     full = lambda M: M if Td == T else _cat_time(M, M[-1:].expand((T - Td,) + M.shape[1:]))  # noqa: E731
     shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
+    if not predicted:
+        return shape(fm), full(filt_c), None, None, shape(ll)
     return shape(fm), full(filt_c), shape(pm), full(pred_c), shape(ll)
 
 
@@ -423,7 +428,8 @@ def _varying_steps(prep, batch, K, Linv, half_logdet, Td):
     return filt_m.transpose(0, 1), pred_m.transpose(0, 1), ll.transpose(0, 1), m
 
 
-def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=True):
+def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=True,
+                  predicted=True):
     """All means and log-likelihoods, given those of the first ``s`` steps (``fm (N, s, n)``,
     ``ll (N, s)``, the last filtered mean ``m``; ``s`` a multiple of ``blk``) when steps
     ``s .. T-1`` are at the Riccati fixed point (constant gain ``K``, time-invariant
@@ -440,7 +446,8 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
     The first ``s`` steps, computed on the blocks too, are overwritten by the given ones.
     Returns batch-major ``(N, T, n)``, ``(N, T, n)``, ``(N, T)``; with ``moments=False`` only
     the log-likelihoods (and None, None): the means are then never written, and only the
-    block ends of the particular solutions are computed (a product with n columns)."""
+    block ends of the particular solutions are computed (a product with n columns);
+    ``predicted=False``: the predicted means are None."""
     T, p = prep.x.shape[-2:]
     N, s, n = fm.shape
     nb, r = divmod(T, blk)
@@ -503,6 +510,8 @@ def _steady_steps(prep, batch, K, Linv, half_logdet, fm, ll, m, blk, moments=Tru
     if not moments:
         return None, None, ll_all
     fm_all[:, :s] = fm
+    if not predicted:
+        return fm_all, None, ll_all
     m0 = prep.init_mean.expand(batch + (n,)).reshape(N, n)
     return fm_all, predicted_means(fm_all, m0, A.mT, None if prep.b is None else b), ll_all
 

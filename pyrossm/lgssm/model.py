@@ -328,15 +328,17 @@ class LinearGaussianSSM(PyroModule):
 
     # ------------------------------------------------------------------ exact inference
     def filter(self, x, mask=None, parallel=False, *, transition_offset=None,
-               observation_offset=None):
+               observation_offset=None, predicted=True, per_step=True):
         """Kalman filter of ``x (..., T, obs_dim)``: a :class:`~pyrossm.lgssm.FilterResult`.
 
         ``transition_offset (..., T, state_dim)`` b_t and ``observation_offset (..., T,
         obs_dim)`` d_t (control inputs, regression effects: z_t = A z_{t-1} + b_t + …,
-        x_t = C z_t + d_t + …), as in :func:`~pyrossm.lgssm.kalman_filter`."""
+        x_t = C z_t + d_t + …), ``predicted=False`` / ``per_step=False`` (no predicted
+        moments / step log-likelihoods), as in :func:`~pyrossm.lgssm.kalman_filter`."""
         return kalman_filter(self._check_x(x), *self.matrices().values(), mask, parallel,
                              transition_offset=transition_offset,
-                             observation_offset=observation_offset)
+                             observation_offset=observation_offset, predicted=predicted,
+                             per_step=per_step)
 
     def smooth(self, x, mask=None, parallel=False, *, transition_offset=None,
                observation_offset=None):

@@ -100,9 +100,9 @@ def test_block_length_and_threshold_choices(monkeypatch):
     calls = []
     original = _blocks.varying_block_steps
 
-    def spy(prep, batch, K, Linv, half_logdet, Td, moments, blk, per_step=True):
+    def spy(prep, batch, K, Linv, half_logdet, Td, moments, blk, *flags):
         calls.append(blk)
-        return original(prep, batch, K, Linv, half_logdet, Td, moments, blk, per_step)
+        return original(prep, batch, K, Linv, half_logdet, Td, moments, blk, *flags)
 
     monkeypatch.setattr(_steps, "varying_block_steps", spy)
     monkeypatch.setattr(_steps, "STEADY_STATE", False)
