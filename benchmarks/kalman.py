@@ -5,9 +5,11 @@ observation dim 4, float32 on CPU, one random stable system shared by all sequen
 missing data and with 10% of the entries missing (NaN, drawn independently). Timed (median of
 --repeats runs after one warm-up run; single thread):
 
-* pyrossm ``kalman_filter(..., parallel=False)`` (always returns the moments too; compare it
-  with ``dynamax +moments``), ``kalman_log_likelihood`` (the log-likelihood only, as
-  ``dynamax``), ``kalman_filter`` with
+* pyrossm ``kalman_filter(..., parallel=False)`` (returns the step log-likelihoods and the
+  filtered and predicted moments too; compare it with ``dynamax +moments``),
+  ``kalman_filter(..., predicted=False, per_step=False)`` ("filtered moments only": the
+  outputs of ``dynamax +moments``, like for like), ``kalman_log_likelihood`` (the
+  log-likelihood only, as ``dynamax``), each also with
   the steady-state stop of the covariance recursion turned off (``_steps.STEADY_STATE = False``;
   also ``kalman_log_likelihood`` so, without missing data),
   and ``parallel=True``; with missing data also with ``pyrossm.lgssm.set_compile(True)``
@@ -98,8 +100,10 @@ def cast(problem, dtype):
 
 # ---------------------------------------------------------------------------------------------
 # methods: each returns a function computing the (batch,) log-likelihoods of its sequences
-def pyrossm_method(parallel, steady_state=True, compiled=False, moments=True):
-    """``kalman_filter`` (moments too), or with ``moments=False`` ``kalman_log_likelihood``."""
+def pyrossm_method(parallel, steady_state=True, compiled=False, moments=True, filtered_only=False):
+    """``kalman_filter`` (moments too), or with ``moments=False`` ``kalman_log_likelihood``;
+    ``filtered_only``: ``kalman_filter(..., predicted=False, per_step=False)``, which returns
+    what dynamax's ``lgssm_filter`` does (the log-likelihood and the filtered moments)."""
     def run(p):
         _steps.STEADY_STATE = steady_state
         previous = set_compile(compiled)
@@ -107,6 +111,9 @@ def pyrossm_method(parallel, steady_state=True, compiled=False, moments=True):
         try:
             if not moments:
                 return kalman_log_likelihood(*args)
+            if filtered_only:
+                return kalman_filter(*args, parallel=parallel, predicted=False,
+                                     per_step=False).log_likelihood
             return kalman_filter(*args, parallel=parallel).log_likelihood
         finally:
             _steps.STEADY_STATE = True
@@ -313,8 +320,8 @@ def have_dynamax():
     return None
 
 
-CONTENDERS = ["sequential", "loglik_only", "compiled", "no_steady_state", "parallel", "dynamax",
-              "gaussian_hmm", "pykalman", "statsmodels"]
+CONTENDERS = ["sequential", "loglik_only", "filtered_only", "compiled", "no_steady_state",
+              "parallel", "dynamax", "gaussian_hmm", "pykalman", "statsmodels"]
 
 
 def run_cell(args, batch, steps, frac, dtype):
@@ -348,6 +355,10 @@ def run_cell(args, batch, steps, frac, dtype):
         record("pyrossm log-likelihood only", pyrossm_method(False, moments=False), p, 1, ref,
                "kalman_log_likelihood: no moments (past the Riccati fixed point the means are "
                "never written)")
+    if "filtered_only" not in skip:
+        record("pyrossm filtered moments only", pyrossm_method(False, filtered_only=True), p, 1,
+               ref, "kalman_filter(predicted=False, per_step=False): the outputs of dynamax "
+               "+moments (log-likelihood, filtered means and covariances)")
     if "compiled" not in skip and frac > 0:
         record("pyrossm sequential, compiled", pyrossm_method(False, compiled=True), p, 1, ref,
                "pyrossm.lgssm.set_compile(True): torch.compile'd time steps of the "
@@ -359,6 +370,11 @@ def run_cell(args, batch, steps, frac, dtype):
             record("pyrossm log-likelihood only, no steady stop",
                    pyrossm_method(False, False, moments=False), p, 1, ref,
                    "kalman_log_likelihood without the fixed-point stop (compare with dynamax)")
+            if "filtered_only" not in skip:
+                record("pyrossm filtered moments only, no steady stop",
+                       pyrossm_method(False, False, filtered_only=True), p, 1, ref,
+                       "kalman_filter(predicted=False, per_step=False) without the fixed-point "
+                       "stop (compare with dynamax +moments)")
     if "parallel" not in skip:
         record("pyrossm parallel", pyrossm_method(True), p, 1, ref, "one batched call")
     if "dynamax" not in skip:
@@ -405,7 +421,7 @@ def run_cell(args, batch, steps, frac, dtype):
     for (row, *_), ts in zip(todo, times):
         med = statistics.median(ts)
         rows.append(dict(row, seconds=med * row["scale"], measured_seconds=med, all_times=ts))
-        print(f"  {row['method']:<44s} {med * row['scale']:9.4f} s   (rel. err. "
+        print(f"  {row['method']:<47s} {med * row['scale']:9.4f} s   (rel. err. "
               f"{row['max_rel_err_vs_float64']:.1e}, first call {row['first_call_seconds']:.2f} s)",
               flush=True)
     by_name = {r["method"]: r["seconds"] for r in rows}
@@ -418,12 +434,12 @@ def run_cell(args, batch, steps, frac, dtype):
 
 
 def print_table(rows):
-    print(f"\n{'B':>4s} {'T':>6s} {'miss':>5s} {'method':<44s} {'seconds':>9s} "
+    print(f"\n{'B':>4s} {'T':>6s} {'miss':>5s} {'method':<47s} {'seconds':>9s} "
           f"{'x pyrossm':>10s} {'x dynamax':>10s} {'x dyn+mom':>10s}")
     fmt = lambda r, k: f"{r[k]:10.2f}" if k in r else f"{'-':>10s}"  # noqa: E731
     for r in rows:
         print(f"{r['batch']:4d} {r['steps']:6d} {r['missing_fraction']:5.2f} "
-              f"{r['method']:<44s} {r['seconds']:9.4f} {fmt(r, 'ratio_vs_pyrossm_sequential')}"
+              f"{r['method']:<47s} {r['seconds']:9.4f} {fmt(r, 'ratio_vs_pyrossm_sequential')}"
               f" {fmt(r, 'ratio_vs_dynamax')} {fmt(r, 'ratio_vs_dynamax_moments')}")
 
 
