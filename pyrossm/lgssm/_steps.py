@@ -10,7 +10,8 @@ Two paths:
   one and stop early at the Riccati fixed point (exactly, see :func:`riccati_sequential`); the
   remaining steps, if any, come from the associative scan of Särkkä & García-Fernández (2021)
   over the covariance part only (O(log T) depth, no data); with time-invariant parameters,
-  whose elements after the first are all the same, by doubling (:mod:`._scan`).
+  whose elements after the first are all the same, by doubling (:mod:`._scan`). Without the
+  fixed-point test a single shared system starts the doubling at step 0.
   The means are then a linear recurrence with known gains, solved in blocks of about 8 steps
   (:mod:`pyrossm.lgssm._recurrence`); before the fixed point (all steps without it) and for
   batches of more than a few sequences, with one operator per block shared by all sequences
@@ -264,7 +265,8 @@ def shared_covariances(prep, T, batch_shape, allow_steady=True, moments=True):
     """
     check = allow_steady and not any(prep.tv.values())
     # Without the fixed-point test the sequential steps only pay for short series: one step,
-    # then the scan (whose elements start at a filtered covariance).
+    # then the scan (whose elements start at a filtered covariance); for one shared system
+    # the doubling starts at step 0 itself (_one_system_covariances).
     steps = _SEQ_STEPS if check or T <= _SEQ_STEPS else 1
     if steps == 1 and all(M.dim() == 2 for M in (prep.A, prep.C, prep.Q, prep.R, prep.init_cov)):
         return _one_system_covariances(prep, T, moments)
